@@ -1,0 +1,90 @@
+"""Backend registry: which implementations of the primitives exist here, and which one serves an input.
+
+``"auto"`` walks ``AUTO_ORDER`` for the input's device and takes the first complete backend that can
+serve it; the order is fed by benchmark results (README, "Results"). ``FUSED_RESNET_BACKEND`` replaces
+``"auto"`` for every module that did not name a backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import lru_cache
+from typing import Optional
+
+from torch import Tensor
+
+from .base import Backend, BNFold, ConvOut
+
+__all__ = ["Backend", "BNFold", "ConvOut", "available_backends", "get_backend", "resolve_backend",
+           "BACKEND_NAMES", "AUTO_ORDER"]
+
+# name -> (module, attribute); a backend whose module fails to import (no Triton, nothing compiled) is
+# simply absent.
+_MODULES = {
+    "torch": ("fused_resnet.backends.torch_ref", "TorchBackend"),
+    "triton": ("fused_resnet.backends.triton", "TritonBackend"),
+    "cuda": ("fused_resnet.backends.extension", "CudaExtensionBackend"),
+    "cpp": ("fused_resnet.backends.extension", "CppExtensionBackend"),
+}
+BACKEND_NAMES = tuple(_MODULES)
+
+# Preference per device type for "auto"; the torch backend ends every list, so auto always succeeds.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+_DEFAULT_ORDER = ("torch",)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend named explicitly does not exist here or cannot serve an input."""
+
+
+@lru_cache(maxsize=None)
+def _load(name: str) -> Optional[Backend]:
+    module, attr = _MODULES[name]
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except ImportError:
+        return None
+    backend = cls()
+    return backend if backend.available() else None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that exist in this installation (whatever the device)."""
+    return [name for name in _MODULES if _load(name) is not None]
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(_MODULES)}")
+    backend = _load(name)
+    if backend is None:
+        raise BackendUnavailable(
+            f"backend {name!r} is not available in this installation (available: {available_backends()})")
+    return backend
+
+
+def requested_backend(name: str) -> str:
+    """The backend a module asks for: its own choice, or ``FUSED_RESNET_BACKEND`` when it chose auto."""
+    if name == "auto":
+        return os.environ.get("FUSED_RESNET_BACKEND", "auto") or "auto"
+    return name
+
+
+def resolve_backend(name: str, x: Tensor, training: bool) -> Backend:
+    """The backend that runs an input: the named one (an error says why it cannot), or auto's choice."""
+    name = requested_backend(name)
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.supports(x, training)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} cannot run this input: {reason}")
+        return backend
+    for candidate in AUTO_ORDER.get(x.device.type, _DEFAULT_ORDER):
+        backend = _load(candidate)
+        if backend is not None and backend.complete and backend.supports(x, training) is None:
+            return backend
+    return get_backend("torch")

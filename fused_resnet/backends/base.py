@@ -1,0 +1,119 @@
+"""The primitive set every backend implements (DESIGN.md section 2).
+
+A backend supplies these primitives and nothing else; the block itself is composed once, in
+``fused_resnet.functional``. Shapes: activations are (N, C, H, W) in any memory format; per-channel
+vectors are float32 of length C unless said otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+
+class ConvOut(NamedTuple):
+    """What ``conv_fused`` returns. Fields a call did not ask for are empty tensors."""
+
+    out: Tensor          # the epilogue's result, in ``out_dtype``
+    shortcut: Tensor     # conv3(sc_x) + sc_bias when ``sc_separate``; else empty
+    part_mean: Tensor    # (T, C) float32 per-tile channel means of the pre-residual output, when ``stats``
+    part_m2: Tensor      # (T, C) float32 per-tile sums of squared deviations from ``part_mean``
+    part_count: Tensor   # (T,) float32 number of output positions each tile covers
+
+
+class BNFold(NamedTuple):
+    """Per-channel results of ``bn_finalize``: ``y = z * scale + shift`` normalises ``z``."""
+
+    scale: Tensor
+    shift: Tensor
+    mean: Tensor
+    invstd: Tensor
+
+
+class Backend:
+    """Interface of a backend. Subclasses override every primitive they fuse.
+
+    ``supports`` answers why a backend cannot serve an input (or ``None`` when it can); ``complete``
+    says whether the backend implements all primitives natively (only complete backends take part in
+    ``backend="auto"``).
+    """
+
+    name: str = "?"
+    complete: bool = True
+
+    def available(self) -> bool:
+        """Whether this installation can run the backend at all (a library loaded, a compiler present)."""
+        return True
+
+    def supports(self, x: Tensor, training: bool) -> Optional[str]:
+        """Why this backend cannot run ``x`` (in training mode or not), or ``None`` when it can."""
+        return None
+
+    def conv_fused(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        *,
+        stride: int,
+        padding: int,
+        bn: Optional[tuple[Tensor, Tensor, Tensor, Tensor, float]] = None,
+        in_scale: Optional[Tensor] = None,
+        in_shift: Optional[Tensor] = None,
+        residual: Optional[Tensor] = None,
+        sc_x: Optional[Tensor] = None,
+        sc_weight: Optional[Tensor] = None,
+        sc_bias: Optional[Tensor] = None,
+        sc_stride: int = 1,
+        sc_separate: bool = False,
+        relu: bool = False,
+        stats: bool = False,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> ConvOut:
+        """``out = act(affine(conv(prologue(x), weight) + bias) [+ conv3(sc_x) + sc_bias] [+ residual])``.
+
+        - prologue: ``relu(x * in_scale + in_shift)`` per input channel when ``in_scale`` is given; the
+          convolution's zero padding is applied after it (a padded position contributes 0).
+        - affine: when ``bn = (running_mean, running_var, gamma, beta, eps)`` is given, the batch norm is
+          folded in the epilogue: ``(z - mean) * gamma / sqrt(var + eps) + beta``, in float32.
+        - shortcut: the 1x1 convolution of ``sc_x`` at stride ``sc_stride``, added to the output, or
+          returned on its own when ``sc_separate``.
+        - stats: per-tile (count, mean, M2) of the output before residual, shortcut and ReLU.
+        """
+        raise NotImplementedError
+
+    def bn_finalize(self, part_mean: Tensor, part_m2: Tensor, part_count: Tensor, gamma: Tensor,
+                    beta: Tensor, eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    momentum: float) -> BNFold:
+        """Merge per-tile statistics (Chan et al.) into batch mean/variance, fold them with gamma/beta and,
+        when running stats are given, update them in place as ``BatchNorm2d`` does (unbiased variance)."""
+        raise NotImplementedError
+
+    def bn_act(self, z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+               relu: bool = True, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``act(z * scale + shift [+ residual])`` per channel."""
+        raise NotImplementedError
+
+    def bn_backward_reduce(self, grad: Tensor, mask_src: Tensor, z: Tensor, mean: Tensor,
+                           invstd: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-channel ``sum(gm)`` and ``sum(gm * xhat)`` with ``gm = grad * (mask_src > 0)`` and
+        ``xhat = (z - mean) * invstd``; float32."""
+        raise NotImplementedError
+
+    def bn_backward_apply(self, grad: Tensor, mask_src: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
+                          scale: Tensor, sum_g: Tensor, sum_gx: Tensor, count: int, batch_stats: bool,
+                          want_gm: bool) -> tuple[Tensor, Tensor]:
+        """``dz`` of ReLU after BN, and ``gm = grad * (mask_src > 0)`` when ``want_gm`` (else empty).
+
+        With batch statistics ``dz = scale * (gm - sum_g / count - xhat * sum_gx / count)``; with fixed
+        (running) statistics ``dz = scale * gm``."""
+        raise NotImplementedError
+
+    def conv_backward(self, grad: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
+                      output_mask: tuple[bool, bool, bool]) -> tuple[Optional[Tensor], ...]:
+        """Gradients of a biased convolution for (input, weight, bias), each where ``output_mask`` asks."""
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]], [stride, stride], [padding, padding], [1, 1], False, [0, 0],
+            1, list(output_mask))

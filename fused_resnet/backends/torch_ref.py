@@ -1,0 +1,118 @@
+"""The primitives in plain PyTorch: the fallback for every device and the oracle each backend's
+primitives are tested against. Arithmetic follows the kernels: float32 epilogues, statistics of the
+float32 pre-activation, results stored in the requested dtype."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import Backend, BNFold, ConvOut
+
+_EMPTY = torch.empty(0)
+
+
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in the accumulation dtype: float32, or float64 for float64 tensors (the torch backend also
+    serves float64, which the kernels do not)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _ch(v: Tensor) -> Tensor:
+    """A per-channel vector as (1, C, 1, 1) in the accumulation dtype, broadcastable over NCHW."""
+    return _acc(v).view(1, -1, 1, 1)
+
+
+def bn_fold(mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> BNFold:
+    """Fold fixed statistics with the affine parameters, in float32 (float64 for float64 inputs)."""
+    invstd = torch.rsqrt(_acc(var) + eps)
+    scale = _acc(gamma) * invstd
+    return BNFold(scale, _acc(beta) - _acc(mean) * scale, _acc(mean), invstd)
+
+
+def tile_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample (mean, M2, count) of a float32 (N, C, H, W) tensor: one tile per sample."""
+    n, c = z.shape[:2]
+    flat = z.transpose(0, 1).reshape(c, n, -1)
+    mean = flat.mean(dim=2)
+    m2 = ((flat - mean.unsqueeze(2)) ** 2).sum(dim=2)
+    count = torch.full((n,), float(flat.shape[2]), dtype=z.dtype, device=z.device)
+    return mean.t().contiguous(), m2.t().contiguous(), count
+
+
+def merge_stats(part_mean: Tensor, part_m2: Tensor, part_count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's parallel merge of per-tile (mean, M2, count) into per-channel (mean, M2), plus the count."""
+    w = part_count.unsqueeze(1)
+    n = part_count.sum()
+    mean = (part_mean * w).sum(dim=0) / n
+    m2 = part_m2.sum(dim=0) + (w * (part_mean - mean) ** 2).sum(dim=0)
+    return mean, m2, n
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_scale=None, in_shift=None,
+                   residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
+                   relu=False, stats=False, out_dtype=None) -> ConvOut:
+        out_dtype = out_dtype or x.dtype
+        if in_scale is not None:
+            x = torch.relu(_acc(x) * _ch(in_scale) + _ch(in_shift)).to(weight.dtype)
+        z = _acc(F.conv2d(x, weight, None, stride, padding))
+        if bias is not None:
+            z = z + _ch(bias)
+        if bn is not None:
+            fold = bn_fold(*bn)
+            z = z * _ch(fold.scale) + _ch(fold.shift)
+        empty = _EMPTY.to(z.device)
+        part = tile_stats(z) if stats else (empty, empty, empty)
+        sc_out = empty
+        if sc_weight is not None:
+            s = _acc(F.conv2d(sc_x, sc_weight, None, sc_stride)) + _ch(sc_bias)
+            if sc_separate:
+                sc_out = s.to(out_dtype)
+            else:
+                z = z + s
+        if residual is not None:
+            z = z + _acc(residual)
+        if relu:
+            z = torch.relu(z)
+        return ConvOut(z.to(out_dtype), sc_out, *part)
+
+    def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
+                    momentum) -> BNFold:
+        mean, m2, n = merge_stats(part_mean, part_m2, part_count)
+        fold = bn_fold(mean, m2 / n, gamma, beta, eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                unbiased = (m2 / (n - 1)).to(running_var.dtype)
+                running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+        return fold
+
+    def bn_act(self, z, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
+        y = _acc(z) * _ch(scale) + _ch(shift)
+        if residual is not None:
+            y = y + _acc(residual)
+        if relu:
+            y = torch.relu(y)
+        return y.to(out_dtype or z.dtype)
+
+    def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
+        gm = _acc(grad) * (mask_src > 0)
+        xhat = (_acc(z) - _ch(mean)) * _ch(invstd)
+        return gm.sum(dim=(0, 2, 3)), (gm * xhat).sum(dim=(0, 2, 3))
+
+    def bn_backward_apply(self, grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats,
+                          want_gm):
+        gm = _acc(grad) * (mask_src > 0)
+        if batch_stats:
+            xhat = (_acc(z) - _ch(mean)) * _ch(invstd)
+            dz = _ch(scale) * (gm - _ch(sum_g / count) - xhat * _ch(sum_gx / count))
+        else:
+            dz = _ch(scale) * gm
+        gm_out = gm.to(grad.dtype) if want_gm else _EMPTY.to(grad.device)
+        return dz.to(z.dtype), gm_out

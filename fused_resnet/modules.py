@@ -1,0 +1,143 @@
+"""Drop-in modules: the seed's ``Residual``, ``resnet_block`` and ResNet-18, run by fused kernels.
+
+Example::
+
+    >>> import fused_resnet
+    >>> blk = fused_resnet.Residual(64, 128, use_1x1conv=True, stride=2)   # same signature as the seed
+    >>> blk.load_state_dict(seed_block.state_dict())                        # same state_dict keys
+    >>> model = fused_resnet.convert(seed_model)                            # or swap every block in place
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from .backends import BACKEND_NAMES
+from .functional import residual_forward
+
+__all__ = ["Residual", "resnet_block", "resnet18", "convert"]
+
+
+def _check_backend_name(backend: str) -> str:
+    if backend != "auto" and backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {list(BACKEND_NAMES)}")
+    return backend
+
+
+class Residual(nn.Module):
+    """The seed's residual block, ``relu(bn2(conv2(relu(bn1(conv1(X))))) + (conv3(X) or X))``, fused.
+
+    Same constructor, submodule names (conv1, conv2, conv3, bn1, bn2), parameters and buffers as the seed:
+    its ``state_dict`` loads strictly in both directions. ``backend`` picks the implementation ("auto",
+    "torch", "triton", "cuda", "cpp"); "auto" can be overridden by the ``FUSED_RESNET_BACKEND`` variable.
+
+    Example::
+
+        >>> blk = Residual(3, 6, use_1x1conv=True, stride=2)
+        >>> blk(torch.rand(4, 3, 6, 6)).shape
+        torch.Size([4, 6, 3, 3])
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, use_1x1conv: bool = False, stride: int = 1, *,
+                 backend: str = "auto"):
+        super().__init__()
+        if not use_1x1conv and (in_channels != out_channels or stride != 1):
+            raise ValueError(
+                f"Residual({in_channels}, {out_channels}, stride={stride}) adds its input to its output, which "
+                f"needs in_channels == out_channels and stride 1; pass use_1x1conv=True")
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, stride=stride)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        if use_1x1conv:
+            self.conv3 = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride)
+        else:
+            self.conv3 = None
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.backend = _check_backend_name(backend)
+
+    def forward(self, X: Tensor) -> Tensor:
+        return residual_forward(self, X)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+    @classmethod
+    def from_seed(cls, block: nn.Module, backend: str = "auto") -> "Residual":
+        """A fused block that shares ``block``'s submodules (and so its parameters and buffers)."""
+        if not is_seed_residual(block):
+            raise ValueError(f"{type(block).__name__} does not have the seed Residual's structure")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for name in ("conv1", "conv2", "conv3", "bn1", "bn2"):
+            setattr(fused, name, getattr(block, name))
+        fused.backend = _check_backend_name(backend)
+        fused.train(block.training)
+        return fused
+
+
+def _is_conv(m: Optional[nn.Module], cin: int, cout: int, k: int, stride: int, padding: int) -> bool:
+    return (type(m) is nn.Conv2d and m.in_channels == cin and m.out_channels == cout
+            and m.kernel_size == (k, k) and m.stride == (stride, stride) and m.padding == (padding, padding)
+            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros" and m.bias is not None)
+
+
+def _is_bn(m: Optional[nn.Module], c: int) -> bool:
+    return (type(m) is nn.BatchNorm2d and m.num_features == c and m.affine)
+
+
+def is_seed_residual(block: nn.Module) -> bool:
+    """Whether ``block`` has the seed Residual's structure: a module named ``Residual`` holding a 3x3
+    conv1 (stride s), a 3x3 stride-1 conv2, affine bn1/bn2, and either no conv3 (then in == out, s == 1)
+    or a 1x1 stride-s conv3; every conv biased. Identity with any class is not required."""
+    if type(block).__name__ != "Residual":
+        return False
+    conv1 = getattr(block, "conv1", None)
+    if type(conv1) is not nn.Conv2d:
+        return False
+    cin, cout, s = conv1.in_channels, conv1.out_channels, conv1.stride[0]
+    conv3 = getattr(block, "conv3", None)
+    if conv3 is None:
+        shortcut_ok = cin == cout and s == 1
+    else:
+        shortcut_ok = _is_conv(conv3, cin, cout, 1, s, 0)
+    return (shortcut_ok and _is_conv(conv1, cin, cout, 3, s, 1)
+            and _is_conv(getattr(block, "conv2", None), cout, cout, 3, 1, 1)
+            and _is_bn(getattr(block, "bn1", None), cout) and _is_bn(getattr(block, "bn2", None), cout))
+
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Replace every seed-structured ``Residual`` inside ``model`` (nested containers included) by a fused
+    block sharing its parameters and buffers, so optimizers and state_dicts keep working; modules that do
+    not match are left alone. Returns the model (or the fused block when ``model`` itself is one).
+
+    Example::
+
+        >>> net = fused_resnet.convert(reference.resnet18())
+    """
+    _check_backend_name(backend)
+    if isinstance(model, Residual):
+        model.backend = backend
+        return model
+    if is_seed_residual(model):
+        return Residual.from_seed(model, backend)
+    for name, child in model.named_children():
+        converted = convert(child, backend)
+        if converted is not child:
+            setattr(model, name, converted)
+    return model
+
+
+def resnet_block(in_channels: int, out_channels: int, num_residuals: int, first_block: bool = False, *,
+                 backend: str = "auto") -> nn.Sequential:
+    """The seed's stage of residual blocks, built from fused blocks."""
+    return reference.resnet_block(in_channels, out_channels, num_residuals, first_block,
+                                  residual_cls=Residual, backend=backend)
+
+
+def resnet18(in_channels: int = 1, num_classes: int = 10, *, backend: str = "auto") -> nn.Sequential:
+    """The seed's ResNet-18 (an ``nn.Sequential`` with the chapter's child names), with fused blocks."""
+    return reference.resnet18(in_channels, num_classes, residual_cls=Residual, backend=backend)
