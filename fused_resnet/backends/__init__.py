@@ -46,7 +46,7 @@ def _load(name: str) -> Optional[Backend]:
     module, attr = _MODULES[name]
     try:
         cls = getattr(importlib.import_module(module), attr)
-    except ImportError:
+    except (ImportError, AttributeError):
         return None
     backend = cls()
     return backend if backend.available() else None

@@ -13,6 +13,17 @@ import torch
 from torch import Tensor
 
 
+# Tests set this: outputs that kernels allocate start as NaN, so an unwritten element cannot pass.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device,
+               memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """Allocate a kernel's output (poisoned with NaN when ``POISON_OUTPUTS``)."""
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
 class ConvOut(NamedTuple):
     """What ``conv_fused`` returns. Fields a call did not ask for are empty tensors."""
 

@@ -1,0 +1,48 @@
+// Argument checks and layout detection for bn_act, shared by its CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "conv_geometry.h"
+
+namespace fused_resnet {
+
+inline bool is_nhwc_dense(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+// Validates bn_act's arguments and returns the layout the kernel will use (that of `z`, made dense).
+inline Layout check_bn_act(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                           const c10::optional<at::Tensor>& residual, at::ScalarType out_dtype,
+                           c10::DeviceType device) {
+  TORCH_CHECK(z.dim() == 4, "bn_act: z must be 4-D (N, C, H, W), got ", z.dim(), "-D");
+  TORCH_CHECK(z.device().type() == device, "bn_act: z must be on ", device, ", got ", z.device());
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()) && z.scalar_type() != at::kDouble,
+              "bn_act: z must be float32, float16 or bfloat16, got ", z.scalar_type());
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "bn_act: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  const int64_t c = z.size(1);
+  for (const at::Tensor* v : {&scale, &shift}) {
+    const char* name = v == &scale ? "scale" : "shift";
+    TORCH_CHECK(v->dim() == 1 && v->size(0) == c, "bn_act: ", name, " must have shape (", c, "), got ",
+                v->sizes());
+    TORCH_CHECK(v->scalar_type() == at::kFloat, "bn_act: ", name, " must be float32, got ", v->scalar_type());
+    TORCH_CHECK(v->device() == z.device(), "bn_act: ", name, " must be on ", z.device(), ", got ", v->device());
+  }
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == z.sizes(), "bn_act: residual must have z's shape ", z.sizes(), ", got ",
+                residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == out_dtype, "bn_act: residual must have dtype out_dtype (",
+                out_dtype, "), got ", residual->scalar_type());
+    TORCH_CHECK(residual->device() == z.device(), "bn_act: residual must be on ", z.device(), ", got ",
+                residual->device());
+  }
+  return is_nhwc_dense(z) ? Layout::NHWC : Layout::NCHW;
+}
+
+inline at::MemoryFormat memory_format_of(Layout layout) {
+  return layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace fused_resnet

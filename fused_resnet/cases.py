@@ -1,0 +1,55 @@
+"""The case tables: one source of truth for the shapes that tests, benchmarks and the CLI use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockCase:
+    """A ``Residual(in_channels, out_channels, use_1x1conv, stride)`` on (batch, in_channels, size, size)."""
+
+    in_channels: int
+    out_channels: int
+    size: int
+    batch: int
+    use_1x1conv: bool = False
+    stride: int = 1
+    width: int | None = None  # non-square inputs
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.in_channels, self.size, self.width or self.size)
+
+    @property
+    def id(self) -> str:
+        kind = "1x1s2" if self.use_1x1conv else "id"
+        return (f"{kind}-{self.in_channels}to{self.out_channels}-{self.size}x{self.width or self.size}"
+                f"-b{self.batch}")
+
+
+# Stage inputs of the seed's ResNet-18 at 224 (and the chapter's 96 training resize): identity blocks
+# at every stage, and the 1x1-stride-2 block that enters stages 2-4.
+SEED_STAGES_224 = [(64, 56), (128, 28), (256, 14), (512, 7)]
+SEED_STAGES_96 = [(64, 24), (128, 12), (256, 6), (512, 3)]
+SEED_BATCHES = (1, 32, 256)
+
+
+def seed_block_cases(batches=SEED_BATCHES, stages=SEED_STAGES_224) -> list[BlockCase]:
+    cases = []
+    for batch in batches:
+        for i, (c, size) in enumerate(stages):
+            cases.append(BlockCase(c, c, size, batch))
+            if i > 0:
+                prev_c, prev_size = stages[i - 1]
+                cases.append(BlockCase(prev_c, c, prev_size, batch, use_1x1conv=True, stride=2))
+    return cases
+
+
+# Small cases for CPU tests (Triton interpreter included): odd sizes and channel counts.
+SMALL_BLOCK_CASES = [
+    BlockCase(5, 5, 7, 2),
+    BlockCase(3, 6, 9, 2, use_1x1conv=True, stride=2, width=11),
+    BlockCase(13, 13, 5, 3),
+    BlockCase(3, 24, 7, 2, use_1x1conv=True, stride=2),
+]

@@ -1,0 +1,135 @@
+"""Numerical comparison against the seed reference (DESIGN.md section 5), shared by the tests and by
+``python -m fused_resnet check``.
+
+The yardstick is eager PyTorch's own error: both the fused module and eager run in the dtype under test
+and are compared with the reference in float64 on the CPU by ``||out - ref|| / ||ref||``; the fused
+error passes when it is at most ``max(2 * eager's error, floor)``. NaN never passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+FLOORS = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+TF32_FLOOR = 2e-3
+
+
+def floor_for(dtype: torch.dtype, device: torch.device | str) -> float:
+    """The error floor for ``dtype``; float32 on CUDA gets the TF32 floor when cuDNN may use TF32."""
+    if dtype == torch.float32 and torch.device(device).type == "cuda" and torch.backends.cudnn.allow_tf32:
+        return TF32_FLOOR
+    return FLOORS[dtype]
+
+
+def rel_err(actual: Tensor, ref: Tensor) -> float:
+    """``||actual - ref|| / ||ref||`` in float64 on the CPU; ``inf`` if ``actual`` has a NaN or Inf that
+    ``ref`` does not, or if shapes differ."""
+    if actual.shape != ref.shape:
+        return math.inf
+    a, r = actual.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.equal(torch.isfinite(a), torch.isfinite(r)):
+        return math.inf
+    finite = torch.isfinite(r)
+    a, r = a[finite], r[finite]
+    denom = r.norm().item()
+    diff = (a - r).norm().item()
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / denom
+
+
+@dataclass
+class Check:
+    """One compared quantity: its name, the fused and eager errors, the bound, and the verdict."""
+
+    name: str
+    fused_err: float
+    eager_err: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.fused_err) and self.fused_err <= self.bound
+
+
+def randomize_(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Give every parameter and batch-norm buffer random values (gamma near 1, running_var positive), so
+    a test never runs on the constructor's zeros and ones."""
+
+    def randn(t: Tensor, scale: float, offset: float = 0.0) -> Tensor:
+        return offset + scale * torch.randn(t.shape, generator=generator, dtype=torch.float64)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    m.weight.copy_(randn(m.weight, 0.2, 1.0))
+                    m.bias.copy_(randn(m.bias, 0.2))
+                if m.running_mean is not None:
+                    m.running_mean.copy_(randn(m.running_mean, 0.2))
+                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(randn(m.weight, 1.0 / math.sqrt(m.weight[0].numel())))
+                if m.bias is not None:
+                    m.bias.copy_(randn(m.bias, 0.2))
+    return model
+
+
+def compare_models(fused: nn.Module, ref: nn.Module, x: Tensor, *, train: bool, dtype: torch.dtype,
+                   device: torch.device | str, grads: bool = True, steps: int = 1,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> list[Check]:
+    """Run ``fused`` and ``ref`` (same state) side by side with a float64 CPU copy of ``ref``.
+
+    ``steps`` forward(+backward) passes are run (running statistics evolve in train mode); the output,
+    every parameter gradient, the input gradient and, in train mode, every buffer are compared after the
+    last one. The models are copied, never modified.
+    """
+    ref64 = copy.deepcopy(ref).double().cpu().train(train)
+    eager = copy.deepcopy(ref).to(device=device, dtype=dtype).train(train)
+    fused = copy.deepcopy(fused).to(device=device, dtype=dtype).train(train)
+    fused.load_state_dict(eager.state_dict())
+    floor = floor_for(dtype, device)
+    results: dict[str, list[Tensor]] = {}
+    for _ in range(steps):
+        runs = []
+        g64 = None
+        for model, model_dtype, model_device in ((ref64, torch.float64, "cpu"), (eager, dtype, device),
+                                                 (fused, dtype, device)):
+            xi = x.detach().to(device=model_device, dtype=model_dtype).contiguous(memory_format=memory_format)
+            xi.requires_grad_(grads)
+            with torch.set_grad_enabled(grads):
+                out = model(xi)
+            record = {"output": out.detach()}
+            if grads:
+                if g64 is None:
+                    g64 = torch.randn(out.shape, dtype=torch.float64)
+                out.backward(g64.to(device=model_device, dtype=out.dtype))
+                record["grad input"] = xi.grad
+                for name, p in model.named_parameters():
+                    record[f"grad {name}"] = p.grad
+                    p.grad = None
+            runs.append(record)
+        results = runs
+    checks = []
+    ref_rec, eager_rec, fused_rec = results
+    if train:
+        for (name, b64), (_, be), (_, bf) in zip(ref64.named_buffers(), eager.named_buffers(),
+                                                 fused.named_buffers()):
+            ref_rec[name], eager_rec[name], fused_rec[name] = b64, be, bf
+    for name, ref_t in ref_rec.items():
+        e = rel_err(eager_rec[name], ref_t)
+        f = rel_err(fused_rec[name], ref_t)
+        checks.append(Check(name, f, e, max(2 * e, floor)))
+    return checks
+
+
+def failures(checks: Iterable[Check]) -> list[str]:
+    """Human-readable lines for the checks that failed (empty when all passed)."""
+    return [f"{c.name}: fused error {c.fused_err:.3e} > bound {c.bound:.3e} (eager {c.eager_err:.3e})"
+            for c in checks if not c.ok]
