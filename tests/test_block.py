@@ -1,0 +1,132 @@
+"""The composition against the seed reference: every available backend, train and eval, forward and
+every gradient, identity and 1x1-stride-2 blocks, odd shapes, NCHW and channels_last.
+
+Half-precision gradient checks stay at small shapes on purpose: where a pre-activation lies within
+rounding of zero, float16 can flip a ReLU mask element (in eager as in fused code), which moves a
+gradient's relative error by |g_i|/||g|| at once; at these sizes flips are rare, so the comparison
+measures the arithmetic rather than the luck of the draw."""
+
+import copy
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import reference
+from fused_resnet.cases import SMALL_BLOCK_CASES
+from fused_resnet.testing import compare_models, failures, randomize_
+
+from conftest import DEVICES, backends_for, device_dtype_params
+
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def _pair(case, backend):
+    ref = randomize_(reference.Residual(case.in_channels, case.out_channels, case.use_1x1conv, case.stride))
+    fused = fused_resnet.Residual(case.in_channels, case.out_channels, case.use_1x1conv, case.stride,
+                                  backend=backend)
+    return fused, ref
+
+
+def _params(training):
+    return [pytest.param(dev, dt, be, id=f"{dev_id}-{be}")
+            for p in device_dtype_params() for dev, dt in [p.values] for dev_id in [p.id]
+            for be in backends_for(dev, training)]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("device,dtype,backend", _params(True))
+def test_block_matches_reference(device, dtype, backend, train, case, fmt):
+    fused, ref = _pair(case, backend)
+    x = torch.randn(case.input_shape)
+    checks = compare_models(fused, ref, x, train=train, dtype=dtype, device=device,
+                            memory_format=FORMATS[fmt])
+    names = {c.name for c in checks}
+    assert "grad input" in names and "grad bn1.weight" in names and "grad conv2.bias" in names
+    assert not failures(checks), "\n".join(failures(checks))
+
+
+@pytest.mark.parametrize("device,dtype,backend", _params(False))
+def test_inference_without_grad(device, dtype, backend):
+    """The two-kernel path (no autograd): same result as the reference in eval mode."""
+    case = SMALL_BLOCK_CASES[1]
+    fused, ref = _pair(case, backend)
+    checks = compare_models(fused, ref, torch.randn(case.input_shape), train=False, dtype=dtype,
+                            device=device, grads=False)
+    assert [c.name for c in checks] == ["output"]
+    assert not failures(checks), "\n".join(failures(checks))
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+@pytest.mark.parametrize("device,dtype,backend", _params(True))
+def test_running_statistics_after_several_steps(device, dtype, backend, momentum):
+    case = SMALL_BLOCK_CASES[1]
+    fused, ref = _pair(case, backend)
+    for bn in (ref.bn1, ref.bn2):
+        bn.momentum = momentum
+    fused.load_state_dict(ref.state_dict())
+    fused.bn1.momentum = fused.bn2.momentum = momentum
+    checks = compare_models(fused, ref, torch.randn(case.input_shape), train=True, dtype=dtype,
+                            device=device, steps=3)
+    stats = {c.name for c in checks}
+    assert {"bn1.running_mean", "bn2.running_var", "bn2.num_batches_tracked"} <= stats
+    assert not failures(checks), "\n".join(failures(checks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_stats_update_matches_batchnorm_exactly_in_float64(device):
+    ref = randomize_(reference.Residual(3, 6, True, 2)).double().to(device)
+    fused = fused_resnet.Residual(3, 6, True, 2, backend="torch").double().to(device)
+    fused.load_state_dict(ref.state_dict())
+    for _ in range(3):
+        x = torch.randn(2, 3, 9, 11, dtype=torch.float64, device=device)
+        ref(x), fused(x)
+    for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("device,dtype,backend", _params(False))
+def test_nan_in_one_sample_stays_in_that_sample(device, dtype, backend):
+    fused, _ = _pair(SMALL_BLOCK_CASES[0], backend)
+    fused = fused.to(device=device, dtype=dtype).eval()
+    x = torch.randn(3, 5, 7, 7, device=device, dtype=dtype)
+    with torch.no_grad():
+        clean = fused(x)
+        x[1, 2, 3, 4] = float("nan")
+        dirty = fused(x)
+    assert torch.isnan(dirty[1]).any()
+    assert torch.isfinite(dirty[0]).all() and torch.isfinite(dirty[2]).all()
+    torch.testing.assert_close(dirty[[0, 2]], clean[[0, 2]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,dtype,backend", _params(True))
+def test_frozen_batch_norm_in_a_training_block(device, dtype, backend):
+    """Fine-tuning with BN frozen (block.train(), bn.eval()): running statistics, not batch ones."""
+    case = SMALL_BLOCK_CASES[1]
+    fused, ref = _pair(case, backend)
+    fused.load_state_dict(ref.state_dict())
+
+    class Frozen(torch.nn.Module):
+        def __init__(self, blk):
+            super().__init__()
+            self.blk = blk
+
+        def forward(self, x):
+            self.blk.bn1.eval()
+            return self.blk(x)
+
+    checks = compare_models(Frozen(fused), Frozen(ref), torch.randn(case.input_shape), train=True,
+                            dtype=dtype, device=device)
+    assert not failures(checks), "\n".join(failures(checks))
+
+
+def test_seed_resnet18_matches_reference():
+    seed = randomize_(reference.resnet18())
+    fused = fused_resnet.convert(copy.deepcopy(seed))
+    x = torch.randn(2, 1, 32, 32)
+    for train in (True, False):
+        checks = compare_models(fused, seed, x, train=train, dtype=torch.float32, device="cpu")
+        assert len(checks) > 60
+        assert not failures(checks), "\n".join(failures(checks))
