@@ -11,8 +11,11 @@ import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    # Without a GPU, Triton kernels run under the interpreter. The variable is read when kernels are
+    # decorated, and importing this package may already have imported Triton: start afresh with it set.
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.execv(sys.executable, [sys.executable, "-m", "fused_resnet", *sys.argv[1:]])
 
 from .cli import main  # noqa: E402
 

@@ -37,9 +37,8 @@ def device_dtype_params(cpu_dtypes=(torch.float32, torch.float16),
 
 def backends_for(device: str, training: bool = False) -> list[str]:
     """Every available backend that can serve ``device``."""
-    probe = torch.empty(1, 1, 1, 1, device=device)
     names = []
     for name in fused_resnet.available_backends():
-        if fused_resnet.backends.get_backend(name).supports(probe, training) is None:
+        if fused_resnet.backends.get_backend(name).supports(device, torch.float32, training) is None:
             names.append(name)
     return names

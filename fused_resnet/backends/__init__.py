@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
-from functools import lru_cache
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .base import Backend, BNFold, ConvOut
@@ -41,15 +41,18 @@ class BackendUnavailable(RuntimeError):
     """A backend named explicitly does not exist here or cannot serve an input."""
 
 
-@lru_cache(maxsize=None)
+_LOADED: dict[str, Optional[Backend]] = {}
+
+
 def _load(name: str) -> Optional[Backend]:
-    module, attr = _MODULES[name]
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
-    backend = cls()
-    return backend if backend.available() else None
+    if name not in _LOADED:
+        module, attr = _MODULES[name]
+        try:
+            backend = getattr(importlib.import_module(module), attr)()
+        except ImportError:  # no Triton, nothing compiled
+            backend = None
+        _LOADED[name] = backend if backend is not None and backend.available() else None
+    return _LOADED[name]
 
 
 def available_backends() -> list[str]:
@@ -58,6 +61,9 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
+    backend = _LOADED.get(name)  # the path taken under torch.compile: a plain lookup, traceable
+    if backend is not None:
+        return backend
     if name not in _MODULES:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(_MODULES)}")
     backend = _load(name)
@@ -74,17 +80,27 @@ def requested_backend(name: str) -> str:
     return name
 
 
-def resolve_backend(name: str, x: Tensor, training: bool) -> Backend:
-    """The backend that runs an input: the named one (an error says why it cannot), or auto's choice."""
+def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, training: bool) -> str:
+    """The backend that runs an input: the named one (an error says why it cannot), or auto's choice.
+    A constant for torch.compile: resolved once while tracing, never traced into."""
     name = requested_backend(name)
     if name != "auto":
-        backend = get_backend(name)
-        reason = backend.supports(x, training)
+        reason = get_backend(name).supports(device_type, dtype, training)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} cannot run this input: {reason}")
-        return backend
-    for candidate in AUTO_ORDER.get(x.device.type, _DEFAULT_ORDER):
+        return name
+    for candidate in AUTO_ORDER.get(device_type, _DEFAULT_ORDER):
         backend = _load(candidate)
-        if backend is not None and backend.complete and backend.supports(x, training) is None:
-            return backend
-    return get_backend("torch")
+        if backend is not None and backend.complete and backend.supports(device_type, dtype, training) is None:
+            return candidate
+    return "torch"
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo (and with it Triton,
+# before an entry point could choose the interpreter) at package import.
+resolve_backend_name._dynamo_marked_constant = True
+
+
+def resolve_backend(name: str, x: Tensor, training: bool) -> Backend:
+    """The backend object that runs ``x``: see ``resolve_backend_name``."""
+    return get_backend(resolve_backend_name(name, x.device.type, x.dtype, training))

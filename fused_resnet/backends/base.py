@@ -58,8 +58,9 @@ class Backend:
         """Whether this installation can run the backend at all (a library loaded, a compiler present)."""
         return True
 
-    def supports(self, x: Tensor, training: bool) -> Optional[str]:
-        """Why this backend cannot run ``x`` (in training mode or not), or ``None`` when it can."""
+    def supports(self, device_type: str, dtype: torch.dtype, training: bool) -> Optional[str]:
+        """Why this backend cannot run an input of ``dtype`` on ``device_type`` (in training mode or not),
+        or ``None`` when it can."""
         return None
 
     def conv_fused(

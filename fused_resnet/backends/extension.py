@@ -89,11 +89,11 @@ class _ExtensionBackend(TorchBackend):
             return False
         return has_kernel("bn_act", self.dispatch_key)
 
-    def supports(self, x: Tensor, training: bool) -> Optional[str]:
-        if x.device.type != self.device_type:
-            return f"it runs {self.device_type} tensors, got a tensor on {x.device}"
-        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"it supports float32, float16 and bfloat16, got {x.dtype}"
+    def supports(self, device_type: str, dtype: torch.dtype, training: bool) -> Optional[str]:
+        if device_type != self.device_type:
+            return f"it runs {self.device_type} tensors, got a {device_type} tensor"
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"it supports float32, float16 and bfloat16, got {dtype}"
         return None
 
     def bn_act(self, z, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
