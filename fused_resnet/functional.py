@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .backends import Backend, get_backend, resolve_backend
 from .backends.torch_ref import bn_fold
+from .profiling import stage
 
 __all__ = ["residual_forward", "check_input"]
 
@@ -73,25 +74,30 @@ class _ResidualFunction(torch.autograd.Function):
                 w3: Optional[Tensor], b3: Optional[Tensor]) -> Tensor:
         be: Backend = get_backend(backend_name)
         bs1, bs2 = stats
-        k1 = be.conv_fused(x, w1, b1, stride=stride, padding=1, stats=bs1)
-        if bs1:
-            update = factor1 >= 0
-            f1 = be.bn_finalize(k1.part_mean, k1.part_m2, k1.part_count, g1, be1, eps1,
-                                rm1 if update else None, rv1 if update else None, factor1)
-        else:
-            f1 = bn_fold(rm1, rv1, g1, be1, eps1)
-        k2 = be.conv_fused(k1.out, w2, b2, stride=1, padding=1, in_scale=f1.scale, in_shift=f1.shift,
-                           sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=b3, sc_stride=stride,
-                           sc_separate=True, stats=bs2)
-        if bs2:
-            update = factor2 >= 0
-            f2 = be.bn_finalize(k2.part_mean, k2.part_m2, k2.part_count, g2, be2, eps2,
-                                rm2 if update else None, rv2 if update else None, factor2)
-        else:
-            f2 = bn_fold(rm2, rv2, g2, be2, eps2)
+        with stage("K1 conv3x3+bias+stats"):
+            k1 = be.conv_fused(x, w1, b1, stride=stride, padding=1, stats=bs1)
+        with stage("F1 bn_finalize"):
+            if bs1:
+                update = factor1 >= 0
+                f1 = be.bn_finalize(k1.part_mean, k1.part_m2, k1.part_count, g1, be1, eps1,
+                                    rm1 if update else None, rv1 if update else None, factor1)
+            else:
+                f1 = bn_fold(rm1, rv1, g1, be1, eps1)
+        with stage("K2 bn+relu>conv3x3+bias+stats" + ("+conv1x1" if w3 is not None else "")):
+            k2 = be.conv_fused(k1.out, w2, b2, stride=1, padding=1, in_scale=f1.scale, in_shift=f1.shift,
+                               sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=b3, sc_stride=stride,
+                               sc_separate=True, stats=bs2)
+        with stage("F2 bn_finalize"):
+            if bs2:
+                update = factor2 >= 0
+                f2 = be.bn_finalize(k2.part_mean, k2.part_m2, k2.part_count, g2, be2, eps2,
+                                    rm2 if update else None, rv2 if update else None, factor2)
+            else:
+                f2 = bn_fold(rm2, rv2, g2, be2, eps2)
         shortcut = k2.shortcut if w3 is not None else x_res
         out_dtype = torch.promote_types(k2.out.dtype, shortcut.dtype)
-        out = be.bn_act(k2.out, f2.scale, f2.shift, residual=shortcut, relu=True, out_dtype=out_dtype)
+        with stage("K3 bn+add+relu"):
+            out = be.bn_act(k2.out, f2.scale, f2.shift, residual=shortcut, relu=True, out_dtype=out_dtype)
 
         ctx.backend_name, ctx.stride, ctx.stats = backend_name, stride, stats
         ctx.res_dtype = x_res.dtype if x_res is not None else None
@@ -110,21 +116,26 @@ class _ResidualFunction(torch.autograd.Function):
 
         # BN2 (+ the ReLU after the add): dZ2, and gm = grad * [out > 0] for the shortcut.
         count2 = z2.shape[0] * z2.shape[2] * z2.shape[3]
-        sg2, sgx2 = be.bn_backward_reduce(grad, out, z2, mean2, invstd2)
-        dz2, gm = be.bn_backward_apply(grad, out, z2, mean2, invstd2, a2, sg2, sgx2, count2, bs2,
-                                       want_gm=True)
+        with stage("B2 relu+bn backward"):
+            sg2, sgx2 = be.bn_backward_reduce(grad, out, z2, mean2, invstd2)
+            dz2, gm = be.bn_backward_apply(grad, out, z2, mean2, invstd2, a2, sg2, sgx2, count2, bs2,
+                                           want_gm=True)
         # conv2 on Y1 = relu(BN1(Z1)), recomputed rather than saved; Y1 also gives ReLU1's mask.
-        y1 = be.bn_act(z1, a1, c1, relu=True)
-        dy1, dw2, db2 = be.conv_backward(dz2, y1, w2, 1, 1, (True, needs[15], needs[16]))
+        with stage("B conv2 backward (Y1 recomputed)"):
+            y1 = be.bn_act(z1, a1, c1, relu=True)
+            dy1, dw2, db2 = be.conv_backward(dz2, y1, w2, 1, 1, (True, needs[15], needs[16]))
         count1 = z1.shape[0] * z1.shape[2] * z1.shape[3]
-        sg1, sgx1 = be.bn_backward_reduce(dy1, y1, z1, mean1, invstd1)
-        dz1, _ = be.bn_backward_apply(dy1, y1, z1, mean1, invstd1, a1, sg1, sgx1, count1, bs1,
-                                      want_gm=False)
+        with stage("B1 relu+bn backward"):
+            sg1, sgx1 = be.bn_backward_reduce(dy1, y1, z1, mean1, invstd1)
+            dz1, _ = be.bn_backward_apply(dy1, y1, z1, mean1, invstd1, a1, sg1, sgx1, count1, bs1,
+                                          want_gm=False)
         del y1, dy1
-        dx, dw1, db1 = be.conv_backward(dz1, x, w1, stride, 1, (needs[7], needs[9], needs[10]))
+        with stage("B conv1 backward"):
+            dx, dw1, db1 = be.conv_backward(dz1, x, w1, stride, 1, (needs[7], needs[9], needs[10]))
         dx_res = dw3 = db3 = None
         if w3 is not None:
-            dx3, dw3, db3 = be.conv_backward(gm, x, w3, stride, 0, (needs[7], needs[21], needs[22]))
+            with stage("B conv1x1 backward"):
+                dx3, dw3, db3 = be.conv_backward(gm, x, w3, stride, 0, (needs[7], needs[21], needs[22]))
             if dx is not None:
                 dx = dx + dx3
         elif needs[8]:
@@ -180,11 +191,13 @@ def _inference(be: Backend, block: nn.Module, x: Tensor, x_res: Optional[Tensor]
                w3: Optional[Tensor]) -> Tensor:
     """Two launches: K1 = relu(BN1(conv1(x))), K2 = relu(BN2(conv2(K1)) + shortcut), BN folded in-kernel."""
     bn1, bn2, conv3 = block.bn1, block.bn2, block.conv3
-    y1 = be.conv_fused(x, w1, block.conv1.bias, stride=block.conv1.stride[0], padding=1,
-                       bn=(bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, bn1.eps), relu=True).out
+    with stage("K1 conv3x3+bn+relu"):
+        y1 = be.conv_fused(x, w1, block.conv1.bias, stride=block.conv1.stride[0], padding=1,
+                           bn=(bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, bn1.eps), relu=True).out
     out_dtype = torch.promote_types(x.dtype, x_res.dtype) if x_res is not None else x.dtype
-    return be.conv_fused(
-        y1, w2, block.conv2.bias, stride=1, padding=1,
-        bn=(bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, bn2.eps), residual=x_res,
-        sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=conv3.bias if conv3 is not None else None,
-        sc_stride=block.conv1.stride[0], relu=True, out_dtype=out_dtype).out
+    with stage("K2 conv3x3+bn+" + ("conv1x1" if w3 is not None else "identity") + "+add+relu"):
+        return be.conv_fused(
+            y1, w2, block.conv2.bias, stride=1, padding=1,
+            bn=(bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, bn2.eps), residual=x_res,
+            sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=conv3.bias if conv3 is not None else None,
+            sc_stride=block.conv1.stride[0], relu=True, out_dtype=out_dtype).out

@@ -11,6 +11,7 @@ import fused_resnet
 from fused_resnet import reference
 from fused_resnet.backends import get_backend
 from fused_resnet.backends.torch_ref import TorchBackend, merge_stats
+from fused_resnet.cases import seed_block_cases
 from fused_resnet.testing import FLOORS, randomize_, rel_err
 
 from conftest import HAS_CUDA, device_dtype_params
@@ -168,3 +169,20 @@ def test_eval_forward_captures_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(y, blk(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="seed shapes are GPU-sized")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", seed_block_cases(batches=(4,)),
+                         ids=lambda c: c.id)
+def test_eval_block_at_seed_shapes(case, dtype):
+    from fused_resnet.testing import compare_models, failures
+    seed = reference.Residual(case.in_channels, case.out_channels, case.use_1x1conv, case.stride)
+    fused = fused_resnet.Residual(case.in_channels, case.out_channels, case.use_1x1conv, case.stride,
+                                  backend="triton")
+    randomize_(seed)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        checks = compare_models(fused, seed, torch.randn(case.input_shape), train=False, dtype=dtype,
+                                device="cuda", grads=False, memory_format=fmt)
+        assert not failures(checks), failures(checks)

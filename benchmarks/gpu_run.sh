@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Everything GPU-only, in one call, on a machine with an NVIDIA GPU, this checkout, its own
+# torch/Triton/nvcc and no package registry (about 8 minutes on an H100):
+#   1. build the extension in place for this GPU's architecture
+#   2. the whole test suite on CUDA, every dtype
+#   3. compute-sanitizer memcheck on a small fused forward and backward
+#   4. the GPU benchmark suite (pytest-benchmark JSON), then its markdown table and PNG plot
+# Usage: bash benchmarks/gpu_run.sh OUTDIR   (then copy OUTDIR to benchmarks/results/<date>-<gpu>/)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: gpu_run.sh OUTDIR}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+PY=${PYTHON:-python3}
+status=0
+step() { echo; echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
+triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+
+step "build (this GPU's architecture only)"
+ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
+TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-16} timeout 300 $PY setup.py build_ext --inplace \
+  > "$OUT/build.log" 2>&1 || { echo "build FAILED (see build.log)" | tee -a "$LOG"; status=1; }
+grep -E "ptxas info|spill|stack frame" "$OUT/build.log" | sort | uniq | tail -n 40 >> "$LOG"
+
+step "tests on CUDA (every dtype)"
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider tests --junitxml="$OUT/tests.xml" 2>&1 | tail -n 40 \
+  | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "compute-sanitizer memcheck"
+if command -v compute-sanitizer >/dev/null; then
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_case.py \
+    > "$OUT/sanitizer.log" 2>&1; rc=$?
+  tail -n 15 "$OUT/sanitizer.log" | tee -a "$LOG"
+  [ $rc -eq 0 ] || { echo "memcheck FAILED (rc $rc)" | tee -a "$LOG"; status=1; }
+else
+  echo "compute-sanitizer not found" | tee -a "$LOG"
+fi
+
+step "benchmarks"
+# Rows are appended to results.jsonl as they are measured: a run cut short by the time limit keeps them.
+timeout 330 $PY -m pytest -q -p no:cacheprovider benchmarks --bench-device cuda --bench-suite default \
+  --bench-rows "$OUT/results.jsonl" --benchmark-json "$OUT/pytest-benchmark.json" \
+  --benchmark-columns=median,iqr 2>&1 | tail -n 5 | tee -a "$LOG"
+if [ -s "$OUT/results.jsonl" ]; then
+  $PY -m fused_resnet report "$OUT/results.jsonl" 2>&1 | tail -n 60 | tee -a "$LOG"
+else
+  echo "no benchmark results" | tee -a "$LOG"; status=1
+fi
+
+step "done: status $status"
+exit $status

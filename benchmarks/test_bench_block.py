@@ -1,0 +1,37 @@
+"""Residual block (and seed ResNet-18) timings per provider: eager, torch.compile, each fused backend.
+
+Every figure lands in the pytest-benchmark JSON with extra_info: CUDA-event median and p20/p80 over
+rotating inputs, peak memory, speedup over eager from the same run, the roofline floor and the
+fraction of it reached, and the device, versions and date.
+"""
+
+import torch
+
+from fused_resnet.bench import as_row, measure, prepare
+
+
+def test_block(benchmark, bench_case, provider, bench_device, eager_times, record_row, pytestconfig):
+    disabled = pytestconfig.getoption("benchmark_disable", False)
+    iters = 2 if disabled else pytestconfig.getoption("--bench-iters")
+    if bench_case.id not in eager_times and provider != "eager":
+        eager_times[bench_case.id] = measure("eager", bench_case, bench_device, iters=iters).median_ms
+    step, inputs = prepare(provider, bench_case, bench_device)
+    timing = measure(provider, bench_case, bench_device, iters=iters, warmup=1 if disabled else 5,
+                     prepared=(step, inputs))
+    if provider == "eager":
+        eager_times[bench_case.id] = timing.median_ms
+    row = as_row(provider, bench_case, timing, eager_times.get(bench_case.id))
+    benchmark.extra_info.update(row)
+    record_row(row)
+    assert timing.median_ms > 0 and timing.samples == iters
+
+    # pytest-benchmark's own statistics: a few synchronised calls of the same step.
+    state = {"i": 0}
+
+    def one_call():
+        state["i"] += 1
+        step(inputs[state["i"] % len(inputs)])
+        if bench_device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(one_call, rounds=5, iterations=1, warmup_rounds=1)

@@ -1,0 +1,310 @@
+"""Measurement: providers (eager, torch.compile, each fused backend), timing with CUDA events over
+rotating inputs, peak memory, and the roofline floor of each case. Used by the pytest-benchmark suite
+(``benchmarks/``) and by ``python -m fused_resnet bench``.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import reference
+from .cases import BlockCase
+from .modules import convert
+from .testing import randomize_
+
+MODES = ("eval", "train-fwd", "train-fwdbwd")
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+L2_ROTATION_BYTES = 256 << 20  # rotate inputs over more than any L2 (H100: 50 MB)
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """A block case (or, with ``resnet18=True``, the whole seed ResNet-18 on the block's batch and size,
+    1 input channel) in one mode, dtype and memory format."""
+
+    block: BlockCase
+    mode: str
+    dtype: str = "bfloat16"
+    fmt: str = "nhwc"
+    resnet18: bool = False
+
+    @property
+    def what(self) -> str:
+        return f"resnet18-{self.block.size}-b{self.block.batch}" if self.resnet18 else self.block.id
+
+    @property
+    def id(self) -> str:
+        return f"{self.what}-{self.mode}-{self.dtype}-{self.fmt}"
+
+
+SUITES = ("quick", "short", "default", "full")
+
+
+def suite(name: str, device: str) -> list[BenchCase]:
+    """The benchmark case sets: ``quick`` (a tiny smoke run, CI), ``short`` (the CLI's), ``default``
+    (what a GPU run covers in minutes: the head shape 56x56x64 batch 64 in every mode and, in eval,
+    every dtype and format; the seed shapes at batch 32, bf16 channels_last, eval and training; the
+    whole ResNet-18), ``full`` (every combination of DESIGN.md section 6)."""
+    from .cases import SEED_BATCHES, seed_block_cases
+
+    if name == "quick":
+        tiny = BlockCase(8, 8, 8, 2)
+        return [BenchCase(tiny, m, "float32", "nhwc") for m in MODES] + [
+            BenchCase(BlockCase(8, 16, 8, 2, use_1x1conv=True, stride=2), "eval", "float32", "nchw")]
+    if name == "short":  # python -m fused_resnet bench: a minute or two on either device
+        if device == "cpu":
+            blocks = [BlockCase(64, 64, 24, 8), BlockCase(64, 128, 24, 8, use_1x1conv=True, stride=2)]
+            return [BenchCase(b, m, "float32", "nchw") for b in blocks for m in ("eval", "train-fwdbwd")]
+        blocks = [BlockCase(64, 64, 56, 64), BlockCase(128, 256, 28, 64, use_1x1conv=True, stride=2)]
+        return [BenchCase(b, m, "bfloat16", "nhwc") for b in blocks for m in MODES]
+    if device == "cpu":  # what a CPU run can afford: the 96-resize shapes at batch 8, fp32
+        from .cases import SEED_STAGES_96
+        blocks = seed_block_cases(batches=(8,), stages=SEED_STAGES_96)
+        return [BenchCase(b, m, "float32", "nchw") for b in blocks for m in ("eval", "train-fwdbwd")]
+    if name == "default":
+        cases = [BenchCase(HEAD_BLOCK, m, "bfloat16", "nhwc") for m in MODES]
+        cases += [BenchCase(HEAD_BLOCK, "eval", d, f) for d in DTYPES for f in FORMATS]
+        cases += [BenchCase(b, m, "bfloat16", "nhwc") for b in seed_block_cases(batches=(32,))
+                  for m in ("eval", "train-fwdbwd")]
+        cases += [BenchCase(BlockCase(1, 64, 224, 32), m, "bfloat16", "nhwc", resnet18=True)
+                  for m in ("eval", "train-fwdbwd")]
+        return list(dict.fromkeys(cases))
+    if name == "full":
+        blocks = seed_block_cases(batches=SEED_BATCHES)
+        return [BenchCase(b, m, d, f) for b in blocks for m in MODES for d in DTYPES for f in FORMATS]
+    raise ValueError(f"unknown suite {name!r}; expected one of {SUITES}")
+
+
+def environment(device: str) -> dict:
+    """Device name, versions and date stored beside every figure."""
+    import triton
+
+    info = {"device": "cpu", "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "date": datetime.date.today().isoformat()}
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        import platform
+        info["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return info
+
+
+# ------------------------------------------------------------------------------------------- providers
+HEAD_BLOCK = BlockCase(64, 64, 56, 64)  # the target shape of DESIGN.md section 6
+
+
+def providers(device: str, case: BenchCase, suite_name: str = "full") -> list[str]:
+    """Providers that can run ``case`` on ``device``: eager, torch.compile variants, fused backends.
+
+    Compiling costs tens of seconds per case (max-autotune minutes), so outside the ``full`` suite
+    torch.compile runs on the head shape and the whole ResNet-18, max-autotune on the head shape's eval.
+    """
+    from .backends import available_backends, get_backend
+
+    names = ["eager"]
+    head = case.block == HEAD_BLOCK or case.resnet18
+    if suite_name in ("full", "quick") or head:
+        names.append("compile")
+    if device == "cuda" and (suite_name == "full" or (head and case.mode == "eval" and not case.resnet18)):
+        names.append("compile-max-autotune")
+    training = case.mode != "eval"
+    for be in available_backends():
+        if be == "triton" and device == "cpu":
+            continue  # the Triton interpreter is a test tool, not a CPU implementation
+        if get_backend(be).supports(device, DTYPES[case.dtype], training) is None:
+            names.append(f"fused-{be}")
+    return names
+
+
+def build_model(provider: str, case: BenchCase, device: str) -> nn.Module:
+    b = case.block
+    torch.manual_seed(0)
+    if case.resnet18:
+        seed = randomize_(reference.resnet18())
+    else:
+        seed = randomize_(reference.Residual(b.in_channels, b.out_channels, b.use_1x1conv, b.stride))
+    seed = seed.to(device=device, dtype=DTYPES[case.dtype], memory_format=FORMATS[case.fmt])
+    seed.train(case.mode != "eval")
+    if provider == "eager":
+        return seed
+    if provider.startswith("fused-"):
+        return convert(seed, backend=provider[len("fused-"):])
+    if provider == "compile":
+        return torch.compile(seed)
+    if provider == "compile-max-autotune":
+        return torch.compile(seed, mode="max-autotune")
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def make_step(model: nn.Module, case: BenchCase, device: str) -> tuple[Callable[[torch.Tensor], None], list]:
+    """(step(x), inputs): one call of the case's mode, and enough input tensors to rotate through."""
+    b = case.block
+    dtype = DTYPES[case.dtype]
+    shape = (b.batch, 1, b.size, b.size) if case.resnet18 else b.input_shape
+    one = torch.empty(shape, dtype=dtype).element_size() * torch.Size(shape).numel()
+    count = max(2, min(32, L2_ROTATION_BYTES // max(one, 1))) if device == "cuda" else 2
+    inputs = [torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=FORMATS[case.fmt])
+              for _ in range(count)]
+    if case.mode == "eval":
+        def step(x):
+            with torch.no_grad():
+                model(x)
+    elif case.mode == "train-fwd":
+        def step(x):
+            model(x)
+    else:
+        grad = None
+
+        def step(x):
+            nonlocal grad
+            x.requires_grad_(True)
+            out = model(x)
+            if grad is None:
+                grad = torch.randn_like(out)
+            out.backward(grad)
+            x.grad = None
+    return step, inputs
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mb: float
+    samples: int
+    extra: dict = field(default_factory=dict)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+def time_step(step: Callable, inputs: list, device: str, warmup: int = 5, iters: int = 50) -> Timing:
+    """Median and p20/p80 of ``step`` over rotating inputs: CUDA events on a GPU, perf_counter on the CPU."""
+    for i in range(warmup):
+        step(inputs[i % len(inputs)])
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            step(inputs[i % len(inputs)])
+            end.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in events]
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        for i in range(iters):
+            t0 = time.perf_counter()
+            step(inputs[i % len(inputs)])
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = float("nan")
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, len(times))
+
+
+# -------------------------------------------------------------------------------------------- roofline
+def _resnet18_blocks(case: BenchCase) -> list[BenchCase]:
+    """The eight blocks of the seed ResNet-18 for an input of the case's size (the stem and head are
+    left out of the roofline: they are the same for every provider)."""
+    size, n = case.block.size // 4, case.block.batch
+    blocks = []
+    for i, (c, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+        cin = c if i == 0 else c // 2
+        blocks.append(BlockCase(cin, c, size, n, use_1x1conv=i > 0, stride=stride))
+        size = (size - 1) // stride + 1
+        blocks.append(BlockCase(c, c, size, n))
+    return [BenchCase(b, case.mode, case.dtype, case.fmt) for b in blocks]
+
+
+def case_flops(case: BenchCase) -> float:
+    if case.resnet18:
+        return sum(case_flops(c) for c in _resnet18_blocks(case))
+    b = case.block
+    n, c, h, w = b.input_shape
+    k = b.out_channels
+    p, q = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
+    fwd = 2 * n * p * q * k * (9 * c + 9 * k + (c if b.use_1x1conv else 0))
+    return {"eval": fwd, "train-fwd": fwd, "train-fwdbwd": 3 * fwd}[case.mode]
+
+
+def case_bytes(case: BenchCase) -> float:
+    """Fewest bytes the case must move: the input read and the output written once; in training also the
+    two activations saved for backward (written forward, read backward), the incoming gradient and dX."""
+    if case.resnet18:
+        return sum(case_bytes(c) for c in _resnet18_blocks(case))
+    b = case.block
+    size = torch.empty(0, dtype=DTYPES[case.dtype]).element_size()
+    n, c, h, w = b.input_shape
+    k = b.out_channels
+    p, q = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
+    x, out = n * c * h * w, n * k * p * q
+    weights = 9 * c * k + 9 * k * k + (c * k if b.use_1x1conv else 0)
+    fwd = x + out + weights + (2 * out if case.mode != "eval" else 0)
+    total = fwd if case.mode != "train-fwdbwd" else fwd + out + 2 * out + x + weights
+    return float(total * size)
+
+
+@lru_cache(maxsize=None)
+def device_ceilings(device: str, dtype: str) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, matrix rate in FLOP/s) of this device, measured once per run."""
+    t = DTYPES[dtype]
+    if device == "cuda":
+        a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+        b_ = torch.empty_like(a)
+        copy_ms = time_step(lambda _: b_.copy_(a), [None], device, warmup=3, iters=20).median_ms
+        n = 8192
+        x = torch.randn(n, n, device="cuda", dtype=t)
+        mm_ms = time_step(lambda _: torch.mm(x, x), [None], device, warmup=3, iters=20).median_ms
+        return 2 * a.numel() / (copy_ms / 1e3), 2 * n**3 / (mm_ms / 1e3)
+    a = torch.empty(1 << 26, dtype=torch.uint8)
+    b_ = torch.empty_like(a)
+    copy_ms = time_step(lambda _: b_.copy_(a), [None], device, warmup=2, iters=5).median_ms
+    n = 1024
+    x = torch.randn(n, n, dtype=torch.float32)
+    mm_ms = time_step(lambda _: torch.mm(x, x), [None], device, warmup=2, iters=5).median_ms
+    return 2 * a.numel() / (copy_ms / 1e3), 2 * n**3 / (mm_ms / 1e3)
+
+
+def roofline(case: BenchCase, device: str, median_ms: float) -> dict:
+    bandwidth, rate = device_ceilings(device, case.dtype)
+    flops, nbytes = case_flops(case), case_bytes(case)
+    floor_ms = max(flops / rate, nbytes / bandwidth) * 1e3
+    return {"flops": flops, "bytes": nbytes, "copy_GBps": bandwidth / 1e9, "matmul_TFLOPs": rate / 1e12,
+            "floor_ms": floor_ms, "bound": "compute" if flops / rate > nbytes / bandwidth else "memory",
+            "floor_fraction": floor_ms / median_ms if median_ms > 0 else float("nan")}
+
+
+def prepare(provider: str, case: BenchCase, device: str) -> tuple[Callable, list]:
+    """(step, inputs) of ``provider`` on ``case``: build the model once, time it as often as needed."""
+    return make_step(build_model(provider, case, device), case, device)
+
+
+def measure(provider: str, case: BenchCase, device: str, iters: int = 50, warmup: int = 5,
+            prepared: Optional[tuple[Callable, list]] = None) -> Timing:
+    step, inputs = prepared or prepare(provider, case, device)
+    timing = time_step(step, inputs, device, warmup=warmup, iters=iters)
+    timing.extra = {**roofline(case, device, timing.median_ms), **environment(device)}
+    return timing
+
+
+def as_row(provider: str, case: BenchCase, timing: Timing, eager_ms: Optional[float]) -> dict:
+    row = {"case": case.what, "mode": case.mode, "dtype": case.dtype, "format": case.fmt,
+           "provider": provider, **{k: v for k, v in asdict(timing).items() if k != "extra"}, **timing.extra}
+    row["speedup_vs_eager"] = eager_ms / timing.median_ms if eager_ms else float("nan")
+    return row
