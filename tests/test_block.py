@@ -16,7 +16,7 @@ from fused_resnet import reference
 from fused_resnet.cases import SMALL_BLOCK_CASES
 from fused_resnet.testing import compare_models, failures, randomize_
 
-from conftest import DEVICES, backends_for, device_dtype_params
+from tests.conftest import DEVICES, backends_for, device_dtype_params
 
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 

@@ -8,7 +8,7 @@ from fused_resnet.backends import extension
 from fused_resnet.backends.torch_ref import TorchBackend
 from fused_resnet.testing import rel_err
 
-from conftest import device_dtype_params
+from tests.conftest import device_dtype_params
 
 pytestmark = pytest.mark.skipif(not extension.has_ops(), reason="fused_resnet._C is not built "
                                 "(pip install --no-build-isolation -e .)")

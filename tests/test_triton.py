@@ -14,7 +14,7 @@ from fused_resnet.backends.torch_ref import TorchBackend, merge_stats
 from fused_resnet.cases import seed_block_cases
 from fused_resnet.testing import FLOORS, randomize_, rel_err
 
-from conftest import HAS_CUDA, device_dtype_params
+from tests.conftest import HAS_CUDA, device_dtype_params
 
 pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
