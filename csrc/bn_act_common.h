@@ -13,7 +13,8 @@ inline bool is_nhwc_dense(const at::Tensor& t) {
 }
 
 // Validates bn_act's arguments and returns the layout the kernel will use (that of `z`, made dense).
-inline Layout check_bn_act(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+inline Layout check_bn_act(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                           const at::Tensor& shift,
                            const c10::optional<at::Tensor>& residual, at::ScalarType out_dtype,
                            c10::DeviceType device) {
   TORCH_CHECK(z.dim() == 4, "bn_act: z must be 4-D (N, C, H, W), got ", z.dim(), "-D");
@@ -23,8 +24,8 @@ inline Layout check_bn_act(const at::Tensor& z, const at::Tensor& scale, const a
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
               "bn_act: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
   const int64_t c = z.size(1);
-  for (const at::Tensor* v : {&scale, &shift}) {
-    const char* name = v == &scale ? "scale" : "shift";
+  for (const at::Tensor* v : {&mean, &scale, &shift}) {
+    const char* name = v == &mean ? "mean" : v == &scale ? "scale" : "shift";
     TORCH_CHECK(v->dim() == 1 && v->size(0) == c, "bn_act: ", name, " must have shape (", c, "), got ",
                 v->sizes());
     TORCH_CHECK(v->scalar_type() == at::kFloat, "bn_act: ", name, " must be float32, got ", v->scalar_type());

@@ -84,7 +84,8 @@ class _ResidualFunction(torch.autograd.Function):
             else:
                 f1 = bn_fold(rm1, rv1, g1, be1, eps1)
         with stage("K2 bn+relu>conv3x3+bias+stats" + ("+conv1x1" if w3 is not None else "")):
-            k2 = be.conv_fused(k1.out, w2, b2, stride=1, padding=1, in_scale=f1.scale, in_shift=f1.shift,
+            k2 = be.conv_fused(k1.out, w2, b2, stride=1, padding=1, in_mean=f1.mean, in_scale=f1.scale,
+                               in_shift=f1.shift,
                                sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=b3, sc_stride=stride,
                                sc_separate=True, stats=bs2)
         with stage("F2 bn_finalize"):
@@ -94,10 +95,13 @@ class _ResidualFunction(torch.autograd.Function):
                                     rm2 if update else None, rv2 if update else None, factor2)
             else:
                 f2 = bn_fold(rm2, rv2, g2, be2, eps2)
-        shortcut = k2.shortcut if w3 is not None else x_res
+        # The identity shortcut is x itself, or under autocast x in its own dtype (passed separately:
+        # the same tensor twice would stop torch.compile from tracing this Function).
+        shortcut = k2.shortcut if w3 is not None else (x_res if x_res is not None else x)
         out_dtype = torch.promote_types(k2.out.dtype, shortcut.dtype)
         with stage("K3 bn+add+relu"):
-            out = be.bn_act(k2.out, f2.scale, f2.shift, residual=shortcut, relu=True, out_dtype=out_dtype)
+            out = be.bn_act(k2.out, f2.mean, f2.scale, f2.shift, residual=shortcut, relu=True,
+                            out_dtype=out_dtype)
 
         ctx.backend_name, ctx.stride, ctx.stats = backend_name, stride, stats
         ctx.res_dtype = x_res.dtype if x_res is not None else None
@@ -122,8 +126,8 @@ class _ResidualFunction(torch.autograd.Function):
                                            want_gm=True)
         # conv2 on Y1 = relu(BN1(Z1)), recomputed rather than saved; Y1 also gives ReLU1's mask.
         with stage("B conv2 backward (Y1 recomputed)"):
-            y1 = be.bn_act(z1, a1, c1, relu=True)
-            dy1, dw2, db2 = be.conv_backward(dz2, y1, w2, 1, 1, (True, needs[15], needs[16]))
+            y1 = be.bn_act(z1, mean1, a1, c1, relu=True)
+            dy1, dw2, db2 = be.conv_backward(dz2, y1, w2, 1, 1, (True, needs[15], needs[16] and not bs2))
         count1 = z1.shape[0] * z1.shape[2] * z1.shape[3]
         with stage("B1 relu+bn backward"):
             sg1, sgx1 = be.bn_backward_reduce(dy1, y1, z1, mean1, invstd1)
@@ -131,16 +135,24 @@ class _ResidualFunction(torch.autograd.Function):
                                           want_gm=False)
         del y1, dy1
         with stage("B conv1 backward"):
-            dx, dw1, db1 = be.conv_backward(dz1, x, w1, stride, 1, (needs[7], needs[9], needs[10]))
+            dx, dw1, db1 = be.conv_backward(dz1, x, w1, stride, 1, (needs[7], needs[9], needs[10] and not bs1))
         dx_res = dw3 = db3 = None
         if w3 is not None:
             with stage("B conv1x1 backward"):
                 dx3, dw3, db3 = be.conv_backward(gm, x, w3, stride, 0, (needs[7], needs[21], needs[22]))
             if dx is not None:
                 dx = dx + dx3
-        elif needs[8]:
-            dx_res = gm.to(ctx.res_dtype)
+        elif ctx.res_dtype is not None:
+            dx_res = gm.to(ctx.res_dtype) if needs[8] else None
+        elif needs[7]:
+            dx = dx + gm
 
+        # A conv bias followed by a batch-statistics BN shifts the batch mean by itself: its gradient,
+        # sum(dZ), is exactly zero (eager returns rounding noise around it). Skip the reduction.
+        if bs1 and needs[10]:
+            db1 = torch.zeros_like(sg1, dtype=w1.dtype)
+        if bs2 and needs[16]:
+            db2 = torch.zeros_like(sg2, dtype=w2.dtype)
         pd = ctx.param_dtype
         return (None, None, None, None, None, None, None, dx, dx_res,
                 dw1, db1, sgx1.to(pd) if needs[11] else None, sg1.to(pd) if needs[12] else None, None, None,
@@ -182,7 +194,8 @@ def residual_forward(block: nn.Module, x: Tensor) -> Tensor:
         factor1 = _bn_update_factor(bn1) if bn1.training and bn1.running_mean is not None else -1.0
         factor2 = _bn_update_factor(bn2) if bn2.training and bn2.running_mean is not None else -1.0
         return _ResidualFunction.apply(
-            backend.name, stride, (bs1, bs2), bn1.eps, bn2.eps, factor1, factor2, x, x_res,
+            backend.name, stride, (bs1, bs2), bn1.eps, bn2.eps, factor1, factor2, x,
+            x_res if x_res is not x else None,
             w1, conv1.bias, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
             w2, conv2.bias, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, w3, b3)
 

@@ -133,15 +133,16 @@ def compare_models(fused: nn.Module, ref: nn.Module, x: Tensor, *, train: bool, 
 def _zero_grad_scale(name: str, grads: dict[str, Tensor], model: nn.Module) -> Optional[float]:
     """The gradient of a conv bias that feeds a training-mode batch norm is zero in exact arithmetic, so
     both eager's and the fused value are rounding noise and ``||ref||`` is no yardstick. Measure it
-    against the gradient of that batch norm's beta, the sum of the same upstream gradient."""
+    against the gradients of that batch norm's gamma and beta, sums over the same upstream gradient (both
+    together: with few values per channel either one alone can cancel)."""
     for conv, bn in (("conv1.bias", "bn1"), ("conv2.bias", "bn2")):
         if name.startswith("grad ") and name.endswith(conv):
             prefix = name[len("grad "):-len(conv)]
             bn_module = model.get_submodule(prefix + bn) if prefix + bn in dict(model.named_modules()) else None
             if bn_module is not None and bn_module.training:
-                beta_grad = grads.get(f"grad {prefix}{bn}.bias")
-                if beta_grad is not None:
-                    return beta_grad.double().norm().item()
+                parts = [grads.get(f"grad {prefix}{bn}.{p}") for p in ("weight", "bias")]
+                if all(t is not None for t in parts):
+                    return torch.cat([t.double().flatten() for t in parts]).norm().item()
     return None
 
 

@@ -65,7 +65,7 @@ def test_conv_fused_matches_torch(device, dtype, variant, shape, fmt):
         kw["bn"] = (_vec(k, device), 0.5 + torch.rand(k, device=device), _vec(k, device, 1.0), _vec(k, device),
                     1e-5)
     if opt.get("prologue"):
-        kw["in_scale"], kw["in_shift"] = _vec(c, device, 1.0), _vec(c, device, 0.5)
+        kw["in_mean"], kw["in_scale"], kw["in_shift"] = _vec(c, device), _vec(c, device, 1.0), _vec(c, device, 0.5)
     if opt.get("residual"):
         kw["residual"] = torch.randn(n, k, p, q, device=device, dtype=dtype).contiguous(memory_format=FMT[fmt])
     if opt.get("shortcut"):
@@ -97,7 +97,8 @@ def test_padding_is_applied_after_the_prologue():
     be = get_backend("triton")
     x = torch.randn(1, 16, 5, 5)
     w = torch.ones(16, 16, 3, 3)
-    out = be.conv_fused(x, w, None, stride=1, padding=1, in_scale=torch.zeros(16), in_shift=torch.ones(16)).out
+    out = be.conv_fused(x, w, None, stride=1, padding=1, in_mean=torch.zeros(16), in_scale=torch.zeros(16),
+                        in_shift=torch.ones(16)).out
     assert out[0, 0, 2, 2].item() == 9 * 16 and out[0, 0, 0, 0].item() == 4 * 16 and out[0, 0, 0, 2].item() == 6 * 16
 
 

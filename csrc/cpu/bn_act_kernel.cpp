@@ -14,7 +14,7 @@ namespace fused_resnet {
 namespace {
 
 template <typename in_t, typename out_t>
-void bn_act_cpu_impl(const in_t* z, const float* scale, const float* shift, const out_t* res, out_t* out,
+void bn_act_cpu_impl(const in_t* z, const float* mean, const float* scale, const float* shift, const out_t* res, out_t* out,
                      int64_t numel, int64_t channels, int64_t hw, Layout layout, bool relu) {
   // Rows of C contiguous channels (NHWC) or planes of HW positions of one channel (NCHW): either way the
   // inner loop has a fixed stride-1 pattern the compiler vectorises.
@@ -25,15 +25,15 @@ void bn_act_cpu_impl(const in_t* z, const float* scale, const float* shift, cons
       const int64_t base = o * inner;
       if (layout == Layout::NHWC) {
         for (int64_t c = 0; c < inner; ++c) {
-          float v = static_cast<float>(z[base + c]) * scale[c] + shift[c];
+          float v = (static_cast<float>(z[base + c]) - mean[c]) * scale[c] + shift[c];
           if (res) v += static_cast<float>(res[base + c]);
           out[base + c] = static_cast<out_t>(relu ? std::max(v, 0.0f) : v);
         }
       } else {
         const int64_t c = channel_of(base, channels, hw, layout);
-        const float a = scale[c], b = shift[c];
+        const float m = mean[c], a = scale[c], b = shift[c];
         for (int64_t i = 0; i < inner; ++i) {
-          float v = static_cast<float>(z[base + i]) * a + b;
+          float v = (static_cast<float>(z[base + i]) - m) * a + b;
           if (res) v += static_cast<float>(res[base + i]);
           out[base + i] = static_cast<out_t>(relu ? std::max(v, 0.0f) : v);
         }
@@ -42,12 +42,12 @@ void bn_act_cpu_impl(const in_t* z, const float* scale, const float* shift, cons
   });
 }
 
-at::Tensor bn_act_cpu(const at::Tensor& z_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
+at::Tensor bn_act_cpu(const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
                       const c10::optional<at::Tensor>& residual_in, bool relu, at::ScalarType out_dtype) {
-  const Layout layout = check_bn_act(z_in, scale_in, shift_in, residual_in, out_dtype, c10::DeviceType::CPU);
+  const Layout layout = check_bn_act(z_in, mean_in, scale_in, shift_in, residual_in, out_dtype, c10::DeviceType::CPU);
   const auto fmt = memory_format_of(layout);
   const at::Tensor z = z_in.contiguous(fmt);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), scale = scale_in.contiguous(), shift = shift_in.contiguous();
   at::Tensor residual;
   if (residual_in.has_value()) residual = residual_in->contiguous(fmt);
   at::Tensor out = at::empty(z.sizes(), z.options().dtype(out_dtype).memory_format(fmt));
@@ -55,7 +55,7 @@ at::Tensor bn_act_cpu(const at::Tensor& z_in, const at::Tensor& scale_in, const 
   FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_act_cpu", [&] {
     using in_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "bn_act_cpu_out", [&] {
-      bn_act_cpu_impl<in_t, scalar_t>(z.const_data_ptr<in_t>(), scale.const_data_ptr<float>(),
+      bn_act_cpu_impl<in_t, scalar_t>(z.const_data_ptr<in_t>(), mean.const_data_ptr<float>(), scale.const_data_ptr<float>(),
                                       shift.const_data_ptr<float>(),
                                       residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
                                       out.mutable_data_ptr<scalar_t>(), z.numel(), channels, hw, layout, relu);

@@ -14,26 +14,26 @@ namespace fused_resnet {
 namespace {
 
 template <typename in_t, typename out_t>
-__global__ void bn_act_kernel(const in_t* __restrict__ z, const float* __restrict__ scale,
+__global__ void bn_act_kernel(const in_t* __restrict__ z, const float* __restrict__ mean, const float* __restrict__ scale,
                               const float* __restrict__ shift, const out_t* __restrict__ res,
                               out_t* __restrict__ out, int64_t numel, int64_t channels, int64_t hw,
                               Layout layout, bool relu) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
     const int64_t c = channel_of(i, channels, hw, layout);
-    float v = static_cast<float>(z[i]) * scale[c] + shift[c];
+    float v = (static_cast<float>(z[i]) - mean[c]) * scale[c] + shift[c];
     if (res) v += static_cast<float>(res[i]);
     out[i] = static_cast<out_t>(relu ? fmaxf(v, 0.0f) : v);
   }
 }
 
-at::Tensor bn_act_cuda(const at::Tensor& z_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
+at::Tensor bn_act_cuda(const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
                        const c10::optional<at::Tensor>& residual_in, bool relu, at::ScalarType out_dtype) {
-  const Layout layout = check_bn_act(z_in, scale_in, shift_in, residual_in, out_dtype, c10::DeviceType::CUDA);
+  const Layout layout = check_bn_act(z_in, mean_in, scale_in, shift_in, residual_in, out_dtype, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const auto fmt = memory_format_of(layout);
   const at::Tensor z = z_in.contiguous(fmt);
-  const at::Tensor scale = scale_in.contiguous(), shift = shift_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), scale = scale_in.contiguous(), shift = shift_in.contiguous();
   at::Tensor residual;
   if (residual_in.has_value()) residual = residual_in->contiguous(fmt);
   at::Tensor out = at::empty(z.sizes(), z.options().dtype(out_dtype).memory_format(fmt));
@@ -46,7 +46,7 @@ at::Tensor bn_act_cuda(const at::Tensor& z_in, const at::Tensor& scale_in, const
     using in_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "bn_act_cuda_out", [&] {
       bn_act_kernel<in_t, scalar_t><<<blocks, threads, 0, stream>>>(
-          z.const_data_ptr<in_t>(), scale.const_data_ptr<float>(), shift.const_data_ptr<float>(),
+          z.const_data_ptr<in_t>(), mean.const_data_ptr<float>(), scale.const_data_ptr<float>(), shift.const_data_ptr<float>(),
           residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
           numel, z.size(1), z.size(2) * z.size(3), layout, relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -35,7 +35,9 @@ class ConvOut(NamedTuple):
 
 
 class BNFold(NamedTuple):
-    """Per-channel results of ``bn_finalize``: ``y = z * scale + shift`` normalises ``z``."""
+    """Per-channel results of ``bn_finalize``: ``y = (z - mean) * scale + shift`` normalises ``z``
+    (``scale = gamma * invstd``, ``shift = beta``). Subtracting the mean first keeps the precision a
+    folded ``z * scale + (beta - mean * scale)`` loses when |mean| >> std (a large conv bias)."""
 
     scale: Tensor
     shift: Tensor
@@ -72,6 +74,7 @@ class Backend:
         stride: int,
         padding: int,
         bn: Optional[tuple[Tensor, Tensor, Tensor, Tensor, float]] = None,
+        in_mean: Optional[Tensor] = None,
         in_scale: Optional[Tensor] = None,
         in_shift: Optional[Tensor] = None,
         residual: Optional[Tensor] = None,
@@ -86,7 +89,7 @@ class Backend:
     ) -> ConvOut:
         """``out = act(affine(conv(prologue(x), weight) + bias) [+ conv3(sc_x) + sc_bias] [+ residual])``.
 
-        - prologue: ``relu(x * in_scale + in_shift)`` per input channel when ``in_scale`` is given; the
+        - prologue: ``relu((x - in_mean) * in_scale + in_shift)`` per input channel when given; the
           convolution's zero padding is applied after it (a padded position contributes 0).
         - affine: when ``bn = (running_mean, running_var, gamma, beta, eps)`` is given, the batch norm is
           folded in the epilogue: ``(z - mean) * gamma / sqrt(var + eps) + beta``, in float32.
@@ -103,9 +106,9 @@ class Backend:
         when running stats are given, update them in place as ``BatchNorm2d`` does (unbiased variance)."""
         raise NotImplementedError
 
-    def bn_act(self, z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+    def bn_act(self, z: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
                relu: bool = True, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """``act(z * scale + shift [+ residual])`` per channel."""
+        """``act((z - mean) * scale + shift [+ residual])`` per channel."""
         raise NotImplementedError
 
     def bn_backward_reduce(self, grad: Tensor, mask_src: Tensor, z: Tensor, mean: Tensor,

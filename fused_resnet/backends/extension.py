@@ -39,39 +39,39 @@ def _dense_format(t: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def bn_act(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None, relu: bool = True,
-           out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``act(z * scale[c] + shift[c] (+ residual))`` by the compiled kernel of ``z``'s device."""
+def bn_act(z: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
+           relu: bool = True, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``act((z - mean[c]) * scale[c] + shift[c] (+ residual))`` by the compiled kernel of ``z``'s device."""
     out_dtype = out_dtype or z.dtype
     if residual is not None and residual.dtype != out_dtype:
         residual = residual.to(out_dtype)
-    return torch.ops.fused_resnet.bn_act.default(z, scale, shift, residual, relu, out_dtype)
+    return torch.ops.fused_resnet.bn_act.default(z, mean, scale, shift, residual, relu, out_dtype)
 
 
 if has_ops():
 
     @torch.library.register_fake("fused_resnet::bn_act")
-    def _bn_act_fake(z, scale, shift, residual, relu, out_dtype):
+    def _bn_act_fake(z, mean, scale, shift, residual, relu, out_dtype):
         torch._check(z.dim() == 4, lambda: f"bn_act: z must be 4-D, got {z.dim()}-D")
-        torch._check(scale.shape == (z.shape[1],) and shift.shape == (z.shape[1],),
-                     lambda: "bn_act: scale and shift must have one entry per channel of z")
+        torch._check(all(v.shape == (z.shape[1],) for v in (mean, scale, shift)),
+                     lambda: "bn_act: mean, scale and shift must have one entry per channel of z")
         torch._check(residual is None or residual.shape == z.shape,
                      lambda: "bn_act: residual must have z's shape")
         return torch.empty(z.shape, dtype=out_dtype, device=z.device, memory_format=_dense_format(z))
 
     def _bn_act_setup(ctx, inputs, output):
-        z, scale, shift, residual, relu, out_dtype = inputs
+        z, mean, scale, shift, residual, relu, out_dtype = inputs
         ctx.relu, ctx.has_residual = relu, residual is not None
-        ctx.save_for_backward(z, scale, output)
+        ctx.save_for_backward(z, mean, scale, output)
 
     def _bn_act_backward(ctx, grad):
-        z, scale, out = ctx.saved_tensors
+        z, mean, scale, out = ctx.saved_tensors
         gm = grad.float() * (out > 0) if ctx.relu else grad.float()
         dz = (gm * scale.view(1, -1, 1, 1)).to(z.dtype)
-        dscale = (gm * z.float()).sum(dim=(0, 2, 3))
         dshift = gm.sum(dim=(0, 2, 3))
+        dscale = (gm * (z.float() - mean.view(1, -1, 1, 1))).sum(dim=(0, 2, 3))
         dres = gm.to(out.dtype) if ctx.has_residual else None
-        return dz, dscale, dshift, dres, None, None
+        return dz, -dshift * scale, dscale, dshift, dres, None, None
 
     torch.library.register_autograd("fused_resnet::bn_act", _bn_act_backward, setup_context=_bn_act_setup)
 
@@ -96,8 +96,8 @@ class _ExtensionBackend(TorchBackend):
             return f"it supports float32, float16 and bfloat16, got {dtype}"
         return None
 
-    def bn_act(self, z, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
-        return bn_act(z, scale.float(), shift.float(), residual, relu, out_dtype)
+    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
+        return bn_act(z, mean.float(), scale.float(), shift.float(), residual, relu, out_dtype)
 
 
 class CppExtensionBackend(_ExtensionBackend):

@@ -29,8 +29,7 @@ def _ch(v: Tensor) -> Tensor:
 def bn_fold(mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> BNFold:
     """Fold fixed statistics with the affine parameters, in float32 (float64 for float64 inputs)."""
     invstd = torch.rsqrt(_acc(var) + eps)
-    scale = _acc(gamma) * invstd
-    return BNFold(scale, _acc(beta) - _acc(mean) * scale, _acc(mean), invstd)
+    return BNFold(_acc(gamma) * invstd, _acc(beta), _acc(mean), invstd)
 
 
 def tile_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -55,18 +54,18 @@ def merge_stats(part_mean: Tensor, part_m2: Tensor, part_count: Tensor) -> tuple
 class TorchBackend(Backend):
     name = "torch"
 
-    def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_scale=None, in_shift=None,
+    def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
                    residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
                    relu=False, stats=False, out_dtype=None) -> ConvOut:
         out_dtype = out_dtype or x.dtype
         if in_scale is not None:
-            x = torch.relu(_acc(x) * _ch(in_scale) + _ch(in_shift)).to(weight.dtype)
+            x = torch.relu((_acc(x) - _ch(in_mean)) * _ch(in_scale) + _ch(in_shift)).to(weight.dtype)
         z = _acc(F.conv2d(x, weight, None, stride, padding))
         if bias is not None:
             z = z + _ch(bias)
         if bn is not None:
             fold = bn_fold(*bn)
-            z = z * _ch(fold.scale) + _ch(fold.shift)
+            z = (z - _ch(fold.mean)) * _ch(fold.scale) + _ch(fold.shift)
         empty = _EMPTY.to(z.device)
         part = tile_stats(z) if stats else (empty, empty, empty)
         sc_out = empty
@@ -93,8 +92,8 @@ class TorchBackend(Backend):
                 running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
         return fold
 
-    def bn_act(self, z, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
-        y = _acc(z) * _ch(scale) + _ch(shift)
+    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
+        y = (_acc(z) - _ch(mean)) * _ch(scale) + _ch(shift)
         if residual is not None:
             y = y + _acc(residual)
         if relu:

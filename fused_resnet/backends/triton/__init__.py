@@ -1,9 +1,9 @@
 """The Triton backend: implicit-GEMM convolutions with BN, residual, shortcut and ReLU fused in
-(``conv.py``), registered as custom ops (``ops.py``), tile configurations in ``configs.py``.
+(``conv.py``), the batch-norm finalize, apply and backward kernels (``bn.py``), registered as custom
+ops (``ops.py``), tile configurations in ``configs.py``.
 
-Inference runs entirely in these kernels (two launches per block). Primitives this backend does not
-implement natively yet come from the torch backend: they serve eval mode with gradients enabled (the
-backward of fine-tuning with frozen BN).
+Inference runs in two launches per block; training forward in three heavy kernels and two finalizes.
+The convolution gradients use ``aten.convolution_backward`` (cuDNN), inherited from the base backend.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..base import ConvOut
-from ..torch_ref import TorchBackend
+from ..base import Backend, BNFold, ConvOut
 from .configs import interpreting
 from .counters import LAUNCHES, counting
 
@@ -23,15 +22,13 @@ __all__ = ["TritonBackend", "LAUNCHES", "counting"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class TritonBackend(TorchBackend):
+class TritonBackend(Backend):
     name = "triton"
 
     def available(self) -> bool:
         return torch.cuda.is_available() or interpreting()
 
     def supports(self, device_type: str, dtype: torch.dtype, training: bool) -> Optional[str]:
-        if training:
-            return "training mode (batch statistics) is not implemented in Triton yet"
         if device_type == "cpu" and not interpreting():
             return "it runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
         if device_type not in ("cuda", "cpu"):
@@ -42,14 +39,41 @@ class TritonBackend(TorchBackend):
             return "the Triton interpreter computes bfloat16 dot products wrongly; bfloat16 runs on the GPU"
         return None
 
-    def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_scale=None, in_shift=None,
+    def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
                    residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
                    relu=False, stats=False, out_dtype=None) -> ConvOut:
         from .ops import conv_fused_op
 
         mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
         if in_scale is not None:
-            in_scale, in_shift = in_scale.float().contiguous(), in_shift.float().contiguous()
+            in_mean, in_scale, in_shift = (v.float().contiguous() for v in (in_mean, in_scale, in_shift))
         return ConvOut(*conv_fused_op(
-            x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_scale, in_shift, residual,
+            x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale, in_shift,
+            residual,
             sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype or x.dtype))
+
+    def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
+                    momentum) -> BNFold:
+        from .ops import bn_finalize_op
+
+        return BNFold(*bn_finalize_op(part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean,
+                                      running_var, float(momentum)))
+
+    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
+        from .ops import bn_add_relu_op
+
+        mean, scale, shift = (v.float().contiguous() for v in (mean, scale, shift))
+        return bn_add_relu_op(z, mean, scale, shift, residual, relu, out_dtype or z.dtype)
+
+    def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
+        from .ops import bn_backward_reduce_op
+
+        return bn_backward_reduce_op(grad, mask_src, z, mean, invstd)
+
+    def bn_backward_apply(self, grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats,
+                          want_gm):
+        from .ops import bn_backward_apply_op
+
+        return bn_backward_apply_op(grad, mask_src, z, mean.float().contiguous(), invstd.float().contiguous(),
+                                    scale.float().contiguous(), sum_g, sum_gx, int(count), bool(batch_stats),
+                                    bool(want_gm))

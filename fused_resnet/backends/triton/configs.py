@@ -29,7 +29,7 @@ class ConvConfig:
     num_stages: int
 
 
-INTERPRETER_CONV = ConvConfig(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+INTERPRETER_CONV = ConvConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
 
 # Tuned entries, keyed by (in_channels, out_channels, output positions per image, kernel size, dtype).
 # Filled from `python benchmarks/tune_conv.py` runs on the GPU named beside each entry; the heuristic

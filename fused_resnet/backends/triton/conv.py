@@ -23,7 +23,7 @@ import triton.language as tl
 def conv_bn_act_kernel(
     x_ptr, w_ptr, out_ptr,
     bias_ptr, rmean_ptr, rvar_ptr, gamma_ptr, beta_ptr, eps,
-    in_scale_ptr, in_shift_ptr,
+    in_mean_ptr, in_scale_ptr, in_shift_ptr,
     res_ptr,
     scx_ptr, scw_ptr, scb_ptr, sco_ptr,
     pmean_ptr, pm2_ptr, pcount_ptr,
@@ -75,10 +75,11 @@ def conv_bn_act_kernel(
                 a_mask = inside[:, None] & c_ok[None, :]
                 a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * sxc, mask=a_mask, other=0.0)
                 if HAS_PROLOGUE:
+                    mu = tl.load(in_mean_ptr + c, mask=c_ok, other=0.0)
                     sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)
                     sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)
                     # NaN propagates through ReLU as in torch.relu (tl.maximum would drop it).
-                    af = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0,
+                    af = tl.maximum((a.to(tl.float32) - mu[None, :]) * sc[None, :] + sh[None, :], 0.0,
                                     propagate_nan=tl.PropagateNan.ALL)
                     a = tl.where(a_mask, af, 0.0).to(w_ptr.dtype.element_ty)
                 b = tl.load(w_tap + c[:, None].to(tl.int64) * swc, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
@@ -86,21 +87,27 @@ def conv_bn_act_kernel(
 
     z = acc
     if HAS_BIAS:
-        z += tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
+        z += bias[None, :]
     if HAS_BN:
         mean = tl.load(rmean_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
         var = tl.load(rvar_ptr + rn, mask=col_ok, other=1.0).to(tl.float32)
         gamma = tl.load(gamma_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
         beta = tl.load(beta_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
-        scale = gamma * tl.rsqrt(var + eps)
-        z = z * scale[None, :] + (beta - mean * scale)[None, :]
+        # Centre first: (z - mean) keeps the digits z * scale - mean * scale would cancel.
+        z = (z - mean[None, :]) * (gamma * tl.rsqrt(var + eps))[None, :] + beta[None, :]
     if STATS:
         # Per-tile (count, mean, M2), merged later with Chan's formula: no atomics, so deterministic,
-        # and no E[x^2] - E[x]^2 cancellation when |mean| >> std.
+        # and no E[x^2] - E[x]^2 cancellation when |mean| >> std. The sums run over the convolution
+        # before its bias (a shift that M2 ignores and the mean takes back at the end), so a large bias
+        # costs no digits.
+        src = acc if (HAS_BIAS and not HAS_BN) else z
         count = tl.sum(row_ok.to(tl.float32), axis=0)
-        tile_mean = tl.sum(tl.where(row_ok[:, None], z, 0.0), axis=0) / count
-        dev = tl.where(row_ok[:, None], z - tile_mean[None, :], 0.0)
+        tile_mean = tl.sum(tl.where(row_ok[:, None], src, 0.0), axis=0) / count
+        dev = tl.where(row_ok[:, None], src - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(dev * dev, axis=0)
+        if HAS_BIAS and not HAS_BN:
+            tile_mean += bias
         tl.store(pmean_ptr + pid_m * K + rn, tile_mean, mask=col_ok)
         tl.store(pm2_ptr + pid_m * K + rn, tile_m2, mask=col_ok)
         if pid_n == 0:
@@ -168,7 +175,7 @@ def _strides(t: Optional[torch.Tensor], dims: int = 4) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * dims
 
 
-def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_scale, in_shift,
+def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale, in_shift,
                 residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype):
     """Allocate the outputs and launch ``conv_bn_act_kernel``; returns (out, shortcut, mean, m2, count)."""
     n, c, h, w = x.shape
@@ -207,7 +214,8 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
         bias if bias is not None else none,
         bn_mean if bn_mean is not None else none, bn_var if bn_var is not None else none,
         bn_gamma if bn_gamma is not None else none, bn_beta if bn_beta is not None else none, bn_eps,
-        in_scale if in_scale is not None else none, in_shift if in_shift is not None else none,
+        in_mean if in_mean is not None else none, in_scale if in_scale is not None else none,
+        in_shift if in_shift is not None else none,
         residual if residual is not None else none,
         sc_x if has_sc else none, sc_weight if has_sc else none, sc_bias if has_sc else none, sc_out,
         pmean, pm2, pcount,

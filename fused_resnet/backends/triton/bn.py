@@ -1,0 +1,270 @@
+"""Batch-norm kernels of the training path (DESIGN.md section 4): the statistics finalize, the
+BN-apply + residual + ReLU pass, and the fused ReLU+BN backward (reduce, then apply).
+
+Activations are addressed as (rows = N*H*W, channels) with strides (sn, sc, shw): any layout whose
+(H, W) plane is dense -- NCHW and channels_last both -- so channels_last tiles read channel-contiguous
+and NCHW tiles row-contiguous. Every reduction is per tile, then summed in a fixed order: no atomics,
+so results repeat bit for bit.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bn_finalize_kernel(
+    pmean_ptr, pm2_ptr, pcount_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,
+    scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
+    T, C, eps, momentum,
+    UPDATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    # Merge means relative to the first tile's (shifted sums): a channel mean far from zero costs no
+    # digits in the weighted sums below.
+    shift = tl.load(pmean_ptr + cols, mask=col_ok, other=0.0)
+    n_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        t_ok = ts < T
+        mask = t_ok[:, None] & col_ok[None, :]
+        cnt = tl.load(pcount_ptr + ts, mask=t_ok, other=0.0)
+        mu = tl.load(pmean_ptr + ts[:, None] * C + cols[None, :], mask=mask, other=0.0) - shift[None, :]
+        q = tl.load(pm2_ptr + ts[:, None] * C + cols[None, :], mask=mask, other=0.0)
+        # Chan et al.: merge the chunk's tiles at once, then the chunk into the running total.
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt[:, None] * mu, axis=0) / n_b
+        dev = tl.where(mask, mu - mean_b[None, :], 0.0)
+        m2_b = tl.sum(q, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+        n_new = n_acc + n_b
+        delta = mean_b - mean_acc
+        mean_acc += delta * (n_b / n_new)
+        m2_acc += m2_b + delta * delta * (n_acc * n_b / n_new)
+        n_acc = n_new
+    mean_acc += shift
+    invstd = tl.rsqrt(m2_acc / n_acc + eps)
+    gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale = gamma * invstd
+    tl.store(scale_ptr + cols, scale, mask=col_ok)
+    tl.store(shift_ptr + cols, beta, mask=col_ok)
+    tl.store(mean_ptr + cols, mean_acc, mask=col_ok)
+    tl.store(invstd_ptr + cols, invstd, mask=col_ok)
+    if UPDATE:
+        # As BatchNorm2d: running_var takes the unbiased variance.
+        rm = tl.load(rmean_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        rm = rm * (1.0 - momentum) + mean_acc * momentum
+        rv = rv * (1.0 - momentum) + (m2_acc / (n_acc - 1.0)) * momentum
+        tl.store(rmean_ptr + cols, rm.to(rmean_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(rvar_ptr + cols, rv.to(rvar_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _tile(pid_r, pid_c, M, C, HW, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < C)[None, :]
+    n = (rows // HW).to(tl.int64)
+    hw = (rows % HW).to(tl.int64)
+    return rows, cols, mask, n, hw
+
+
+@triton.jit
+def _offsets(n, hw, cols, sn, sc, shw):
+    return n[:, None] * sn + hw[:, None] * shw + cols[None, :].to(tl.int64) * sc
+
+
+@triton.jit
+def bn_add_relu_kernel(
+    z_ptr, mean_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    M, C, HW, szn, szc, szhw, srn, src, srhw, son, soc, sohw,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows, cols, mask, n, hw = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, BLOCK_R, BLOCK_C)
+    col_ok = cols < C
+    z = tl.load(z_ptr + _offsets(n, hw, cols, szn, szc, szhw), mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+    y = (z - mean[None, :]) * scale[None, :] + shift[None, :]
+    if HAS_RES:
+        y += tl.load(res_ptr + _offsets(n, hw, cols, srn, src, srhw), mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(out_ptr + _offsets(n, hw, cols, son, soc, sohw), y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_relu_backward_reduce_kernel(
+    g_ptr, mask_ptr, z_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
+    M, C, HW, sgn, sgc, sghw, smn, smc, smhw, szn, szc, szhw,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    rows, cols, mask, n, hw = _tile(pid_r, tl.program_id(1), M, C, HW, BLOCK_R, BLOCK_C)
+    col_ok = cols < C
+    g = tl.load(g_ptr + _offsets(n, hw, cols, sgn, sgc, sghw), mask=mask, other=0.0).to(tl.float32)
+    src = tl.load(mask_ptr + _offsets(n, hw, cols, smn, smc, smhw), mask=mask, other=0.0)
+    gm = tl.where(src > 0, g, 0.0)
+    z = tl.load(z_ptr + _offsets(n, hw, cols, szn, szc, szhw), mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
+    xhat = (z - mean[None, :]) * invstd[None, :]
+    tl.store(psum_ptr + pid_r * C + cols, tl.sum(gm, axis=0), mask=col_ok)
+    tl.store(psumx_ptr + pid_r * C + cols, tl.sum(gm * xhat, axis=0), mask=col_ok)
+
+
+@triton.jit
+def sum_partials_kernel(psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    accx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        mask = (ts < T)[:, None] & col_ok[None, :]
+        acc += tl.sum(tl.load(psum_ptr + ts[:, None] * C + cols[None, :], mask=mask, other=0.0), axis=0)
+        accx += tl.sum(tl.load(psumx_ptr + ts[:, None] * C + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(sum_ptr + cols, acc, mask=col_ok)
+    tl.store(sumx_ptr + cols, accx, mask=col_ok)
+
+
+@triton.jit
+def bn_relu_backward_apply_kernel(
+    g_ptr, mask_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_ptr, sumx_ptr, dz_ptr, gm_ptr,
+    M, C, HW, inv_count, sgn, sgc, sghw, smn, smc, smhw, szn, szc, szhw, sdn, sdc, sdhw,
+    BATCH_STATS: tl.constexpr, WANT_GM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows, cols, mask, n, hw = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, BLOCK_R, BLOCK_C)
+    col_ok = cols < C
+    g = tl.load(g_ptr + _offsets(n, hw, cols, sgn, sgc, sghw), mask=mask, other=0.0).to(tl.float32)
+    src = tl.load(mask_ptr + _offsets(n, hw, cols, smn, smc, smhw), mask=mask, other=0.0)
+    gm = tl.where(src > 0, g, 0.0)
+    scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+    if BATCH_STATS:
+        z = tl.load(z_ptr + _offsets(n, hw, cols, szn, szc, szhw), mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
+        invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
+        mean_g = tl.load(sum_ptr + cols, mask=col_ok, other=0.0) * inv_count
+        mean_gx = tl.load(sumx_ptr + cols, mask=col_ok, other=0.0) * inv_count
+        xhat = (z - mean[None, :]) * invstd[None, :]
+        dz = scale[None, :] * (gm - mean_g[None, :] - xhat * mean_gx[None, :])
+    else:
+        dz = scale[None, :] * gm
+    out_off = _offsets(n, hw, cols, sdn, sdc, sdhw)
+    tl.store(dz_ptr + out_off, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if WANT_GM:
+        tl.store(gm_ptr + out_off, gm.to(gm_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+from typing import Optional  # noqa: E402
+
+import torch  # noqa: E402
+
+from ..base import new_output  # noqa: E402
+from .configs import elementwise_config, interpreting  # noqa: E402
+from .conv import output_memory_format  # noqa: E402
+from .counters import count_launch  # noqa: E402
+
+FINALIZE_BLOCK_T = 32
+
+
+def plane_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """(stride_n, stride_c, stride_hw) when t's (H, W) plane is dense (NCHW, channels_last), else None."""
+    _, _, h, w = t.shape
+    if w == 1:
+        return t.stride(0), t.stride(1), t.stride(2)
+    if h == 1 or t.stride(2) == w * t.stride(3):
+        return t.stride(0), t.stride(1), t.stride(3)
+    return None
+
+
+def _planar(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    strides = plane_strides(t)
+    if strides is None:
+        t = t.contiguous(memory_format=output_memory_format(t))
+        strides = plane_strides(t)
+    return t, strides
+
+
+def _grid(m: int, c: int) -> tuple[tuple[int, int], int, int, int]:
+    block_r, block_c, warps = elementwise_config(c)
+    return (triton.cdiv(m, block_r), triton.cdiv(c, block_c)), block_r, block_c, warps
+
+
+def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):
+    t, c = part_mean.shape
+    dev = part_mean.device
+    outs = [new_output((c,), torch.float32, dev) for _ in range(4)]
+    update = running_mean is not None
+    block_c = 32 if interpreting() else 64
+    count_launch("bn_finalize")
+    bn_finalize_kernel[(triton.cdiv(c, block_c),)](
+        part_mean, part_m2, part_count, gamma, beta,
+        running_mean if update else part_mean, running_var if update else part_m2, *outs,
+        t, c, float(eps), float(momentum),
+        UPDATE=update, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=block_c, num_warps=4)
+    return tuple(outs)
+
+
+def launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype):
+    n, c, h, w = z.shape
+    z, zs = _planar(z)
+    out = new_output(z.shape, out_dtype, z.device, output_memory_format(z))
+    _, os_ = _planar(out)
+    if residual is not None:
+        residual, rs = _planar(residual)
+    else:
+        rs = (0, 0, 0)
+    grid, block_r, block_c, warps = _grid(n * h * w, c)
+    count_launch("bn_add_relu")
+    bn_add_relu_kernel[grid](
+        z, mean, scale, shift, residual if residual is not None else z, out, n * h * w, c, h * w, *zs, *rs, *os_,
+        HAS_RES=residual is not None, RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    return out
+
+
+def launch_bn_backward_reduce(grad, mask_src, z, mean, invstd):
+    n, c, h, w = z.shape
+    grad, gs = _planar(grad)
+    mask_src, ms = _planar(mask_src)
+    z, zs = _planar(z)
+    grid, block_r, block_c, warps = _grid(n * h * w, c)
+    dev = z.device
+    psum = new_output((grid[0], c), torch.float32, dev)
+    psumx = new_output((grid[0], c), torch.float32, dev)
+    count_launch("bn_relu_backward_reduce")
+    bn_relu_backward_reduce_kernel[grid](
+        grad, mask_src, z, mean, invstd, psum, psumx, n * h * w, c, h * w, *gs, *ms, *zs,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    sums = new_output((c,), torch.float32, dev)
+    sumsx = new_output((c,), torch.float32, dev)
+    count_launch("sum_partials")
+    sum_partials_kernel[(triton.cdiv(c, block_c),)](psum, psumx, sums, sumsx, grid[0], c,
+                                                     BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=block_c, num_warps=4)
+    return sums, sumsx
+
+
+def launch_bn_backward_apply(grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats, want_gm):
+    n, c, h, w = z.shape
+    grad, gs = _planar(grad)
+    mask_src, ms = _planar(mask_src)
+    z, zs = _planar(z)
+    fmt = output_memory_format(z)
+    dz = new_output(z.shape, z.dtype, z.device, fmt)
+    gm = new_output(z.shape, grad.dtype, z.device, fmt) if want_gm else torch.empty(0, device=z.device)
+    _, ds = _planar(dz)
+    grid, block_r, block_c, warps = _grid(n * h * w, c)
+    count_launch("bn_relu_backward_apply")
+    bn_relu_backward_apply_kernel[grid](
+        grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, dz, gm if want_gm else dz,
+        n * h * w, c, h * w, 1.0 / count, *gs, *ms, *zs, *ds,
+        BATCH_STATS=bool(batch_stats), WANT_GM=bool(want_gm), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    return dz, gm
