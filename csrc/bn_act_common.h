@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include "conv_geometry.h"
@@ -44,6 +45,23 @@ inline Layout check_bn_act(const at::Tensor& z, const at::Tensor& mean, const at
 
 inline at::MemoryFormat memory_format_of(Layout layout) {
   return layout == Layout::NHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// bn_act's operands made dense in z's layout, and its output allocated: what both kernels start from.
+struct BnActOperands {
+  Layout layout;
+  at::Tensor z, mean, scale, shift, residual, out;
+};
+
+inline BnActOperands prepare_bn_act(const at::Tensor& z, const at::Tensor& mean, const at::Tensor& scale,
+                                    const at::Tensor& shift, const c10::optional<at::Tensor>& residual,
+                                    at::ScalarType out_dtype, c10::DeviceType device) {
+  const Layout layout = check_bn_act(z, mean, scale, shift, residual, out_dtype, device);
+  const auto fmt = memory_format_of(layout);
+  BnActOperands ops{layout, z.contiguous(fmt), mean.contiguous(), scale.contiguous(), shift.contiguous(), {}, {}};
+  if (residual.has_value()) ops.residual = residual->contiguous(fmt);
+  ops.out = at::empty(z.sizes(), z.options().dtype(out_dtype).memory_format(fmt));
+  return ops;
 }
 
 }  // namespace fused_resnet

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .backends import Backend, get_backend, resolve_backend
+from .backends import Backend, BNFold, ConvOut, get_backend, resolve_backend
 from .backends.torch_ref import bn_fold
 from .profiling import stage
 
@@ -61,6 +61,17 @@ def _bn_update_factor(bn: nn.BatchNorm2d) -> float:
     return bn.momentum
 
 
+def _normalizer(be: Backend, k: ConvOut, batch_stats: bool, gamma: Tensor, beta: Tensor, eps: float,
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float) -> BNFold:
+    """A BN's (scale, shift, mean, invstd): from the batch statistics of ``k`` (updating the running
+    statistics when ``factor >= 0``), or from the running statistics."""
+    if not batch_stats:
+        return bn_fold(running_mean, running_var, gamma, beta, eps)
+    update = factor >= 0
+    return be.bn_finalize(k.part_mean, k.part_m2, k.part_count, gamma, beta, eps,
+                          running_mean if update else None, running_var if update else None, factor)
+
+
 class _ResidualFunction(torch.autograd.Function):
     """Forward: K1 (conv1 + statistics), F1, K2 (BN1+ReLU prologue, conv2 + statistics, 1x1 shortcut),
     F2, K3 (BN2 + shortcut + ReLU). With ``batch_stats=False`` the running statistics are used instead
@@ -77,24 +88,14 @@ class _ResidualFunction(torch.autograd.Function):
         with stage("K1 conv3x3+bias+stats"):
             k1 = be.conv_fused(x, w1, b1, stride=stride, padding=1, stats=bs1)
         with stage("F1 bn_finalize"):
-            if bs1:
-                update = factor1 >= 0
-                f1 = be.bn_finalize(k1.part_mean, k1.part_m2, k1.part_count, g1, be1, eps1,
-                                    rm1 if update else None, rv1 if update else None, factor1)
-            else:
-                f1 = bn_fold(rm1, rv1, g1, be1, eps1)
+            f1 = _normalizer(be, k1, bs1, g1, be1, eps1, rm1, rv1, factor1)
         with stage("K2 bn+relu>conv3x3+bias+stats" + ("+conv1x1" if w3 is not None else "")):
             k2 = be.conv_fused(k1.out, w2, b2, stride=1, padding=1, in_mean=f1.mean, in_scale=f1.scale,
                                in_shift=f1.shift,
                                sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=b3, sc_stride=stride,
                                sc_separate=True, stats=bs2)
         with stage("F2 bn_finalize"):
-            if bs2:
-                update = factor2 >= 0
-                f2 = be.bn_finalize(k2.part_mean, k2.part_m2, k2.part_count, g2, be2, eps2,
-                                    rm2 if update else None, rv2 if update else None, factor2)
-            else:
-                f2 = bn_fold(rm2, rv2, g2, be2, eps2)
+            f2 = _normalizer(be, k2, bs2, g2, be2, eps2, rm2, rv2, factor2)
         # The identity shortcut is x itself, or under autocast x in its own dtype (passed separately:
         # the same tensor twice would stop torch.compile from tracing this Function).
         shortcut = k2.shortcut if w3 is not None else (x_res if x_res is not None else x)

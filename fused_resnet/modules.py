@@ -28,7 +28,7 @@ def _check_backend_name(backend: str) -> str:
     return backend
 
 
-class Residual(nn.Module):
+class Residual(reference.Residual):
     """The seed's residual block, ``relu(bn2(conv2(relu(bn1(conv1(X))))) + (conv3(X) or X))``, fused.
 
     Same constructor, submodule names (conv1, conv2, conv3, bn1, bn2), parameters and buffers as the seed:
@@ -44,19 +44,11 @@ class Residual(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, use_1x1conv: bool = False, stride: int = 1, *,
                  backend: str = "auto"):
-        super().__init__()
         if not use_1x1conv and (in_channels != out_channels or stride != 1):
             raise ValueError(
                 f"Residual({in_channels}, {out_channels}, stride={stride}) adds its input to its output, which "
                 f"needs in_channels == out_channels and stride 1; pass use_1x1conv=True")
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, stride=stride)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        if use_1x1conv:
-            self.conv3 = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride)
-        else:
-            self.conv3 = None
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        super().__init__(in_channels, out_channels, use_1x1conv, stride)  # the seed's submodules, as they are
         self.backend = _check_backend_name(backend)
 
     def forward(self, X: Tensor) -> Tensor:

@@ -135,15 +135,21 @@ def _zero_grad_scale(name: str, grads: dict[str, Tensor], model: nn.Module) -> O
     both eager's and the fused value are rounding noise and ``||ref||`` is no yardstick. Measure it
     against the gradients of that batch norm's gamma and beta, sums over the same upstream gradient (both
     together: with few values per channel either one alone can cancel)."""
-    for conv, bn in (("conv1.bias", "bn1"), ("conv2.bias", "bn2")):
-        if name.startswith("grad ") and name.endswith(conv):
-            prefix = name[len("grad "):-len(conv)]
-            bn_module = model.get_submodule(prefix + bn) if prefix + bn in dict(model.named_modules()) else None
-            if bn_module is not None and bn_module.training:
-                parts = [grads.get(f"grad {prefix}{bn}.{p}") for p in ("weight", "bias")]
-                if all(t is not None for t in parts):
-                    return torch.cat([t.double().flatten() for t in parts]).norm().item()
-    return None
+    if not (name.startswith("grad ") and name.endswith(".bias")):
+        return None
+    conv_name = name[len("grad "):-len(".bias")]
+    parent, _, leaf = conv_name.rpartition(".")
+    prefix = parent + "." if parent else ""
+    # The BN after a conv: bn1/bn2 after conv1/conv2 in a block, the next child in a Sequential stem.
+    bn_name = {"conv1": "bn1", "conv2": "bn2"}.get(leaf, str(int(leaf) + 1) if leaf.isdigit() else None)
+    modules = dict(model.named_modules())
+    bn = modules.get(prefix + bn_name) if bn_name else None
+    if not isinstance(modules.get(conv_name), nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or not bn.training:
+        return None
+    parts = [grads.get(f"grad {prefix}{bn_name}.{p}") for p in ("weight", "bias")]
+    if any(t is None for t in parts):
+        return None
+    return torch.cat([t.double().flatten() for t in parts]).norm().item()
 
 
 def failures(checks: Iterable[Check]) -> list[str]:

@@ -44,13 +44,11 @@ void bn_act_cpu_impl(const in_t* z, const float* mean, const float* scale, const
 
 at::Tensor bn_act_cpu(const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
                       const c10::optional<at::Tensor>& residual_in, bool relu, at::ScalarType out_dtype) {
-  const Layout layout = check_bn_act(z_in, mean_in, scale_in, shift_in, residual_in, out_dtype, c10::DeviceType::CPU);
-  const auto fmt = memory_format_of(layout);
-  const at::Tensor z = z_in.contiguous(fmt);
-  const at::Tensor mean = mean_in.contiguous(), scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor residual;
-  if (residual_in.has_value()) residual = residual_in->contiguous(fmt);
-  at::Tensor out = at::empty(z.sizes(), z.options().dtype(out_dtype).memory_format(fmt));
+  const BnActOperands ops = prepare_bn_act(z_in, mean_in, scale_in, shift_in, residual_in, out_dtype,
+                                           c10::DeviceType::CPU);
+  const at::Tensor &z = ops.z, &mean = ops.mean, &scale = ops.scale, &shift = ops.shift, &residual = ops.residual;
+  const at::Tensor& out = ops.out;
+  const Layout layout = ops.layout;
   const int64_t channels = z.size(1), hw = z.size(2) * z.size(3);
   FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_act_cpu", [&] {
     using in_t = scalar_t;

@@ -29,14 +29,12 @@ __global__ void bn_act_kernel(const in_t* __restrict__ z, const float* __restric
 
 at::Tensor bn_act_cuda(const at::Tensor& z_in, const at::Tensor& mean_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
                        const c10::optional<at::Tensor>& residual_in, bool relu, at::ScalarType out_dtype) {
-  const Layout layout = check_bn_act(z_in, mean_in, scale_in, shift_in, residual_in, out_dtype, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(z_in.device());
-  const auto fmt = memory_format_of(layout);
-  const at::Tensor z = z_in.contiguous(fmt);
-  const at::Tensor mean = mean_in.contiguous(), scale = scale_in.contiguous(), shift = shift_in.contiguous();
-  at::Tensor residual;
-  if (residual_in.has_value()) residual = residual_in->contiguous(fmt);
-  at::Tensor out = at::empty(z.sizes(), z.options().dtype(out_dtype).memory_format(fmt));
+  const c10::cuda::CUDAGuard guard(z_in.device());  // allocate and launch on z's device
+  const BnActOperands ops = prepare_bn_act(z_in, mean_in, scale_in, shift_in, residual_in, out_dtype,
+                                           c10::DeviceType::CUDA);
+  const at::Tensor &z = ops.z, &mean = ops.mean, &scale = ops.scale, &shift = ops.shift, &residual = ops.residual;
+  const at::Tensor& out = ops.out;
+  const Layout layout = ops.layout;
   const int64_t numel = z.numel();
   if (numel == 0) return out;
   const int threads = 256;
