@@ -27,3 +27,4 @@ FR_HOST_DEVICE int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride,
 }
 
 }  // namespace fused_resnet
+

@@ -17,4 +17,22 @@ TORCH_LIBRARY(fused_resnet, m) {
   // out_dtype. Centring first keeps the precision a folded z * scale + shift' loses when |mean| >> std.
   m.def("bn_act(Tensor z, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
         "ScalarType out_dtype) -> Tensor");
+  // Implicit-GEMM convolution (3x3 or 1x1) with the fused prologue and epilogue of DESIGN.md section 2:
+  // x -> relu((x - in_mean) * in_scale + in_shift) as loaded (padding after it); out = conv + bias, BN
+  // folded from (bn_mean, bn_var, bn_gamma, bn_beta, bn_eps) when given, per-tile (mean, M2, count)
+  // statistics when `stats`, the 1x1 shortcut conv of sc_x added (or returned when sc_separate),
+  // + residual, ReLU. Returns (out, shortcut, part_mean, part_m2, part_count); unused ones are empty.
+  m.def("conv_fused(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, Tensor? bn_mean, "
+        "Tensor? bn_var, Tensor? bn_gamma, Tensor? bn_beta, float bn_eps, Tensor? in_mean, Tensor? in_scale, "
+        "Tensor? in_shift, Tensor? residual, Tensor? sc_x, Tensor? sc_weight, Tensor? sc_bias, int sc_stride, "
+        "bool sc_separate, bool relu, bool stats, ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Merge per-tile statistics into (scale, shift, mean, invstd) per channel, y = (z - mean) * scale + shift;
+  // updates the running statistics in place (unbiased variance) when they are given.
+  m.def("bn_finalize(Tensor part_mean, Tensor part_m2, Tensor part_count, Tensor gamma, Tensor beta, float eps, "
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Per-channel sum(gm) and sum(gm * xhat), gm = grad * (mask_src > 0), xhat = (z - mean) * invstd.
+  m.def("bn_backward_reduce(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd) -> (Tensor, Tensor)");
+  // dz = scale * (gm - sum_g / count - xhat * sum_gx / count) (batch statistics) or scale * gm, and gm.
+  m.def("bn_backward_apply(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "
+        "Tensor sum_g, Tensor sum_gx, int count, bool batch_stats, bool want_gm) -> (Tensor, Tensor)");
 }

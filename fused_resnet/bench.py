@@ -5,7 +5,6 @@ rotating inputs, peak memory, and the roofline floor of each case. Used by the p
 
 from __future__ import annotations
 
-import copy
 import datetime
 import statistics
 import time

@@ -87,3 +87,69 @@ def test_bn_act_compiles_without_graph_breaks():
     z, mean, scale, shift, res = _bn_act_args("cpu", torch.float32, torch.channels_last, True)
     fn = torch.compile(lambda *a: extension.bn_act(*a) * 2, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(z, mean, scale, shift, res), 2 * REF.bn_act(z, mean, scale, shift, res))
+
+
+def _conv_args(device, dtype, fmt, *, prologue=False, bn=False, shortcut=False, stats=False):
+    n, c, k = 2, 5, 6
+    x = torch.randn(n, c, 7, 9, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(k, c, 3, 3, device=device) / 6).to(dtype)
+    vec = lambda m, off=0.0: off + 0.3 * torch.randn(m, device=device)  # noqa: E731
+    bn_args = (vec(k), 0.5 + torch.rand(k, device=device), vec(k, 1.0), vec(k)) if bn else (None,) * 4
+    pro = (vec(c), vec(c, 1.0), vec(c)) if prologue else (None,) * 3
+    sc = ((torch.randn(n, 3, 7, 9, device=device, dtype=dtype).contiguous(memory_format=fmt),
+           (torch.randn(k, 3, 1, 1, device=device) / 2).to(dtype), vec(k).to(dtype)) if shortcut else (None,) * 3)
+    return (x, w, vec(k).to(dtype), 1, 1, *bn_args, 1e-5, *pro, None, *sc, 1, shortcut, not stats, stats, dtype)
+
+
+CONV_VARIANTS = {"bias-stats": dict(stats=True), "bn-relu": dict(bn=True),
+                 "prologue-shortcut-stats": dict(prologue=True, shortcut=True, stats=True)}
+
+
+@pytest.mark.parametrize("variant", list(CONV_VARIANTS))
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("device,dtype", device_dtype_params(cpu_dtypes=(torch.float32,),
+                                                             cuda_dtypes=(torch.float32, torch.float16)))
+def test_every_op_passes_opcheck(device, dtype, fmt, variant):
+    """opcheck on the ops the composition differentiates itself (no op-level autograd: their gradients
+    are the block's backward in fused_resnet/functional.py), with inputs that do not require grad."""
+    if not extension.has_kernel("conv_fused", device.upper()):
+        pytest.skip(f"conv_fused has no {device} kernel in this build yet")
+    args = _conv_args(device, dtype, fmt, **CONV_VARIANTS[variant])
+    torch.library.opcheck(torch.ops.fused_resnet.conv_fused.default, args)
+    out, _, pm, pq, pc = torch.ops.fused_resnet.conv_fused.default(*args)
+    if pm.numel():
+        k = pm.shape[1]
+        rm, rv = torch.randn(k, device=device), 0.5 + torch.rand(k, device=device)
+        fin = (pm, pq, pc, torch.ones(k, device=device), torch.zeros(k, device=device), 1e-5, rm, rv, 0.1)
+        torch.library.opcheck(torch.ops.fused_resnet.bn_finalize.default, fin)
+        torch.library.opcheck(torch.ops.fused_resnet.bn_finalize.default, fin[:6] + (None, None, 0.1))
+    z = out
+    c = z.shape[1]
+    mean, invstd, scale = torch.randn(c, device=device), 0.5 + torch.rand(c, device=device), torch.randn(c, device=device)
+    grad, mask = torch.randn_like(z), torch.randn_like(z)
+    torch.library.opcheck(torch.ops.fused_resnet.bn_backward_reduce.default, (grad, mask, z, mean, invstd))
+    sums = torch.ops.fused_resnet.bn_backward_reduce.default(grad, mask, z, mean, invstd)
+    for batch_stats in (True, False):
+        torch.library.opcheck(torch.ops.fused_resnet.bn_backward_apply.default,
+                              (grad, mask, z, mean, invstd, scale, *sums, 17, batch_stats, True))
+
+
+def test_conv_fused_rejects_bad_arguments():
+    args = list(_conv_args("cpu", torch.float32, torch.contiguous_format))
+    op = torch.ops.fused_resnet.conv_fused.default
+    with pytest.raises(RuntimeError, match=r"weight must be \(K, 5, k, k\)"):
+        op(*[torch.randn(6, 4, 3, 3) if i == 1 else a for i, a in enumerate(args)])
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        op(*[args[1].double() if i == 1 else a for i, a in enumerate(args)])
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        op(*[args[0][0] if i == 0 else a for i, a in enumerate(args)])
+    with pytest.raises(RuntimeError, match="in_mean, in_scale and in_shift go together"):
+        op(*[torch.zeros(5) if i == 10 else a for i, a in enumerate(args)])
+    with pytest.raises(RuntimeError, match=r"residual must have the output's shape"):
+        op(*[torch.zeros(2, 6, 7, 8) if i == 13 else a for i, a in enumerate(args)])
+    with pytest.raises(RuntimeError, match="part_count must be"):
+        torch.ops.fused_resnet.bn_finalize(torch.zeros(3, 4), torch.zeros(3, 4), torch.ones(2), torch.ones(4),
+                                           torch.zeros(4), 1e-5, None, None, 0.1)
+    with pytest.raises(RuntimeError, match="grad must have z's shape"):
+        z = torch.randn(2, 3, 4, 4)
+        torch.ops.fused_resnet.bn_backward_reduce(torch.randn(2, 3, 4, 5), z, z, torch.zeros(3), torch.ones(3))

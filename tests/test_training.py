@@ -133,13 +133,13 @@ def test_saves_no_more_activation_memory_than_eager(backend, use_1x1conv):
     assert fused_bytes <= eager_bytes - activation // 2, (fused_bytes, eager_bytes)
 
 
-@pytest.mark.parametrize("backend", [b for b in TRAIN_BACKENDS if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in TRAIN_BACKENDS if b == "triton"])
 def test_training_forward_launch_count(backend):
     from fused_resnet.backends.triton import counting
     blk = randomize_(fused_resnet.Residual(4, 8, True, 2, backend=backend)).to(DEVICE).train()
     x = torch.randn(2, 4, 6, 6, device=DEVICE, requires_grad=True)
     with counting() as launched:
-        out = blk(x)
+        blk(x)
     assert sum(launched.values()) == 5 and launched["conv_bn_act"] == 2 and launched["bn_finalize"] == 2, launched
     assert launched["bn_add_relu"] == 1
 

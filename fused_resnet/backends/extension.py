@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .base import BNFold, ConvOut
 from .torch_ref import TorchBackend
 
 try:
@@ -76,18 +77,66 @@ if has_ops():
     torch.library.register_autograd("fused_resnet::bn_act", _bn_act_backward, setup_context=_bn_act_setup)
 
 
+if has_ops():
+
+    @torch.library.register_fake("fused_resnet::conv_fused")
+    def _conv_fused_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean,
+                         in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats,
+                         out_dtype):
+        torch._check(x.dim() == 4 and weight.dim() == 4 and x.shape[1] == weight.shape[1],
+                     lambda: "conv_fused: x (N, C, H, W) and weight (K, C, k, k) must agree on C")
+        n, _, h, w = x.shape
+        k, kh = weight.shape[0], weight.shape[2]
+        p, q = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kh) // stride + 1
+        out = torch.empty((n, k, p, q), dtype=out_dtype, device=x.device, memory_format=_dense_format(x))
+        empty = [x.new_empty((0,), dtype=torch.float32) for _ in range(4)]
+        sc = torch.empty_like(out) if sc_weight is not None and sc_separate else empty[0]
+        if not stats:
+            return out, sc, empty[1], empty[2], empty[3]
+        tiles = (n * p * q + STATS_TILE_ROWS - 1) // STATS_TILE_ROWS
+        return (out, sc, x.new_empty((tiles, k), dtype=torch.float32), x.new_empty((tiles, k), dtype=torch.float32),
+                x.new_empty((tiles,), dtype=torch.float32))
+
+    @torch.library.register_fake("fused_resnet::bn_finalize")
+    def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):
+        c = part_mean.shape[1]
+        torch._check(gamma.shape == (c,), lambda: "bn_finalize: gamma must have one entry per channel")
+        return tuple(part_mean.new_empty((c,)) for _ in range(4))
+
+    @torch.library.register_fake("fused_resnet::bn_backward_reduce")
+    def _bn_backward_reduce_fake(grad, mask_src, z, mean, invstd):
+        torch._check(grad.shape == z.shape, lambda: "bn_backward_reduce: grad must have z's shape")
+        return z.new_empty((z.shape[1],), dtype=torch.float32), z.new_empty((z.shape[1],), dtype=torch.float32)
+
+    @torch.library.register_fake("fused_resnet::bn_backward_apply")
+    def _bn_backward_apply_fake(grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats, want_gm):
+        fmt = _dense_format(z)
+        dz = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=fmt)
+        gm = (torch.empty(z.shape, dtype=grad.dtype, device=z.device, memory_format=fmt) if want_gm
+              else z.new_empty((0,)))
+        return dz, gm
+
+
+STATS_TILE_ROWS = 256  # csrc/conv_fused_common.h: kStatsTileRows
+OPS = ("bn_act", "conv_fused", "bn_finalize", "bn_backward_reduce", "bn_backward_apply")
+
+
 class _ExtensionBackend(TorchBackend):
-    """Primitives compiled in ``csrc/`` for one device type; the ones not compiled yet come from the
-    torch backend, so the backend is marked incomplete and ``auto`` does not pick it."""
+    """Primitives compiled in ``csrc/`` for one device type. A primitive whose kernel this build lacks for
+    the device comes from the torch backend, and the backend then counts as incomplete (``auto`` skips
+    it)."""
 
     device_type = "?"
     dispatch_key = "?"
-    complete = False
+
+    def __init__(self) -> None:
+        self.native = {op for op in OPS if has_kernel(op, self.dispatch_key)}
+        self.complete = self.native == set(OPS)
 
     def available(self) -> bool:
         if self.device_type == "cuda" and not torch.cuda.is_available():
             return False
-        return has_kernel("bn_act", self.dispatch_key)
+        return bool(self.native)
 
     def supports(self, device_type: str, dtype: torch.dtype, training: bool) -> Optional[str]:
         if device_type != self.device_type:
@@ -97,7 +146,50 @@ class _ExtensionBackend(TorchBackend):
         return None
 
     def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
+        if "bn_act" not in self.native:
+            return super().bn_act(z, mean, scale, shift, residual, relu, out_dtype)
         return bn_act(z, mean.float(), scale.float(), shift.float(), residual, relu, out_dtype)
+
+    def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
+                   residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
+                   relu=False, stats=False, out_dtype=None) -> ConvOut:
+        if "conv_fused" not in self.native:
+            return super().conv_fused(x, weight, bias, stride=stride, padding=padding, bn=bn, in_mean=in_mean,
+                                      in_scale=in_scale, in_shift=in_shift, residual=residual, sc_x=sc_x,
+                                      sc_weight=sc_weight, sc_bias=sc_bias, sc_stride=sc_stride,
+                                      sc_separate=sc_separate, relu=relu, stats=stats, out_dtype=out_dtype)
+        out_dtype = out_dtype or x.dtype
+        mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
+        if in_scale is not None:
+            in_mean, in_scale, in_shift = (v.float().contiguous() for v in (in_mean, in_scale, in_shift))
+        if residual is not None and residual.dtype != out_dtype:
+            residual = residual.to(out_dtype)
+        return ConvOut(*torch.ops.fused_resnet.conv_fused.default(
+            x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale, in_shift,
+            residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype))
+
+    def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
+                    momentum) -> BNFold:
+        if "bn_finalize" not in self.native:
+            return super().bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
+                                       momentum)
+        return BNFold(*torch.ops.fused_resnet.bn_finalize.default(
+            part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var, float(momentum)))
+
+    def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
+        if "bn_backward_reduce" not in self.native:
+            return super().bn_backward_reduce(grad, mask_src, z, mean, invstd)
+        return torch.ops.fused_resnet.bn_backward_reduce.default(grad, mask_src, z, mean.float().contiguous(),
+                                                                 invstd.float().contiguous())
+
+    def bn_backward_apply(self, grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats,
+                          want_gm):
+        if "bn_backward_apply" not in self.native:
+            return super().bn_backward_apply(grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count,
+                                             batch_stats, want_gm)
+        return torch.ops.fused_resnet.bn_backward_apply.default(
+            grad, mask_src, z, mean.float().contiguous(), invstd.float().contiguous(), scale.float().contiguous(),
+            sum_g, sum_gx, int(count), bool(batch_stats), bool(want_gm))
 
 
 class CppExtensionBackend(_ExtensionBackend):

@@ -4,7 +4,6 @@ float32 pre-activation, results stored in the requested dtype."""
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,236 @@
+// conv_fused on the CPU: the prologue pass, ATen's convolution for the GEMMs, then one fused epilogue pass
+// (folded BN, statistics, shortcut add, residual, ReLU, store in the output's layout and dtype), addressed
+// with the index math the CUDA kernels share (conv_geometry.h).
+#include <ATen/Dispatch.h>
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../conv_fused_common.h"
+#include "../dispatch.h"
+
+namespace fused_resnet {
+namespace {
+
+float relu_keep_nan(float v) { return v < 0.0f ? 0.0f : v; }  // NaN stays NaN, as torch.relu
+
+std::vector<float> floats(const c10::optional<at::Tensor>& v) {
+  if (!v.has_value()) return {};
+  const at::Tensor t = v->to(at::kFloat).contiguous();
+  return std::vector<float>(t.const_data_ptr<float>(), t.const_data_ptr<float>() + t.numel());
+}
+
+// Visits rows [r0, r1) of an (N, C, HW) activation x C channels in memory order -- channel-inner for
+// channels_last, row-inner for NCHW -- calling f(offset_in_plane_units, c) with the row's plane offset
+// n * sn + hw * shw precomputed per run of rows within one sample, so inner loops are unit-stride.
+template <typename F>
+void for_each_element(int64_t r0, int64_t r1, int64_t HW, int64_t C, bool channels_last, F&& f) {
+  for (int64_t m = r0; m < r1;) {
+    const int64_t n = m / HW, hw0 = m % HW, len = std::min(r1 - m, HW - hw0);
+    if (channels_last) {
+      for (int64_t i = 0; i < len; ++i)
+        for (int64_t c = 0; c < C; ++c) f(n, hw0 + i, c);
+    } else {
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < len; ++i) f(n, hw0 + i, c);
+    }
+    m += len;
+  }
+}
+
+// The epilogue over a unit-stride span of `len` elements from offset `base`: the channels 0..len-1 of one
+// row (CL) or the positions of one channel k (NCHW). Kept branch-free in the loop so it vectorises.
+template <typename in_t, typename out_t>
+struct Epilogue {
+  const in_t* z;
+  const in_t* s;     // the shortcut convolution, or null
+  const out_t* res;  // the residual, or null
+  out_t* out;
+  out_t* sc_out;     // the shortcut's own output (then it is not added), or null
+  const float *add, *center, *scale, *beta;
+
+  template <bool CL, bool RELU>
+  void span(int64_t base, int64_t k0, int64_t len) const {
+    // Locals with __restrict: the stores below cannot alias the members, so the loops vectorise.
+    const in_t* __restrict zp = z + base;
+    const in_t* __restrict sp = s ? s + base : nullptr;
+    const out_t* __restrict rp = res ? res + base : nullptr;
+    out_t* __restrict op = out + base;
+    out_t* __restrict sop = sc_out ? sc_out + base : nullptr;
+    const float* __restrict a = add + k0;
+    const float* __restrict c = center + k0;
+    const float* __restrict g = scale + k0;
+    const float* __restrict b = beta + k0;
+    if (sop) {
+      for (int64_t i = 0; i < len; ++i) sop[i] = static_cast<out_t>(static_cast<float>(sp[i]));
+      sp = nullptr;
+    }
+    if (CL) {
+      for (int64_t i = 0; i < len; ++i) {
+        float v = (static_cast<float>(zp[i]) + a[i] - c[i]) * g[i] + b[i];
+        if (sp) v += static_cast<float>(sp[i]);
+        if (rp) v += static_cast<float>(rp[i]);
+        if (RELU) v = std::max(v, 0.0f);  // (v < 0 ? 0 : v): NaN stays NaN, as torch.relu
+        op[i] = static_cast<out_t>(v);
+      }
+    } else {
+      const float a0 = a[0] - c[0], g0 = g[0], b0 = b[0];
+      for (int64_t i = 0; i < len; ++i) {
+        float v = (static_cast<float>(zp[i]) + a0) * g0 + b0;
+        if (sp) v += static_cast<float>(sp[i]);
+        if (rp) v += static_cast<float>(rp[i]);
+        if (RELU) v = std::max(v, 0.0f);
+        op[i] = static_cast<out_t>(v);
+      }
+    }
+  }
+};
+
+// Offset of (n, hw, c) in a plane-dense tensor (its H x W plane dense: NCHW or channels_last).
+struct PlaneIdx {
+  int64_t sn, sc, shw;
+  int64_t operator()(int64_t n, int64_t hw, int64_t c) const { return n * sn + c * sc + hw * shw; }
+};
+
+PlaneIdx plane_idx(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.size(3) == 1 ? t.stride(2) : t.stride(3)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fused_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t stride,
+    int64_t padding, const c10::optional<at::Tensor>& bn_mean, const c10::optional<at::Tensor>& bn_var,
+    const c10::optional<at::Tensor>& bn_gamma, const c10::optional<at::Tensor>& bn_beta, double bn_eps,
+    const c10::optional<at::Tensor>& in_mean, const c10::optional<at::Tensor>& in_scale,
+    const c10::optional<at::Tensor>& in_shift, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& sc_x, const c10::optional<at::Tensor>& sc_weight,
+    const c10::optional<at::Tensor>& sc_bias, int64_t sc_stride, bool sc_separate, bool relu, bool stats,
+    at::ScalarType out_dtype) {
+  const ConvProblem pb = check_conv_fused(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta,
+                                          in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
+                                          out_dtype, c10::DeviceType::CPU);
+  const auto fmt = conv_output_format(x);
+  const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  const auto f32 = x.options().dtype(at::kFloat);
+  const int64_t K = pb.K, M = pb.M;
+
+  // The GEMMs: ATen's convolution (oneDNN), measured faster here than an im2col + BLAS implicit GEMM (3x at
+  // the seed's 24x24x64 batch 8). The prologue is one pass over x before it; zero padding then follows the
+  // transform, as it must. The conv bias rides in the convolution unless BN is folded after it.
+  at::Tensor xin = x;
+  if (in_scale.has_value()) {
+    const auto mu = floats(in_mean), sc = floats(in_scale), sh = floats(in_shift);
+    const at::Tensor xd = x.contiguous(fmt);
+    xin = at::empty_like(xd);
+    const PlaneIdx idx = plane_idx(xd);
+    const int64_t C = pb.C, HW = pb.H * pb.W;
+    FR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "conv_fused_cpu_prologue", [&] {
+      const scalar_t* src = xd.const_data_ptr<scalar_t>();
+      scalar_t* dst = xin.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, pb.N * HW, 1024, [&](int64_t begin, int64_t end) {
+        for_each_element(begin, end, HW, C, channels_last, [&](int64_t n, int64_t hw, int64_t c) {
+          const int64_t i = idx(n, hw, c);
+          dst[i] = static_cast<scalar_t>(relu_keep_nan((static_cast<float>(src[i]) - mu[c]) * sc[c] + sh[c]));
+        });
+      });
+    });
+  }
+  const bool has_bn = bn_mean.has_value();
+  // The bias is added in the epilogue, after the statistics are taken of the convolution without it (a
+  // shift that M2 ignores and the mean takes back): a large conv bias costs no digits.
+  at::Tensor z = at::convolution(xin, weight, c10::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
+                                 {0, 0}, 1).contiguous(fmt);
+  const bool has_sc = sc_weight.has_value();
+  at::Tensor s = has_sc ? at::convolution(*sc_x, *sc_weight, sc_bias, {sc_stride, sc_stride}, {0, 0}, {1, 1}, false,
+                                          {0, 0}, 1).contiguous(fmt)
+                        : at::Tensor();
+
+  // Per-output-channel epilogue constants, float32: y = (z [+ bias] - mean) * scale + beta.
+  std::vector<float> add(K, 0.0f), center(K, 0.0f), scale(K, 1.0f), beta(K, 0.0f);
+  if (bias.has_value()) add = floats(bias);
+  if (has_bn) {
+    const auto m = floats(bn_mean), v = floats(bn_var), g = floats(bn_gamma), b = floats(bn_beta);
+    for (int64_t k = 0; k < K; ++k) {
+      center[k] = m[k], scale[k] = g[k] / std::sqrt(v[k] + static_cast<float>(bn_eps)), beta[k] = b[k];
+    }
+  }
+  at::Tensor out = at::empty({pb.N, K, pb.P, pb.Q}, x.options().dtype(out_dtype).memory_format(fmt));
+  at::Tensor sc_out = has_sc && sc_separate ? at::empty_like(out) : at::empty({0}, f32);
+  const int64_t tiles = (M + kStatsTileRows - 1) / kStatsTileRows;
+  at::Tensor pmean = stats ? at::empty({tiles, K}, f32) : at::empty({0}, f32);
+  at::Tensor pm2 = stats ? at::empty({tiles, K}, f32) : at::empty({0}, f32);
+  at::Tensor pcount = stats ? at::empty({tiles}, f32) : at::empty({0}, f32);
+  // z, s, out and sc_out share one layout (fmt); the residual is made to.
+  const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
+  const PlaneIdx idx = plane_idx(out);
+  const int64_t PQ = pb.P * pb.Q;
+
+  FR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "conv_fused_cpu", [&] {
+    using in_t = scalar_t;
+    const in_t* zp = z.const_data_ptr<in_t>();
+    const in_t* sp = has_sc ? s.const_data_ptr<in_t>() : nullptr;
+    // What the statistics are taken of: the BN-folded output, or the convolution before its bias.
+    auto pre = [&](int64_t i, int64_t k) {
+      return has_bn ? (static_cast<float>(zp[i]) + add[k] - center[k]) * scale[k] + beta[k]
+                    : static_cast<float>(zp[i]);
+    };
+    if (stats) {  // per-tile (count, mean, M2), two passes over the tile (it is in cache for the second)
+      at::parallel_for(0, tiles, 1, [&](int64_t tb, int64_t te) {
+        std::vector<float> mean(K), m2(K);
+        for (int64_t t = tb; t < te; ++t) {
+          const int64_t r0 = t * kStatsTileRows, r1 = std::min(M, r0 + kStatsTileRows);
+          const float n = static_cast<float>(r1 - r0);
+          std::fill(mean.begin(), mean.end(), 0.0f);
+          std::fill(m2.begin(), m2.end(), 0.0f);
+          for_each_element(r0, r1, PQ, K, channels_last, [&](int64_t b, int64_t hw, int64_t k) {
+            mean[k] += pre(idx(b, hw, k), k);
+          });
+          for (int64_t k = 0; k < K; ++k) mean[k] /= n;
+          for_each_element(r0, r1, PQ, K, channels_last, [&](int64_t b, int64_t hw, int64_t k) {
+            const float d = pre(idx(b, hw, k), k) - mean[k];
+            m2[k] += d * d;
+          });
+          if (!has_bn)
+            for (int64_t k = 0; k < K; ++k) mean[k] += add[k];  // ... and take the bias back
+          std::copy(mean.begin(), mean.end(), pmean.mutable_data_ptr<float>() + t * K);
+          std::copy(m2.begin(), m2.end(), pm2.mutable_data_ptr<float>() + t * K);
+          pcount.mutable_data_ptr<float>()[t] = n;
+        }
+      });
+    }
+    FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "conv_fused_cpu_out", [&] {
+      using out_t = scalar_t;
+      const Epilogue<in_t, out_t> ep{zp, sp, res.defined() ? res.const_data_ptr<out_t>() : nullptr,
+                                     out.mutable_data_ptr<out_t>(),
+                                     has_sc && sc_separate ? sc_out.mutable_data_ptr<out_t>() : nullptr,
+                                     add.data(), center.data(), scale.data(), beta.data()};
+      at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end;) {  // runs of rows within one sample
+          const int64_t n = m / PQ, hw0 = m % PQ, len = std::min(end - m, PQ - hw0);
+          if (channels_last) {
+            for (int64_t i = 0; i < len; ++i) {
+              const int64_t base = idx(n, hw0 + i, 0);
+              relu ? ep.template span<true, true>(base, 0, K) : ep.template span<true, false>(base, 0, K);
+            }
+          } else {
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t base = idx(n, hw0, k);
+              relu ? ep.template span<false, true>(base, k, len) : ep.template span<false, false>(base, k, len);
+            }
+          }
+          m += len;
+        }
+      });
+    });
+  });
+  return {out, sc_out, pmean, pm2, pcount};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) { m.impl("conv_fused", &conv_fused_cpu); }
+
+}  // namespace fused_resnet

@@ -1,0 +1,242 @@
+// Batch-norm statistics and backward on CUDA: bn_finalize, bn_backward_reduce, bn_backward_apply. Every
+// reduction is per tile, then summed in a fixed order: no atomics, so results repeat bit for bit.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../bn_backward_common.h"
+#include "../bn_stats.h"
+#include "../dispatch.h"
+
+namespace fused_resnet {
+namespace {
+
+constexpr int kChannelsPerBlock = 32;  // threadIdx.x: one channel each
+constexpr int kRowLanes = 8;           // threadIdx.y: rows interleaved within a tile
+constexpr int kRowsPerTile = 256;      // rows one block reduces into one partial
+
+template <typename scalar_t>
+__device__ __forceinline__ float ld(const scalar_t* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+// One thread per channel merges the T partials in tile order, relative to the first tile's mean.
+template <typename stat_t>
+__global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float* __restrict__ pm2,
+                                   const float* __restrict__ pcount, const float* __restrict__ gamma,
+                                   const float* __restrict__ beta, stat_t* running_mean, stat_t* running_var,
+                                   float* scale, float* shift, float* mean, float* invstd, int64_t T, int64_t C,
+                                   float eps, float momentum) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const float base = pmean[c];
+  Moments acc;
+  for (int64_t t = 0; t < T; ++t) acc = merge(acc, Moments{pcount[t], pmean[t * C + c] - base, pm2[t * C + c]});
+  const BnFold f = fold(acc, base, gamma[c], beta[c], eps);
+  scale[c] = f.scale, shift[c] = f.shift, mean[c] = f.mean, invstd[c] = f.invstd;
+  if (running_mean != nullptr) {  // as BatchNorm2d: unbiased variance, in the buffers' own dtype
+    running_mean[c] = static_cast<stat_t>(static_cast<float>(running_mean[c]) * (1.0f - momentum) + f.mean * momentum);
+    running_var[c] =
+        static_cast<stat_t>(static_cast<float>(running_var[c]) * (1.0f - momentum) + f.unbiased_var * momentum);
+  }
+}
+
+// Block (tile, channel group): partial sums of gm and gm * xhat over the tile's rows.
+template <typename g_t, typename m_t, typename z_t>
+__global__ void bn_backward_reduce_kernel(const g_t* __restrict__ g, const m_t* __restrict__ msk,
+                                          const z_t* __restrict__ z, const float* __restrict__ mean,
+                                          const float* __restrict__ invstd, float* psum, float* psumx, int64_t M,
+                                          int64_t C, int64_t HW, Plane ps) {
+  __shared__ float sh[2][kRowLanes][kChannelsPerBlock];
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kChannelsPerBlock + threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerTile;
+  float s = 0.f, sx = 0.f;
+  if (c < C) {
+    const float mu = mean[c], is = invstd[c];
+    for (int64_t r = r0 + threadIdx.y; r < min(M, r0 + kRowsPerTile); r += kRowLanes) {
+      const int64_t i = (r / HW) * ps.n + c * ps.c + (r % HW) * ps.hw;
+      const float gm = ld(msk, i) > 0.f ? ld(g, i) : 0.f;
+      s += gm;
+      sx += gm * (ld(z, i) - mu) * is;
+    }
+  }
+  sh[0][threadIdx.y][threadIdx.x] = s;
+  sh[1][threadIdx.y][threadIdx.x] = sx;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int y = 1; y < kRowLanes; ++y) s += sh[0][y][threadIdx.x], sx += sh[1][y][threadIdx.x];
+    psum[blockIdx.x * C + c] = s;
+    psumx[blockIdx.x * C + c] = sx;
+  }
+}
+
+__global__ void sum_partials_kernel(const float* __restrict__ psum, const float* __restrict__ psumx, float* sum,
+                                    float* sumx, int64_t T, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float s = 0.f, sx = 0.f;
+  for (int64_t t = 0; t < T; ++t) s += psum[t * C + c], sx += psumx[t * C + c];
+  sum[c] = s, sumx[c] = sx;
+}
+
+// Elementwise over the dense tensors (all in z's layout): dz and, when asked, gm.
+template <typename g_t, typename m_t, typename z_t>
+__global__ void bn_backward_apply_kernel(const g_t* __restrict__ g, const m_t* __restrict__ msk,
+                                         const z_t* __restrict__ z, const float* __restrict__ mean,
+                                         const float* __restrict__ invstd, const float* __restrict__ scale,
+                                         const float* __restrict__ sum_g, const float* __restrict__ sum_gx,
+                                         z_t* __restrict__ dz, g_t* __restrict__ gm_out, int64_t numel, int64_t C,
+                                         int64_t HW, Layout layout, float inv_count, bool batch_stats) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
+    const int64_t c = channel_of(i, C, HW, layout);
+    const float gm = ld(msk, i) > 0.f ? ld(g, i) : 0.f;
+    float d = scale[c] * gm;
+    if (batch_stats) {
+      const float xhat = (ld(z, i) - mean[c]) * invstd[c];
+      d = scale[c] * (gm - sum_g[c] * inv_count - xhat * sum_gx[c] * inv_count);
+    }
+    dz[i] = static_cast<z_t>(d);
+    if (gm_out != nullptr) gm_out[i] = static_cast<g_t>(gm);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
+    const at::Tensor& part_mean, const at::Tensor& part_m2, const at::Tensor& part_count, const at::Tensor& gamma,
+    const at::Tensor& beta, double eps, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum) {
+  const char* op = "bn_finalize";
+  const c10::cuda::CUDAGuard guard(part_mean.device());
+  TORCH_CHECK(part_mean.is_cuda() && part_mean.dim() == 2 && part_m2.sizes() == part_mean.sizes(), op,
+              ": part_mean and part_m2 must be (tiles, C) CUDA tensors alike");
+  const int64_t T = part_mean.size(0), C = part_mean.size(1);
+  TORCH_CHECK(T > 0 && part_count.dim() == 1 && part_count.size(0) == T, op, ": part_count must be (", T, ")");
+  for (const at::Tensor* t : {&part_mean, &part_m2, &part_count})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device() == part_mean.device(), op,
+                ": partials must be float32 on ", part_mean.device());
+  check_channel_vector(gamma, C, op, "gamma", part_mean, false);
+  check_channel_vector(beta, C, op, "beta", part_mean, false);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op, ": running_mean and running_var go together");
+  check_channel_vector(running_mean, C, op, "running_mean", part_mean, false);
+  check_channel_vector(running_var, C, op, "running_var", part_mean, false);
+  if (running_mean.has_value()) {
+    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous() &&
+                    running_mean->scalar_type() == running_var->scalar_type(),
+                op, ": running_mean and running_var must be contiguous and of one dtype");
+  }
+  const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
+  const at::Tensor g = gamma.to(at::kFloat).contiguous(), b = beta.to(at::kFloat).contiguous();
+  auto opts = part_mean.options();
+  at::Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts), mean = at::empty({C}, opts),
+             invstd = at::empty({C}, opts);
+  const int threads = 128;
+  const int blocks = static_cast<int>((C + threads - 1) / threads);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stat_type = running_mean.has_value() ? running_mean->scalar_type() : at::kFloat;
+  FR_DISPATCH_FLOAT_HALF_BF16(stat_type, "bn_finalize_cuda", [&] {
+    bn_finalize_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        pm.const_data_ptr<float>(), pq.const_data_ptr<float>(), pc.const_data_ptr<float>(), g.const_data_ptr<float>(),
+        b.const_data_ptr<float>(), running_mean.has_value() ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
+        running_var.has_value() ? running_var->mutable_data_ptr<scalar_t>() : nullptr, scale.mutable_data_ptr<float>(),
+        shift.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>(), T, C,
+        static_cast<float>(eps), static_cast<float>(momentum));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {scale, shift, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in,
+                                                           const at::Tensor& z_in, const at::Tensor& mean,
+                                                           const at::Tensor& invstd) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  check_bn_backward("bn_backward_reduce", grad_in, mask_in, z_in, mean, invstd, c10::DeviceType::CUDA);
+  const auto fmt = conv_output_format(z_in);  // one layout for all three: one index per element
+  const at::Tensor z = z_in.contiguous(fmt), grad = grad_in.contiguous(fmt), mask = mask_in.contiguous(fmt);
+  const int64_t N = z.size(0), C = z.size(1), HW = z.size(2) * z.size(3), M = N * HW;
+  const int64_t T = (M + kRowsPerTile - 1) / kRowsPerTile;
+  auto f32 = z.options().dtype(at::kFloat);
+  at::Tensor psum = at::empty({T, C}, f32), psumx = at::empty({T, C}, f32);
+  at::Tensor sum = at::empty({C}, f32), sumx = at::empty({C}, f32);
+  const at::Tensor mu = mean.contiguous(), is = invstd.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 block(kChannelsPerBlock, kRowLanes);
+  const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>((C + kChannelsPerBlock - 1) / kChannelsPerBlock));
+  const Plane ps = plane_of(z);
+  FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_backward_reduce_cuda", [&] {
+    using z_t = scalar_t;
+    FR_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "bn_backward_reduce_cuda_grad", [&] {
+      using g_t = scalar_t;
+      FR_DISPATCH_FLOAT_HALF_BF16(mask.scalar_type(), "bn_backward_reduce_cuda_mask", [&] {
+        bn_backward_reduce_kernel<g_t, scalar_t, z_t><<<grid, block, 0, stream>>>(
+            grad.const_data_ptr<g_t>(), mask.const_data_ptr<scalar_t>(), z.const_data_ptr<z_t>(),
+            mu.const_data_ptr<float>(), is.const_data_ptr<float>(), psum.mutable_data_ptr<float>(),
+            psumx.mutable_data_ptr<float>(), M, C, HW, ps);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  sum_partials_kernel<<<static_cast<unsigned>((C + 127) / 128), 128, 0, stream>>>(
+      psum.const_data_ptr<float>(), psumx.const_data_ptr<float>(), sum.mutable_data_ptr<float>(),
+      sumx.mutable_data_ptr<float>(), T, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sum, sumx};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in,
+                                                          const at::Tensor& z_in, const at::Tensor& mean,
+                                                          const at::Tensor& invstd, const at::Tensor& scale,
+                                                          const at::Tensor& sum_g, const at::Tensor& sum_gx,
+                                                          int64_t count, bool batch_stats, bool want_gm) {
+  const char* op = "bn_backward_apply";
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  check_bn_backward(op, grad_in, mask_in, z_in, mean, invstd, c10::DeviceType::CUDA);
+  const int64_t C = z_in.size(1);
+  check_channel_vector(scale, C, op, "scale", z_in);
+  check_channel_vector(sum_g, C, op, "sum_g", z_in);
+  check_channel_vector(sum_gx, C, op, "sum_gx", z_in);
+  TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
+  const auto fmt = conv_output_format(z_in);
+  const Layout layout = fmt == at::MemoryFormat::ChannelsLast ? Layout::NHWC : Layout::NCHW;
+  const at::Tensor z = z_in.contiguous(fmt), grad = grad_in.contiguous(fmt), mask = mask_in.contiguous(fmt);
+  const at::Tensor mu = mean.contiguous(), is = invstd.contiguous(), a = scale.contiguous(), sg = sum_g.contiguous(),
+                   sgx = sum_gx.contiguous();
+  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(fmt));
+  at::Tensor gm = want_gm ? at::empty(z.sizes(), grad.options().memory_format(fmt)) : at::empty({0}, z.options());
+  const int64_t numel = z.numel(), HW = z.size(2) * z.size(3);
+  if (numel == 0) return {dz, gm};
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((numel + threads - 1) / threads, 65535LL * 8);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_backward_apply_cuda", [&] {
+    using z_t = scalar_t;
+    FR_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "bn_backward_apply_cuda_grad", [&] {
+      using g_t = scalar_t;
+      FR_DISPATCH_FLOAT_HALF_BF16(mask.scalar_type(), "bn_backward_apply_cuda_mask", [&] {
+        bn_backward_apply_kernel<g_t, scalar_t, z_t><<<blocks, threads, 0, stream>>>(
+            grad.const_data_ptr<g_t>(), mask.const_data_ptr<scalar_t>(), z.const_data_ptr<z_t>(),
+            mu.const_data_ptr<float>(), is.const_data_ptr<float>(), a.const_data_ptr<float>(),
+            sg.const_data_ptr<float>(), sgx.const_data_ptr<float>(), dz.mutable_data_ptr<z_t>(),
+            want_gm ? gm.mutable_data_ptr<g_t>() : nullptr, numel, C, HW, layout, 1.0f / static_cast<float>(count),
+            batch_stats);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return {dz, gm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
+  m.impl("bn_finalize", &bn_finalize_cuda);
+  m.impl("bn_backward_reduce", &bn_backward_reduce_cuda);
+  m.impl("bn_backward_apply", &bn_backward_apply_cuda);
+}
+
+}  // namespace fused_resnet
