@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "../bn_backward_common.h"
 #include "../bn_stats.h"
@@ -60,42 +62,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
   return {scale, shift, mean, invstd};
 }
 
-template <typename g_t, typename m_t, typename z_t>
-void reduce_channel(const g_t* g, const m_t* msk, const z_t* z, Plane gs, Plane ms, Plane zs, int64_t N, int64_t HW,
-                    int64_t c, float mean, float invstd, float* sum, float* sumx) {
-  float s = 0.0f, sx = 0.0f;
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t i = 0; i < HW; ++i) {
-      if (static_cast<float>(msk[n * ms.n + c * ms.c + i * ms.hw]) > 0.0f) {
-        const float gv = static_cast<float>(g[n * gs.n + c * gs.c + i * gs.hw]);
-        s += gv;
-        sx += gv * (static_cast<float>(z[n * zs.n + c * zs.c + i * zs.hw]) - mean) * invstd;
-      }
-    }
-  }
-  *sum = s, *sumx = sx;
+// gm = grad * (mask_src > 0) as a product, as the torch primitive computes it (a select would branch).
+// The backward ops make grad, mask_src and z dense in z's layout (as the CUDA kernels do), so one offset
+// addresses all of them and the inner loops are unit-stride: over positions of one channel (NCHW) or
+// over the channels of one position (channels_last).
+struct Dense {
+  at::Tensor grad, mask, z;
+  bool channels_last;
+  int64_t N, C, HW;
+};
+
+Dense dense_in_z_layout(const at::Tensor& grad, const at::Tensor& mask, const at::Tensor& z) {
+  const auto fmt = conv_output_format(z);
+  return {grad.contiguous(fmt), mask.contiguous(fmt), z.contiguous(fmt), fmt == at::MemoryFormat::ChannelsLast,
+          z.size(0), z.size(1), z.size(2) * z.size(3)};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad_in, const at::Tensor& mask_in,
                                                           const at::Tensor& z_in, const at::Tensor& mean,
                                                           const at::Tensor& invstd) {
   check_bn_backward("bn_backward_reduce", grad_in, mask_in, z_in, mean, invstd, c10::DeviceType::CPU);
-  const at::Tensor grad = plane_dense(grad_in), mask = plane_dense(mask_in), z = plane_dense(z_in);
-  const int64_t N = z.size(0), C = z.size(1), HW = z.size(2) * z.size(3);
-  at::Tensor sum = at::empty({C}, z.options().dtype(at::kFloat)), sumx = at::empty_like(sum);
+  const Dense d = dense_in_z_layout(grad_in, mask_in, z_in);
+  const int64_t N = d.N, C = d.C, HW = d.HW;
+  at::Tensor sum = at::zeros({C}, d.z.options().dtype(at::kFloat)), sumx = at::zeros_like(sum);
   const at::Tensor mu = mean.contiguous(), is = invstd.contiguous();
-  FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_backward_reduce_cpu", [&] {
+  FR_DISPATCH_FLOAT_HALF_BF16(d.z.scalar_type(), "bn_backward_reduce_cpu", [&] {
     using z_t = scalar_t;
-    FR_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "bn_backward_reduce_cpu_grad", [&] {
+    FR_DISPATCH_FLOAT_HALF_BF16(d.grad.scalar_type(), "bn_backward_reduce_cpu_grad", [&] {
       using g_t = scalar_t;
-      FR_DISPATCH_FLOAT_HALF_BF16(mask.scalar_type(), "bn_backward_reduce_cpu_mask", [&] {
-        at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t c = begin; c < end; ++c)
-            reduce_channel(grad.const_data_ptr<g_t>(), mask.const_data_ptr<scalar_t>(), z.const_data_ptr<z_t>(),
-                           plane_of(grad), plane_of(mask), plane_of(z), N, HW, c, mu.const_data_ptr<float>()[c],
-                           is.const_data_ptr<float>()[c], sum.mutable_data_ptr<float>() + c,
-                           sumx.mutable_data_ptr<float>() + c);
-        });
+      FR_DISPATCH_FLOAT_HALF_BF16(d.mask.scalar_type(), "bn_backward_reduce_cpu_mask", [&] {
+        const g_t* gp = d.grad.const_data_ptr<g_t>();
+        const scalar_t* mp = d.mask.const_data_ptr<scalar_t>();
+        const z_t* zp = d.z.const_data_ptr<z_t>();
+        const float* mup = mu.const_data_ptr<float>();
+        float* sp = sum.mutable_data_ptr<float>();
+        float* sxp = sumx.mutable_data_ptr<float>();
+        if (d.channels_last) {  // rows in a fixed order, channels inner: one thread, deterministic
+          std::vector<float> s(C, 0.0f), sx(C, 0.0f);
+          for (int64_t r = 0; r < N * HW; ++r) {
+            const g_t* __restrict g = gp + r * C;
+            const scalar_t* __restrict m = mp + r * C;
+            const z_t* __restrict z = zp + r * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const float gv = static_cast<float>(g[c]) * static_cast<float>(static_cast<float>(m[c]) > 0.0f);
+              s[c] += gv;
+              sx[c] += gv * (static_cast<float>(z[c]) - mup[c]);
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) sp[c] = s[c], sxp[c] = sx[c] * is.const_data_ptr<float>()[c];
+        } else {
+          at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t c = begin; c < end; ++c) {
+              float s = 0.0f, sx = 0.0f;
+              for (int64_t n = 0; n < N; ++n) {
+                const int64_t base = (n * C + c) * HW;
+                const g_t* __restrict g = gp + base;
+                const scalar_t* __restrict m = mp + base;
+                const z_t* __restrict z = zp + base;
+                for (int64_t i = 0; i < HW; ++i) {
+                  const float gv = static_cast<float>(g[i]) * static_cast<float>(static_cast<float>(m[i]) > 0.0f);
+                  s += gv;
+                  sx += gv * (static_cast<float>(z[i]) - mup[c]);
+                }
+              }
+              sp[c] = s, sxp[c] = sx * is.const_data_ptr<float>()[c];
+            }
+          });
+        }
       });
     });
   });
@@ -109,47 +142,65 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& grad_
                                                          bool batch_stats, bool want_gm) {
   const char* op = "bn_backward_apply";
   check_bn_backward(op, grad_in, mask_in, z_in, mean, invstd, c10::DeviceType::CPU);
-  const int64_t N = z_in.size(0), C = z_in.size(1), HW = z_in.size(2) * z_in.size(3);
+  const int64_t C = z_in.size(1);
   check_channel_vector(scale, C, op, "scale", z_in);
   check_channel_vector(sum_g, C, op, "sum_g", z_in);
   check_channel_vector(sum_gx, C, op, "sum_gx", z_in);
   TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
-  const at::Tensor grad = plane_dense(grad_in), mask = plane_dense(mask_in), z = plane_dense(z_in);
-  const auto fmt = conv_output_format(z);
-  at::Tensor dz = at::empty(z.sizes(), z.options().memory_format(fmt));
-  at::Tensor gm = want_gm ? at::empty(z.sizes(), grad.options().memory_format(fmt)) : at::empty({0}, z.options());
+  const Dense d = dense_in_z_layout(grad_in, mask_in, z_in);
+  const auto fmt = d.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor dz = at::empty(d.z.sizes(), d.z.options().memory_format(fmt));
+  at::Tensor gm = want_gm ? at::empty(d.z.sizes(), d.grad.options().memory_format(fmt)) : at::empty({0}, d.z.options());
+  // dz = a * (gm - mean_g - (z - mu) * is * mean_gx) = a * gm + k0 + k1 * z, per channel.
   const float inv_count = 1.0f / static_cast<float>(count);
-  const float *mu = mean.const_data_ptr<float>(), *is = invstd.const_data_ptr<float>(),
-              *a = scale.const_data_ptr<float>(), *sg = sum_g.const_data_ptr<float>(),
-              *sgx = sum_gx.const_data_ptr<float>();
-  const Plane gs = plane_of(grad), ms = plane_of(mask), zs = plane_of(z), ds = plane_of(dz);
-  FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_backward_apply_cpu", [&] {
+  std::vector<float> a(C), k0(C, 0.0f), k1(C, 0.0f);
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = scale.const_data_ptr<float>()[c];
+    if (batch_stats) {
+      k1[c] = -a[c] * invstd.const_data_ptr<float>()[c] * sum_gx.const_data_ptr<float>()[c] * inv_count;
+      k0[c] = -a[c] * sum_g.const_data_ptr<float>()[c] * inv_count - k1[c] * mean.const_data_ptr<float>()[c];
+    }
+  }
+  const int64_t N = d.N, HW = d.HW;
+  FR_DISPATCH_FLOAT_HALF_BF16(d.z.scalar_type(), "bn_backward_apply_cpu", [&] {
     using z_t = scalar_t;
-    FR_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "bn_backward_apply_cpu_grad", [&] {
+    FR_DISPATCH_FLOAT_HALF_BF16(d.grad.scalar_type(), "bn_backward_apply_cpu_grad", [&] {
       using g_t = scalar_t;
-      FR_DISPATCH_FLOAT_HALF_BF16(mask.scalar_type(), "bn_backward_apply_cpu_mask", [&] {
-        const g_t* gp = grad.const_data_ptr<g_t>();
-        const scalar_t* mp = mask.const_data_ptr<scalar_t>();
-        const z_t* zp = z.const_data_ptr<z_t>();
+      FR_DISPATCH_FLOAT_HALF_BF16(d.mask.scalar_type(), "bn_backward_apply_cpu_mask", [&] {
+        const g_t* gp = d.grad.const_data_ptr<g_t>();
+        const scalar_t* mp = d.mask.const_data_ptr<scalar_t>();
+        const z_t* zp = d.z.const_data_ptr<z_t>();
         z_t* dp = dz.mutable_data_ptr<z_t>();
         g_t* gmp = want_gm ? gm.mutable_data_ptr<g_t>() : nullptr;
-        at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t nc = begin; nc < end; ++nc) {
-            const int64_t n = nc / C, c = nc % C;
-            const float mean_g = sg[c] * inv_count, mean_gx = sgx[c] * inv_count;
-            for (int64_t i = 0; i < HW; ++i) {
-              const float g = static_cast<float>(mp[n * ms.n + c * ms.c + i * ms.hw]) > 0.0f
-                                  ? static_cast<float>(gp[n * gs.n + c * gs.c + i * gs.hw]) : 0.0f;
-              float d = a[c] * g;
-              if (batch_stats) {
-                const float xhat = (static_cast<float>(zp[n * zs.n + c * zs.c + i * zs.hw]) - mu[c]) * is[c];
-                d = a[c] * (g - mean_g - xhat * mean_gx);
-              }
-              dp[n * ds.n + c * ds.c + i * ds.hw] = static_cast<z_t>(d);
-              if (gmp) gmp[n * ds.n + c * ds.c + i * ds.hw] = static_cast<g_t>(g);
-            }
+        // One unit-stride span of `len` elements from `base`: the channels of one position (PER_ELEMENT
+        // channel constants) or the positions of channel c0 (one set of constants).
+        auto span = [&](int64_t base, int64_t len, int64_t c0, auto per_element) {
+          constexpr bool kPer = decltype(per_element)::value;
+          const g_t* __restrict g = gp + base;
+          const scalar_t* __restrict m = mp + base;
+          const z_t* __restrict z = zp + base;
+          z_t* __restrict o = dp + base;
+          const float *__restrict av = a.data(), *__restrict k0v = k0.data(), *__restrict k1v = k1.data();
+          const float as = a[c0], k0s = k0[c0], k1s = k1[c0];
+          for (int64_t i = 0; i < len; ++i) {
+            const float gv = static_cast<float>(g[i]) * static_cast<float>(static_cast<float>(m[i]) > 0.0f);
+            const float zi = static_cast<float>(z[i]);
+            o[i] = static_cast<z_t>(kPer ? av[i] * gv + k0v[i] + k1v[i] * zi : as * gv + k0s + k1s * zi);
           }
-        });
+          if (gmp) {
+            g_t* __restrict q = gmp + base;
+            for (int64_t i = 0; i < len; ++i) q[i] = static_cast<g_t>(static_cast<float>(g[i]) * static_cast<float>(static_cast<float>(m[i]) > 0.0f));
+          }
+        };
+        if (d.channels_last) {
+          at::parallel_for(0, N * HW, 64, [&](int64_t begin, int64_t end) {
+            for (int64_t r = begin; r < end; ++r) span(r * C, C, 0, std::true_type{});
+          });
+        } else {
+          at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t nc = begin; nc < end; ++nc) span(nc * HW, HW, nc % C, std::false_type{});
+          });
+        }
       });
     });
   });

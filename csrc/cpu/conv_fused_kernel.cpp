@@ -53,6 +53,21 @@ struct Epilogue {
   out_t* sc_out;     // the shortcut's own output (then it is not added), or null
   const float *add, *center, *scale, *beta;
 
+  template <bool CL, bool RELU, bool S, bool R>
+  static void run(const in_t* __restrict zp, const in_t* __restrict sp, const out_t* __restrict rp,
+                  out_t* __restrict op, const float* __restrict a, const float* __restrict c,
+                  const float* __restrict g, const float* __restrict b, int64_t len) {
+    const float a0 = a[0] - c[0], g0 = g[0], b0 = b[0];  // NCHW: one channel for the whole span
+    for (int64_t i = 0; i < len; ++i) {
+      float v = CL ? (static_cast<float>(zp[i]) + a[i] - c[i]) * g[i] + b[i]
+                   : (static_cast<float>(zp[i]) + a0) * g0 + b0;
+      if (S) v += static_cast<float>(sp[i]);
+      if (R) v += static_cast<float>(rp[i]);
+      if (RELU) v = v < 0.0f ? 0.0f : v;  // NaN stays NaN, as torch.relu
+      op[i] = static_cast<out_t>(v);
+    }
+  }
+
   template <bool CL, bool RELU>
   void span(int64_t base, int64_t k0, int64_t len) const {
     // Locals with __restrict: the stores below cannot alias the members, so the loops vectorise.
@@ -69,26 +84,50 @@ struct Epilogue {
       for (int64_t i = 0; i < len; ++i) sop[i] = static_cast<out_t>(static_cast<float>(sp[i]));
       sp = nullptr;
     }
-    if (CL) {
-      for (int64_t i = 0; i < len; ++i) {
-        float v = (static_cast<float>(zp[i]) + a[i] - c[i]) * g[i] + b[i];
-        if (sp) v += static_cast<float>(sp[i]);
-        if (rp) v += static_cast<float>(rp[i]);
-        if (RELU) v = std::max(v, 0.0f);  // (v < 0 ? 0 : v): NaN stays NaN, as torch.relu
-        op[i] = static_cast<out_t>(v);
-      }
-    } else {
-      const float a0 = a[0] - c[0], g0 = g[0], b0 = b[0];
-      for (int64_t i = 0; i < len; ++i) {
-        float v = (static_cast<float>(zp[i]) + a0) * g0 + b0;
-        if (sp) v += static_cast<float>(sp[i]);
-        if (rp) v += static_cast<float>(rp[i]);
-        if (RELU) v = std::max(v, 0.0f);
-        op[i] = static_cast<out_t>(v);
-      }
-    }
+    // Branch-free loops, one per (shortcut?, residual?) combination, so each vectorises.
+    if (sp && rp) run<CL, RELU, true, true>(zp, sp, rp, op, a, c, g, b, len);
+    else if (sp) run<CL, RELU, true, false>(zp, sp, rp, op, a, c, g, b, len);
+    else if (rp) run<CL, RELU, false, true>(zp, sp, rp, op, a, c, g, b, len);
+    else run<CL, RELU, false, false>(zp, sp, rp, op, a, c, g, b, len);
   }
 };
+
+// Per-channel sums over rows [r0, r1) of v = (z + add) * scale + beta: of v itself (center null) or of
+// (v - center)^2. Unit-stride, branch-free inner loops in either layout.
+template <typename in_t, typename Idx>
+void tile_sums(const in_t* z, const Idx& idx, int64_t r0, int64_t r1, int64_t HW, int64_t K, bool channels_last,
+               const float* add, const float* scale, const float* beta, const float* center, float* out) {
+  for (int64_t m = r0; m < r1;) {
+    const int64_t n = m / HW, hw0 = m % HW, len = std::min(r1 - m, HW - hw0);
+    if (channels_last) {
+      for (int64_t i = 0; i < len; ++i) {
+        const in_t* __restrict row = z + idx(n, hw0 + i, 0);
+        float* __restrict acc = out;
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = (static_cast<float>(row[k]) + add[k]) * scale[k] + beta[k];
+          const float d = center ? v - center[k] : v;
+          acc[k] += center ? d * d : d;
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const in_t* __restrict col = z + idx(n, hw0, k);
+        const float a = add[k], g = scale[k], b = beta[k], mu = center ? center[k] : 0.0f;
+        float acc = 0.0f;
+        if (center) {
+          for (int64_t i = 0; i < len; ++i) {
+            const float d = (static_cast<float>(col[i]) + a) * g + b - mu;
+            acc += d * d;
+          }
+        } else {
+          for (int64_t i = 0; i < len; ++i) acc += (static_cast<float>(col[i]) + a) * g + b;
+        }
+        out[k] += acc;
+      }
+    }
+    m += len;
+  }
+}
 
 // Offset of (n, hw, c) in a plane-dense tensor (its H x W plane dense: NCHW or channels_last).
 struct PlaneIdx {
@@ -173,10 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
     const in_t* zp = z.const_data_ptr<in_t>();
     const in_t* sp = has_sc ? s.const_data_ptr<in_t>() : nullptr;
     // What the statistics are taken of: the BN-folded output, or the convolution before its bias.
-    auto pre = [&](int64_t i, int64_t k) {
-      return has_bn ? (static_cast<float>(zp[i]) + add[k] - center[k]) * scale[k] + beta[k]
-                    : static_cast<float>(zp[i]);
-    };
+    std::vector<float> st_add(K, 0.0f), st_scale(K, 1.0f), st_beta(K, 0.0f);
+    if (has_bn)
+      for (int64_t k = 0; k < K; ++k) st_add[k] = add[k] - center[k], st_scale[k] = scale[k], st_beta[k] = beta[k];
     if (stats) {  // per-tile (count, mean, M2), two passes over the tile (it is in cache for the second)
       at::parallel_for(0, tiles, 1, [&](int64_t tb, int64_t te) {
         std::vector<float> mean(K), m2(K);
@@ -185,14 +223,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
           const float n = static_cast<float>(r1 - r0);
           std::fill(mean.begin(), mean.end(), 0.0f);
           std::fill(m2.begin(), m2.end(), 0.0f);
-          for_each_element(r0, r1, PQ, K, channels_last, [&](int64_t b, int64_t hw, int64_t k) {
-            mean[k] += pre(idx(b, hw, k), k);
-          });
+          tile_sums<in_t>(zp, idx, r0, r1, PQ, K, channels_last, st_add.data(), st_scale.data(), st_beta.data(),
+                          nullptr, mean.data());
           for (int64_t k = 0; k < K; ++k) mean[k] /= n;
-          for_each_element(r0, r1, PQ, K, channels_last, [&](int64_t b, int64_t hw, int64_t k) {
-            const float d = pre(idx(b, hw, k), k) - mean[k];
-            m2[k] += d * d;
-          });
+          tile_sums<in_t>(zp, idx, r0, r1, PQ, K, channels_last, st_add.data(), st_scale.data(), st_beta.data(),
+                          mean.data(), m2.data());
           if (!has_bn)
             for (int64_t k = 0; k < K; ++k) mean[k] += add[k];  // ... and take the bias back
           std::copy(mean.begin(), mean.end(), pmean.mutable_data_ptr<float>() + t * K);

@@ -1,6 +1,6 @@
 """Backend registry: which implementations of the primitives exist here, and which one serves an input.
 
-``"auto"`` walks ``AUTO_ORDER`` for the input's device and takes the first complete backend that can
+``"auto"`` walks ``AUTO_ORDER`` for the input's device and mode and takes the first complete backend that can
 serve it; the order is fed by benchmark results (README, "Results"). ``FUSED_RESNET_BACKEND`` replaces
 ``"auto"`` for every module that did not name a backend.
 """
@@ -29,14 +29,15 @@ _MODULES = {
 }
 BACKEND_NAMES = tuple(_MODULES)
 
-# Preference per device type for "auto", from measurements; the torch backend ends every list or leads
-# it, so auto always succeeds. CPU: the torch backend (oneDNN convolutions, fused elementwise in ATen) ran
-# 1.3-1.55x eager in eval at 24x24x64 batch 8 while the compiled cpp backend ran 0.4-0.8x (its epilogue
-# pass is not vectorised yet), 2-core x86 CPU, torch 2.14.1, 2026-11-25 (`python -m fused_resnet bench
-# --device cpu --suite short`).
+# Preference per (device type, mode) for "auto", from measurements; "torch" ends or leads every list, so
+# auto always succeeds. CPU, float32 NCHW 24x24x64 batch 8, 2-core x86, torch 2.14.1, 2026-11-25
+# (`python -m fused_resnet bench --device cpu --suite short`): eval, cpp 1.72x eager and torch 1.30x
+# (1x1 block: 0.91x and 0.83x); train forward+backward, torch 0.85-0.92x and cpp 0.64-0.68x.
 AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "torch"),
-    "cpu": ("torch", "cpp"),
+    ("cuda", "eval"): ("triton", "cuda", "torch"),
+    ("cuda", "train"): ("triton", "cuda", "torch"),
+    ("cpu", "eval"): ("cpp", "torch"),
+    ("cpu", "train"): ("torch", "cpp"),
 }
 _DEFAULT_ORDER = ("torch",)
 
@@ -93,7 +94,7 @@ def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, traini
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} cannot run this input: {reason}")
         return name
-    for candidate in AUTO_ORDER.get(device_type, _DEFAULT_ORDER):
+    for candidate in AUTO_ORDER.get((device_type, "train" if training else "eval"), _DEFAULT_ORDER):
         backend = _load(candidate)
         if backend is not None and backend.complete and backend.supports(device_type, dtype, training) is None:
             return candidate
