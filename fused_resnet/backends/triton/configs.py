@@ -32,7 +32,7 @@ class ConvConfig:
 INTERPRETER_CONV = ConvConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
 
 # Tuned entries, keyed by (in_channels, out_channels, output positions per image, kernel size, dtype).
-# Filled from `python benchmarks/tune_conv.py` runs on the GPU named beside each entry; the heuristic
+# Filled from `python benchmarks/tune_conv.py` runs on the GPU named beside each entry (none yet); the heuristic
 # below serves every shape not listed.
 TUNED_CONV: dict[tuple[int, int, int, int, torch.dtype], ConvConfig] = {}
 

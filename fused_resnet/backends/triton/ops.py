@@ -5,8 +5,6 @@ blocks compiles with ``torch.compile(fullgraph=True)`` without graph breaks.
 it cannot run in CI; one registration path for CPU and GPU keeps what CI tests what the GPU runs.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
