@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <utility>
+
 #include "checks.h"
 
 namespace fused_resnet {
@@ -33,6 +35,47 @@ inline void check_bn_backward(const char* op, const at::Tensor& grad, const at::
   }
   check_channel_vector(mean, z.size(1), op, "mean", z);
   check_channel_vector(invstd, z.size(1), op, "invstd", z);
+}
+
+inline void check_bn_apply_vectors(const char* op, const at::Tensor& z, const at::Tensor& scale,
+                                   const at::Tensor& sum_g, const at::Tensor& sum_gx, int64_t count) {
+  check_channel_vector(scale, z.size(1), op, "scale", z);
+  check_channel_vector(sum_g, z.size(1), op, "sum_g", z);
+  check_channel_vector(sum_gx, z.size(1), op, "sum_gx", z);
+  TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
+}
+
+// bn_finalize's arguments: (tiles, C) float32 partials on one device, per-channel gamma/beta and optional
+// running statistics (contiguous, one dtype). Returns (T, C).
+inline std::pair<int64_t, int64_t> check_bn_finalize(const at::Tensor& part_mean, const at::Tensor& part_m2,
+                                                     const at::Tensor& part_count, const at::Tensor& gamma,
+                                                     const at::Tensor& beta,
+                                                     const c10::optional<at::Tensor>& running_mean,
+                                                     const c10::optional<at::Tensor>& running_var,
+                                                     c10::DeviceType device) {
+  const char* op = "bn_finalize";
+  TORCH_CHECK(part_mean.dim() == 2 && part_m2.sizes() == part_mean.sizes(), op,
+              ": part_mean and part_m2 must be (tiles, C) alike, got ", part_mean.sizes(), " and ", part_m2.sizes());
+  TORCH_CHECK(part_mean.device().type() == device, op, ": the partials must be on ", device, ", got ",
+              part_mean.device());
+  const int64_t T = part_mean.size(0), C = part_mean.size(1);
+  TORCH_CHECK(T > 0, op, ": no statistics tiles");
+  TORCH_CHECK(part_count.dim() == 1 && part_count.size(0) == T, op, ": part_count must be (", T, "), got ",
+              part_count.sizes());
+  for (const at::Tensor* t : {&part_mean, &part_m2, &part_count})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device() == part_mean.device(), op,
+                ": partials must be float32 on ", part_mean.device());
+  check_channel_vector(gamma, C, op, "gamma", part_mean, false);
+  check_channel_vector(beta, C, op, "beta", part_mean, false);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op, ": running_mean and running_var go together");
+  check_channel_vector(running_mean, C, op, "running_mean", part_mean, false);
+  check_channel_vector(running_var, C, op, "running_var", part_mean, false);
+  if (running_mean.has_value()) {
+    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous() &&
+                    running_mean->scalar_type() == running_var->scalar_type(),
+                op, ": running_mean and running_var must be contiguous and of one dtype");
+  }
+  return {T, C};
 }
 
 }  // namespace fused_resnet

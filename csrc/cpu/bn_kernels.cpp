@@ -20,20 +20,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
     const at::Tensor& part_mean, const at::Tensor& part_m2, const at::Tensor& part_count, const at::Tensor& gamma,
     const at::Tensor& beta, double eps, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, double momentum) {
-  const char* op = "bn_finalize";
-  TORCH_CHECK(part_mean.dim() == 2 && part_m2.sizes() == part_mean.sizes(), op,
-              ": part_mean and part_m2 must be (tiles, C) alike, got ", part_mean.sizes(), " and ", part_m2.sizes());
-  const int64_t T = part_mean.size(0), C = part_mean.size(1);
-  TORCH_CHECK(T > 0, op, ": no statistics tiles");
-  TORCH_CHECK(part_count.dim() == 1 && part_count.size(0) == T, op, ": part_count must be (", T, "), got ",
-              part_count.sizes());
-  for (const at::Tensor* t : {&part_mean, &part_m2, &part_count})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), op, ": partials must be float32 CPU tensors");
-  check_channel_vector(gamma, C, op, "gamma", part_mean, false);
-  check_channel_vector(beta, C, op, "beta", part_mean, false);
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op, ": running_mean and running_var go together");
-  check_channel_vector(running_mean, C, op, "running_mean", part_mean, false);
-  check_channel_vector(running_var, C, op, "running_var", part_mean, false);
+  const auto [T, C] = check_bn_finalize(part_mean, part_m2, part_count, gamma, beta, running_mean, running_var,
+                                        c10::DeviceType::CPU);
   const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
   const at::Tensor g = gamma.to(at::kFloat).contiguous(), b = beta.to(at::kFloat).contiguous();
   auto opts = part_mean.options();
@@ -143,10 +131,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& grad_
   const char* op = "bn_backward_apply";
   check_bn_backward(op, grad_in, mask_in, z_in, mean, invstd, c10::DeviceType::CPU);
   const int64_t C = z_in.size(1);
-  check_channel_vector(scale, C, op, "scale", z_in);
-  check_channel_vector(sum_g, C, op, "sum_g", z_in);
-  check_channel_vector(sum_gx, C, op, "sum_gx", z_in);
-  TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
+  check_bn_apply_vectors(op, z_in, scale, sum_g, sum_gx, count);
   const Dense d = dense_in_z_layout(grad_in, mask_in, z_in);
   const auto fmt = d.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor dz = at::empty(d.z.sizes(), d.z.options().memory_format(fmt));

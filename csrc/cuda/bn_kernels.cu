@@ -111,25 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
     const at::Tensor& part_mean, const at::Tensor& part_m2, const at::Tensor& part_count, const at::Tensor& gamma,
     const at::Tensor& beta, double eps, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, double momentum) {
-  const char* op = "bn_finalize";
   const c10::cuda::CUDAGuard guard(part_mean.device());
-  TORCH_CHECK(part_mean.is_cuda() && part_mean.dim() == 2 && part_m2.sizes() == part_mean.sizes(), op,
-              ": part_mean and part_m2 must be (tiles, C) CUDA tensors alike");
-  const int64_t T = part_mean.size(0), C = part_mean.size(1);
-  TORCH_CHECK(T > 0 && part_count.dim() == 1 && part_count.size(0) == T, op, ": part_count must be (", T, ")");
-  for (const at::Tensor* t : {&part_mean, &part_m2, &part_count})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device() == part_mean.device(), op,
-                ": partials must be float32 on ", part_mean.device());
-  check_channel_vector(gamma, C, op, "gamma", part_mean, false);
-  check_channel_vector(beta, C, op, "beta", part_mean, false);
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op, ": running_mean and running_var go together");
-  check_channel_vector(running_mean, C, op, "running_mean", part_mean, false);
-  check_channel_vector(running_var, C, op, "running_var", part_mean, false);
-  if (running_mean.has_value()) {
-    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous() &&
-                    running_mean->scalar_type() == running_var->scalar_type(),
-                op, ": running_mean and running_var must be contiguous and of one dtype");
-  }
+  const auto [T, C] = check_bn_finalize(part_mean, part_m2, part_count, gamma, beta, running_mean, running_var,
+                                        c10::DeviceType::CUDA);
   const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
   const at::Tensor g = gamma.to(at::kFloat).contiguous(), b = beta.to(at::kFloat).contiguous();
   auto opts = part_mean.options();
@@ -197,10 +181,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cuda(const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(z_in.device());
   check_bn_backward(op, grad_in, mask_in, z_in, mean, invstd, c10::DeviceType::CUDA);
   const int64_t C = z_in.size(1);
-  check_channel_vector(scale, C, op, "scale", z_in);
-  check_channel_vector(sum_g, C, op, "sum_g", z_in);
-  check_channel_vector(sum_gx, C, op, "sum_gx", z_in);
-  TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
+  check_bn_apply_vectors(op, z_in, scale, sum_g, sum_gx, count);
   const auto fmt = conv_output_format(z_in);
   const Layout layout = fmt == at::MemoryFormat::ChannelsLast ? Layout::NHWC : Layout::NCHW;
   const at::Tensor z = z_in.contiguous(fmt), grad = grad_in.contiguous(fmt), mask = mask_in.contiguous(fmt);
