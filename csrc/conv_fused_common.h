@@ -9,7 +9,7 @@
 namespace fused_resnet {
 
 // Rows of the implicit GEMM that share one (count, mean, M2) statistics partial.
-constexpr int64_t kStatsTileRows = 256;
+constexpr int64_t kStatsTileRows = 64;
 
 struct ConvProblem {
   int64_t N, C, H, W, K, KH, KW, P, Q, M, SC_C;

@@ -117,7 +117,7 @@ if has_ops():
         return dz, gm
 
 
-STATS_TILE_ROWS = 256  # csrc/conv_fused_common.h: kStatsTileRows
+STATS_TILE_ROWS = 64  # csrc/conv_fused_common.h: kStatsTileRows
 OPS = ("bn_act", "conv_fused", "bn_finalize", "bn_backward_reduce", "bn_backward_apply")
 
 
