@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include "checks.h"
 
@@ -72,6 +73,24 @@ inline ConvProblem check_conv_fused(
     check_channel_vector(sc_bias, pb.K, op, "sc_bias", x, false);
   }
   return pb;
+}
+
+// conv_fused's outputs, allocated in the layout eager's convolution gives for x; unused ones are empty.
+struct ConvOutputs {
+  at::Tensor out, sc_out, pmean, pm2, pcount;
+};
+
+inline ConvOutputs allocate_conv_outputs(const at::Tensor& x, const ConvProblem& pb, at::ScalarType out_dtype,
+                                         bool shortcut_out, bool stats) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  ConvOutputs o;
+  o.out = at::empty({pb.N, pb.K, pb.P, pb.Q}, x.options().dtype(out_dtype).memory_format(conv_output_format(x)));
+  o.sc_out = shortcut_out ? at::empty_like(o.out) : at::empty({0}, f32);
+  const int64_t tiles = (pb.M + kStatsTileRows - 1) / kStatsTileRows;
+  o.pmean = stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
+  o.pm2 = stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
+  o.pcount = stats ? at::empty({tiles}, f32) : at::empty({0}, f32);
+  return o;
 }
 
 }  // namespace fused_resnet

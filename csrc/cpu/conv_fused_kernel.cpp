@@ -153,7 +153,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
                                           out_dtype, c10::DeviceType::CPU);
   const auto fmt = conv_output_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
-  const auto f32 = x.options().dtype(at::kFloat);
   const int64_t K = pb.K, M = pb.M;
 
   // The GEMMs: ATen's convolution (oneDNN), measured faster here than an im2col + BLAS implicit GEMM (3x at
@@ -196,12 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
       center[k] = m[k], scale[k] = g[k] / std::sqrt(v[k] + static_cast<float>(bn_eps)), beta[k] = b[k];
     }
   }
-  at::Tensor out = at::empty({pb.N, K, pb.P, pb.Q}, x.options().dtype(out_dtype).memory_format(fmt));
-  at::Tensor sc_out = has_sc && sc_separate ? at::empty_like(out) : at::empty({0}, f32);
-  const int64_t tiles = (M + kStatsTileRows - 1) / kStatsTileRows;
-  at::Tensor pmean = stats ? at::empty({tiles, K}, f32) : at::empty({0}, f32);
-  at::Tensor pm2 = stats ? at::empty({tiles, K}, f32) : at::empty({0}, f32);
-  at::Tensor pcount = stats ? at::empty({tiles}, f32) : at::empty({0}, f32);
+  const ConvOutputs outs = allocate_conv_outputs(x, pb, out_dtype, has_sc && sc_separate, stats);
+  const at::Tensor &out = outs.out, &sc_out = outs.sc_out, &pmean = outs.pmean, &pm2 = outs.pm2,
+                   &pcount = outs.pcount;
+  const int64_t tiles = pmean.numel() ? pmean.size(0) : 0;
   // z, s, out and sc_out share one layout (fmt); the residual is made to.
   const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
   const PlaneIdx idx = plane_idx(out);

@@ -227,15 +227,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
   const ConvProblem pb = check_conv_fused(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta,
                                           in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
                                           out_dtype, c10::DeviceType::CUDA);
-  const auto fmt = conv_output_format(x);
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({pb.N, pb.K, pb.P, pb.Q}, x.options().dtype(out_dtype).memory_format(fmt));
   const bool has_sc = sc_weight.has_value();
-  at::Tensor sc_out = has_sc && sc_separate ? at::empty_like(out) : at::empty({0}, f32);
+  const ConvOutputs outs = allocate_conv_outputs(x, pb, out_dtype, has_sc && sc_separate, stats);
+  const at::Tensor &out = outs.out, &sc_out = outs.sc_out, &pmean = outs.pmean, &pm2 = outs.pm2,
+                   &pcount = outs.pcount;
   const int64_t tiles = (pb.M + kBM - 1) / kBM;
-  at::Tensor pmean = stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
-  at::Tensor pm2 = stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
-  at::Tensor pcount = stats ? at::empty({tiles}, f32) : at::empty({0}, f32);
   if (pb.M == 0) return {out, sc_out, pmean, pm2, pcount};
 
   at::Tensor keep[11];
