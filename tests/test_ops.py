@@ -113,7 +113,7 @@ def test_every_op_passes_opcheck(device, dtype, fmt, variant):
     """opcheck on the ops the composition differentiates itself (no op-level autograd: their gradients
     are the block's backward in fused_resnet/functional.py), with inputs that do not require grad."""
     if not extension.has_kernel("conv_fused", device.upper()):
-        pytest.skip(f"conv_fused has no {device} kernel in this build yet")
+        pytest.skip(f"conv_fused has no {device} kernel in this build")
     args = _conv_args(device, dtype, fmt, **CONV_VARIANTS[variant])
     torch.library.opcheck(torch.ops.fused_resnet.conv_fused.default, args)
     out, _, pm, pq, pc = torch.ops.fused_resnet.conv_fused.default(*args)
