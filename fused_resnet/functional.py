@@ -142,7 +142,7 @@ class _ResidualFunction(torch.autograd.Function):
             with stage("B conv1x1 backward"):
                 dx3, dw3, db3 = be.conv_backward(gm, x, w3, stride, 0, (needs[7], needs[21], needs[22]))
             if dx is not None:
-                dx = dx + dx3
+                dx.add_(dx3)  # both fresh from conv_backward
         elif ctx.res_dtype is not None:
             dx_res = gm.to(ctx.res_dtype) if needs[8] else None
         elif needs[7]:

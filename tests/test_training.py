@@ -73,6 +73,35 @@ def test_bn_elementwise_and_backward_primitives_match_torch(backend, fmt, device
 
 
 @pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+@pytest.mark.parametrize("fmt", list(FMT))
+def test_relu_backward_is_a_select(backend, fmt):
+    """gm = where(mask_src > 0, grad, 0), as aten's threshold_backward: a non-finite gradient where the
+    ReLU was off contributes nothing. Shape with more positions than one channels_last reduction chunk
+    (256 rows) and a ragged lane tail (HW = 90)."""
+    be = get_backend(backend)
+    c, shape = 6, (4, 6, 9, 10)
+    mask_src = torch.randn(shape, device=DEVICE).contiguous(memory_format=FMT[fmt])
+    z = (1.0 + torch.randn(shape, device=DEVICE)).contiguous(memory_format=FMT[fmt])
+    grad = torch.randn(shape, device=DEVICE)
+    off = mask_src <= 0
+    grad[off & (torch.rand(shape, device=DEVICE) < 0.5)] = float("inf")
+    grad[off & (torch.rand(shape, device=DEVICE) < 0.5)] = float("nan")
+    grad = grad.contiguous(memory_format=FMT[fmt])
+    mean, invstd = 1 + 0.1 * torch.randn(c, device=DEVICE), 0.5 + torch.rand(c, device=DEVICE)
+    want_gm = torch.ops.aten.threshold_backward(grad, mask_src, 0.0)
+    sums = be.bn_backward_reduce(grad, mask_src, z, mean, invstd)
+    xhat = (z - mean[:, None, None]) * invstd[:, None, None]
+    want = (want_gm.double().sum((0, 2, 3)), (want_gm.double() * xhat.double()).sum((0, 2, 3)))
+    for got, ref in zip(sums, want):
+        assert torch.isfinite(got).all() and rel_err(got, ref) <= 1e-5
+    count = shape[0] * shape[2] * shape[3]
+    dz, gm = be.bn_backward_apply(grad, mask_src, z, mean, invstd, torch.randn(c, device=DEVICE), *sums, count,
+                                  True, True)
+    assert torch.isfinite(dz).all()
+    assert torch.equal(gm, want_gm)
+
+
+@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
 def test_large_conv_bias_does_not_cancel(backend):
     """A conv bias of 1000 puts each channel's mean far from zero: plain E[x^2] - E[x]^2 in fp32 would
     lose the variance; the partial (count, mean, M2) merge does not."""

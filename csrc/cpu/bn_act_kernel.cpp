@@ -9,34 +9,41 @@
 
 #include "../bn_act_common.h"
 #include "../dispatch.h"
+#include "loops.h"
 
 namespace fused_resnet {
 namespace {
 
-template <typename in_t, typename out_t>
-void bn_act_cpu_impl(const in_t* z, const float* mean, const float* scale, const float* shift, const out_t* res, out_t* out,
-                     int64_t numel, int64_t channels, int64_t hw, Layout layout, bool relu) {
-  // Rows of C contiguous channels (NHWC) or planes of HW positions of one channel (NCHW): either way the
-  // inner loop has a fixed stride-1 pattern the compiler vectorises.
-  const int64_t inner = layout == Layout::NHWC ? channels : hw;
+// One unit-stride span: channel constants per element (PER: the channels of one NHWC row) or one set for
+// the span (the positions of one NCHW channel). Branch-free, so it vectorises.
+template <bool PER, bool RES, bool RELU, typename in_t, typename out_t>
+void bn_act_span(const in_t* __restrict z, const out_t* __restrict res, out_t* __restrict out,
+                 const float* __restrict mean, const float* __restrict scale, const float* __restrict shift,
+                 int64_t len) {
+  const float m0 = mean[0], a0 = scale[0], b0 = shift[0];
+  for (int64_t i = 0; i < len; ++i) {
+    float v = PER ? (cpu::ld(z, i) - mean[i]) * scale[i] + shift[i] : (cpu::ld(z, i) - m0) * a0 + b0;
+    if (RES) v += cpu::ld(res, i);
+    out[i] = static_cast<out_t>(RELU ? cpu::relu_keep_nan(v) : v);
+  }
+}
+
+template <bool RES, bool RELU, typename in_t, typename out_t>
+void bn_act_cpu_impl(const in_t* z, const float* mean, const float* scale, const float* shift, const out_t* res,
+                     out_t* out, int64_t numel, int64_t channels, int64_t hw, Layout layout) {
+  // Rows of C contiguous channels (NHWC) or planes of HW positions of one channel (NCHW).
+  const bool nhwc = layout == Layout::NHWC;
+  const int64_t inner = nhwc ? channels : hw;
   const int64_t outer = numel / inner;
   at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const int64_t base = o * inner;
-      if (layout == Layout::NHWC) {
-        for (int64_t c = 0; c < inner; ++c) {
-          float v = (static_cast<float>(z[base + c]) - mean[c]) * scale[c] + shift[c];
-          if (res) v += static_cast<float>(res[base + c]);
-          out[base + c] = static_cast<out_t>(relu ? std::max(v, 0.0f) : v);
-        }
+      const out_t* r = RES ? res + base : nullptr;
+      if (nhwc) {
+        bn_act_span<true, RES, RELU>(z + base, r, out + base, mean, scale, shift, inner);
       } else {
         const int64_t c = channel_of(base, channels, hw, layout);
-        const float m = mean[c], a = scale[c], b = shift[c];
-        for (int64_t i = 0; i < inner; ++i) {
-          float v = (static_cast<float>(z[base + i]) - m) * a + b;
-          if (res) v += static_cast<float>(res[base + i]);
-          out[base + i] = static_cast<out_t>(relu ? std::max(v, 0.0f) : v);
-        }
+        bn_act_span<false, RES, RELU>(z + base, r, out + base, mean + c, scale + c, shift + c, inner);
       }
     }
   });
@@ -53,10 +60,16 @@ at::Tensor bn_act_cpu(const at::Tensor& z_in, const at::Tensor& mean_in, const a
   FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_act_cpu", [&] {
     using in_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "bn_act_cpu_out", [&] {
-      bn_act_cpu_impl<in_t, scalar_t>(z.const_data_ptr<in_t>(), mean.const_data_ptr<float>(), scale.const_data_ptr<float>(),
-                                      shift.const_data_ptr<float>(),
-                                      residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
-                                      out.mutable_data_ptr<scalar_t>(), z.numel(), channels, hw, layout, relu);
+      const in_t* zp = z.const_data_ptr<in_t>();
+      const float *mp = mean.const_data_ptr<float>(), *ap = scale.const_data_ptr<float>(),
+                  *bp = shift.const_data_ptr<float>();
+      const scalar_t* rp = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      const int64_t n = z.numel();
+      if (rp && relu) bn_act_cpu_impl<true, true>(zp, mp, ap, bp, rp, op, n, channels, hw, layout);
+      else if (rp) bn_act_cpu_impl<true, false>(zp, mp, ap, bp, rp, op, n, channels, hw, layout);
+      else if (relu) bn_act_cpu_impl<false, true>(zp, mp, ap, bp, rp, op, n, channels, hw, layout);
+      else bn_act_cpu_impl<false, false>(zp, mp, ap, bp, rp, op, n, channels, hw, layout);
     });
   });
   return out;

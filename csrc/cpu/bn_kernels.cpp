@@ -5,12 +5,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../bn_backward_common.h"
 #include "../bn_stats.h"
+#include "loops.h"
 #include "../dispatch.h"
 
 namespace fused_resnet {
@@ -50,10 +52,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
   return {scale, shift, mean, invstd};
 }
 
-// gm = grad * (mask_src > 0) as a product, as the torch primitive computes it (a select would branch).
-// The backward ops make grad, mask_src and z dense in z's layout (as the CUDA kernels do), so one offset
-// addresses all of them and the inner loops are unit-stride: over positions of one channel (NCHW) or
-// over the channels of one position (channels_last).
+// gm = where(mask_src > 0, grad, 0), as aten's threshold_backward. The backward ops make grad, mask_src and z
+// dense in z's layout (as the CUDA kernels do), so one offset addresses all of them and the inner loops are
+// unit-stride: over positions of one channel (NCHW) or over the channels of one position (channels_last).
 struct Dense {
   at::Tensor grad, mask, z;
   bool channels_last;
@@ -66,61 +67,95 @@ Dense dense_in_z_layout(const at::Tensor& grad, const at::Tensor& mask, const at
           z.size(0), z.size(1), z.size(2) * z.size(3)};
 }
 
+// channels_last reductions run over fixed chunks of rows (positions) in parallel, then add the chunks'
+// partial sums in chunk order: the result does not depend on the thread count.
+constexpr int64_t kReduceChunkRows = 256;
+
+template <typename z_t, typename g_t, typename m_t>
+void bn_backward_reduce_impl(const Dense& d, const g_t* gp, const m_t* mp, const z_t* zp, const float* mu,
+                             const float* is, float* sp, float* sxp) {
+  const int64_t N = d.N, C = d.C, HW = d.HW;
+  if (d.channels_last) {
+    const int64_t rows = N * HW, chunks = (rows + kReduceChunkRows - 1) / kReduceChunkRows;
+    std::vector<float> part(static_cast<size_t>(chunks * 2 * C), 0.0f);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        float* __restrict s = part.data() + k * 2 * C;
+        float* __restrict sx = s + C;
+        for (int64_t r = k * kReduceChunkRows; r < std::min(rows, (k + 1) * kReduceChunkRows); ++r) {
+          const g_t* __restrict g = gp + r * C;
+          const m_t* __restrict m = mp + r * C;
+          const z_t* __restrict z = zp + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const float gv = cpu::relu_grad(cpu::ld(g, c), cpu::ld(m, c));
+            s[c] += gv;
+            sx[c] += gv * (cpu::ld(z, c) - mu[c]);
+          }
+        }
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) sp[c] = 0.0f, sxp[c] = 0.0f;
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t c = 0; c < C; ++c) sp[c] += part[k * 2 * C + c], sxp[c] += part[k * 2 * C + C + c];
+    for (int64_t c = 0; c < C; ++c) sxp[c] *= is[c];
+    return;
+  }
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      cpu::LaneSums<2> acc;
+      const float mc = mu[c];
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t base = (n * C + c) * HW;
+        const g_t* __restrict g = gp + base;
+        const m_t* __restrict m = mp + base;
+        const z_t* __restrict z = zp + base;
+        acc.add(HW, [&](int64_t i, float* v) {
+          const float gv = cpu::relu_grad(cpu::ld(g, i), cpu::ld(m, i));
+          v[0] = gv;
+          v[1] = gv * (cpu::ld(z, i) - mc);
+        });
+      }
+      sp[c] = acc.total(0), sxp[c] = acc.total(1) * is[c];
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad_in, const at::Tensor& mask_in,
                                                           const at::Tensor& z_in, const at::Tensor& mean,
                                                           const at::Tensor& invstd) {
   check_bn_backward("bn_backward_reduce", grad_in, mask_in, z_in, mean, invstd, c10::DeviceType::CPU);
   const Dense d = dense_in_z_layout(grad_in, mask_in, z_in);
-  const int64_t N = d.N, C = d.C, HW = d.HW;
-  at::Tensor sum = at::zeros({C}, d.z.options().dtype(at::kFloat)), sumx = at::zeros_like(sum);
+  at::Tensor sum = at::empty({d.C}, d.z.options().dtype(at::kFloat)), sumx = at::empty_like(sum);
   const at::Tensor mu = mean.contiguous(), is = invstd.contiguous();
   FR_DISPATCH_FLOAT_HALF_BF16(d.z.scalar_type(), "bn_backward_reduce_cpu", [&] {
     using z_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(d.grad.scalar_type(), "bn_backward_reduce_cpu_grad", [&] {
       using g_t = scalar_t;
       FR_DISPATCH_FLOAT_HALF_BF16(d.mask.scalar_type(), "bn_backward_reduce_cpu_mask", [&] {
-        const g_t* gp = d.grad.const_data_ptr<g_t>();
-        const scalar_t* mp = d.mask.const_data_ptr<scalar_t>();
-        const z_t* zp = d.z.const_data_ptr<z_t>();
-        const float* mup = mu.const_data_ptr<float>();
-        float* sp = sum.mutable_data_ptr<float>();
-        float* sxp = sumx.mutable_data_ptr<float>();
-        if (d.channels_last) {  // rows in a fixed order, channels inner: one thread, deterministic
-          std::vector<float> s(C, 0.0f), sx(C, 0.0f);
-          for (int64_t r = 0; r < N * HW; ++r) {
-            const g_t* __restrict g = gp + r * C;
-            const scalar_t* __restrict m = mp + r * C;
-            const z_t* __restrict z = zp + r * C;
-            for (int64_t c = 0; c < C; ++c) {
-              const float gv = static_cast<float>(g[c]) * static_cast<float>(static_cast<float>(m[c]) > 0.0f);
-              s[c] += gv;
-              sx[c] += gv * (static_cast<float>(z[c]) - mup[c]);
-            }
-          }
-          for (int64_t c = 0; c < C; ++c) sp[c] = s[c], sxp[c] = sx[c] * is.const_data_ptr<float>()[c];
-        } else {
-          at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t c = begin; c < end; ++c) {
-              float s = 0.0f, sx = 0.0f;
-              for (int64_t n = 0; n < N; ++n) {
-                const int64_t base = (n * C + c) * HW;
-                const g_t* __restrict g = gp + base;
-                const scalar_t* __restrict m = mp + base;
-                const z_t* __restrict z = zp + base;
-                for (int64_t i = 0; i < HW; ++i) {
-                  const float gv = static_cast<float>(g[i]) * static_cast<float>(static_cast<float>(m[i]) > 0.0f);
-                  s += gv;
-                  sx += gv * (static_cast<float>(z[i]) - mup[c]);
-                }
-              }
-              sp[c] = s, sxp[c] = sx * is.const_data_ptr<float>()[c];
-            }
-          });
-        }
+        bn_backward_reduce_impl<z_t, g_t, scalar_t>(d, d.grad.const_data_ptr<g_t>(), d.mask.const_data_ptr<scalar_t>(),
+                                                    d.z.const_data_ptr<z_t>(), mu.const_data_ptr<float>(),
+                                                    is.const_data_ptr<float>(), sum.mutable_data_ptr<float>(),
+                                                    sumx.mutable_data_ptr<float>());
       });
     });
   });
   return {sum, sumx};
+}
+
+// dz = a * gm + k0 + k1 * z over one unit-stride span: channel constants per element (PER, the channels of
+// one channels_last row) or one set for the span (the positions of one NCHW channel).
+template <bool PER, typename z_t, typename g_t, typename m_t>
+void bn_apply_span(const g_t* __restrict g, const m_t* __restrict m, const z_t* __restrict z, z_t* __restrict o,
+                   g_t* __restrict q, const float* __restrict a, const float* __restrict k0,
+                   const float* __restrict k1, int64_t len) {
+  const float as = a[0], k0s = k0[0], k1s = k1[0];
+  for (int64_t i = 0; i < len; ++i) {
+    const float gv = cpu::relu_grad(cpu::ld(g, i), cpu::ld(m, i));
+    const float zi = cpu::ld(z, i);
+    o[i] = static_cast<z_t>(PER ? a[i] * gv + k0[i] + k1[i] * zi : as * gv + k0s + k1s * zi);
+  }
+  if (q)
+    for (int64_t i = 0; i < len; ++i) q[i] = static_cast<g_t>(cpu::relu_grad(cpu::ld(g, i), cpu::ld(m, i)));
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& grad_in, const at::Tensor& mask_in,
@@ -152,38 +187,25 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& grad_
     FR_DISPATCH_FLOAT_HALF_BF16(d.grad.scalar_type(), "bn_backward_apply_cpu_grad", [&] {
       using g_t = scalar_t;
       FR_DISPATCH_FLOAT_HALF_BF16(d.mask.scalar_type(), "bn_backward_apply_cpu_mask", [&] {
+        using m_t = scalar_t;
         const g_t* gp = d.grad.const_data_ptr<g_t>();
-        const scalar_t* mp = d.mask.const_data_ptr<scalar_t>();
+        const m_t* mp = d.mask.const_data_ptr<m_t>();
         const z_t* zp = d.z.const_data_ptr<z_t>();
         z_t* dp = dz.mutable_data_ptr<z_t>();
         g_t* gmp = want_gm ? gm.mutable_data_ptr<g_t>() : nullptr;
-        // One unit-stride span of `len` elements from `base`: the channels of one position (PER_ELEMENT
-        // channel constants) or the positions of channel c0 (one set of constants).
-        auto span = [&](int64_t base, int64_t len, int64_t c0, auto per_element) {
-          constexpr bool kPer = decltype(per_element)::value;
-          const g_t* __restrict g = gp + base;
-          const scalar_t* __restrict m = mp + base;
-          const z_t* __restrict z = zp + base;
-          z_t* __restrict o = dp + base;
-          const float *__restrict av = a.data(), *__restrict k0v = k0.data(), *__restrict k1v = k1.data();
-          const float as = a[c0], k0s = k0[c0], k1s = k1[c0];
-          for (int64_t i = 0; i < len; ++i) {
-            const float gv = static_cast<float>(g[i]) * static_cast<float>(static_cast<float>(m[i]) > 0.0f);
-            const float zi = static_cast<float>(z[i]);
-            o[i] = static_cast<z_t>(kPer ? av[i] * gv + k0v[i] + k1v[i] * zi : as * gv + k0s + k1s * zi);
-          }
-          if (gmp) {
-            g_t* __restrict q = gmp + base;
-            for (int64_t i = 0; i < len; ++i) q[i] = static_cast<g_t>(static_cast<float>(g[i]) * static_cast<float>(static_cast<float>(m[i]) > 0.0f));
-          }
-        };
         if (d.channels_last) {
           at::parallel_for(0, N * HW, 64, [&](int64_t begin, int64_t end) {
-            for (int64_t r = begin; r < end; ++r) span(r * C, C, 0, std::true_type{});
+            for (int64_t r = begin; r < end; ++r)
+              bn_apply_span<true>(gp + r * C, mp + r * C, zp + r * C, dp + r * C, gmp ? gmp + r * C : nullptr,
+                                  a.data(), k0.data(), k1.data(), C);
           });
         } else {
           at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t nc = begin; nc < end; ++nc) span(nc * HW, HW, nc % C, std::false_type{});
+            for (int64_t nc = begin; nc < end; ++nc) {
+              const int64_t c = nc % C, base = nc * HW;
+              bn_apply_span<false>(gp + base, mp + base, zp + base, dp + base, gmp ? gmp + base : nullptr,
+                                   a.data() + c, k0.data() + c, k1.data() + c, HW);
+            }
           });
         }
       });

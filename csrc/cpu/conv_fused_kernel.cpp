@@ -12,11 +12,10 @@
 
 #include "../conv_fused_common.h"
 #include "../dispatch.h"
+#include "loops.h"
 
 namespace fused_resnet {
 namespace {
-
-float relu_keep_nan(float v) { return v < 0.0f ? 0.0f : v; }  // NaN stays NaN, as torch.relu
 
 std::vector<float> floats(const c10::optional<at::Tensor>& v) {
   if (!v.has_value()) return {};
@@ -24,22 +23,15 @@ std::vector<float> floats(const c10::optional<at::Tensor>& v) {
   return std::vector<float>(t.const_data_ptr<float>(), t.const_data_ptr<float>() + t.numel());
 }
 
-// Visits rows [r0, r1) of an (N, C, HW) activation x C channels in memory order -- channel-inner for
-// channels_last, row-inner for NCHW -- calling f(offset_in_plane_units, c) with the row's plane offset
-// n * sn + hw * shw precomputed per run of rows within one sample, so inner loops are unit-stride.
-template <typename F>
-void for_each_element(int64_t r0, int64_t r1, int64_t HW, int64_t C, bool channels_last, F&& f) {
-  for (int64_t m = r0; m < r1;) {
-    const int64_t n = m / HW, hw0 = m % HW, len = std::min(r1 - m, HW - hw0);
-    if (channels_last) {
-      for (int64_t i = 0; i < len; ++i)
-        for (int64_t c = 0; c < C; ++c) f(n, hw0 + i, c);
-    } else {
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t i = 0; i < len; ++i) f(n, hw0 + i, c);
-    }
-    m += len;
-  }
+// The prologue over a unit-stride span: relu((x - mean) * scale + shift), constants per element (PER: the
+// channels of one channels_last row) or one set for the span (the positions of one NCHW channel).
+template <bool PER, typename T>
+void prologue_span(const T* __restrict src, T* __restrict dst, const float* __restrict mu,
+                   const float* __restrict sc, const float* __restrict sh, int64_t len) {
+  const float m0 = mu[0], a0 = sc[0], b0 = sh[0];
+  for (int64_t i = 0; i < len; ++i)
+    dst[i] = static_cast<T>(cpu::relu_keep_nan(PER ? (cpu::ld(src, i) - mu[i]) * sc[i] + sh[i]
+                                                   : (cpu::ld(src, i) - m0) * a0 + b0));
 }
 
 // The epilogue over a unit-stride span of `len` elements from offset `base`: the channels 0..len-1 of one
@@ -63,7 +55,7 @@ struct Epilogue {
                    : (static_cast<float>(zp[i]) + a0) * g0 + b0;
       if (S) v += static_cast<float>(sp[i]);
       if (R) v += static_cast<float>(rp[i]);
-      if (RELU) v = v < 0.0f ? 0.0f : v;  // NaN stays NaN, as torch.relu
+      if (RELU) v = cpu::relu_keep_nan(v);
       op[i] = static_cast<out_t>(v);
     }
   }
@@ -92,37 +84,37 @@ struct Epilogue {
   }
 };
 
-// Per-channel sums over rows [r0, r1) of v = (z + add) * scale + beta: of v itself (center null) or of
-// (v - center)^2. Unit-stride, branch-free inner loops in either layout.
-template <typename in_t, typename Idx>
+// Per-channel sums over rows [r0, r1) of v = (z + add) * scale + beta: of v itself (CENTER false) or of
+// (v - center)^2. Unit-stride, branch-free inner loops in either layout; NCHW sums in lanes.
+template <bool CENTER, typename in_t, typename Idx>
 void tile_sums(const in_t* z, const Idx& idx, int64_t r0, int64_t r1, int64_t HW, int64_t K, bool channels_last,
-               const float* add, const float* scale, const float* beta, const float* center, float* out) {
+               const float* __restrict add, const float* __restrict scale, const float* __restrict beta,
+               const float* __restrict center, float* __restrict out) {
   for (int64_t m = r0; m < r1;) {
     const int64_t n = m / HW, hw0 = m % HW, len = std::min(r1 - m, HW - hw0);
     if (channels_last) {
       for (int64_t i = 0; i < len; ++i) {
         const in_t* __restrict row = z + idx(n, hw0 + i, 0);
-        float* __restrict acc = out;
         for (int64_t k = 0; k < K; ++k) {
-          const float v = (static_cast<float>(row[k]) + add[k]) * scale[k] + beta[k];
-          const float d = center ? v - center[k] : v;
-          acc[k] += center ? d * d : d;
+          const float v = (cpu::ld(row, k) + add[k]) * scale[k] + beta[k];
+          if constexpr (CENTER) {
+            const float d = v - center[k];
+            out[k] += d * d;
+          } else {
+            out[k] += v;
+          }
         }
       }
     } else {
       for (int64_t k = 0; k < K; ++k) {
         const in_t* __restrict col = z + idx(n, hw0, k);
-        const float a = add[k], g = scale[k], b = beta[k], mu = center ? center[k] : 0.0f;
-        float acc = 0.0f;
-        if (center) {
-          for (int64_t i = 0; i < len; ++i) {
-            const float d = (static_cast<float>(col[i]) + a) * g + b - mu;
-            acc += d * d;
-          }
-        } else {
-          for (int64_t i = 0; i < len; ++i) acc += (static_cast<float>(col[i]) + a) * g + b;
-        }
-        out[k] += acc;
+        const float a = add[k], g = scale[k], b = beta[k], mu = CENTER ? center[k] : 0.0f;
+        cpu::LaneSums<1> acc;
+        acc.add(len, [&](int64_t i, float* v) {
+          const float d = (cpu::ld(col, i) + a) * g + b - mu;
+          v[0] = CENTER ? d * d : d;
+        });
+        out[k] += acc.total(0);
       }
     }
     m += len;
@@ -168,12 +160,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
     FR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "conv_fused_cpu_prologue", [&] {
       const scalar_t* src = xd.const_data_ptr<scalar_t>();
       scalar_t* dst = xin.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, pb.N * HW, 1024, [&](int64_t begin, int64_t end) {
-        for_each_element(begin, end, HW, C, channels_last, [&](int64_t n, int64_t hw, int64_t c) {
-          const int64_t i = idx(n, hw, c);
-          dst[i] = static_cast<scalar_t>(relu_keep_nan((static_cast<float>(src[i]) - mu[c]) * sc[c] + sh[c]));
+      if (channels_last) {
+        at::parallel_for(0, pb.N * HW, 64, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t i = idx(r / HW, r % HW, 0);
+            prologue_span<true>(src + i, dst + i, mu.data(), sc.data(), sh.data(), C);
+          }
         });
-      });
+      } else {
+        at::parallel_for(0, pb.N * C, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t nc = begin; nc < end; ++nc) {
+            const int64_t c = nc % C, i = idx(nc / C, 0, c);
+            prologue_span<false>(src + i, dst + i, mu.data() + c, sc.data() + c, sh.data() + c, HW);
+          }
+        });
+      }
     });
   }
   const bool has_bn = bn_mean.has_value();
@@ -220,11 +221,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
           const float n = static_cast<float>(r1 - r0);
           std::fill(mean.begin(), mean.end(), 0.0f);
           std::fill(m2.begin(), m2.end(), 0.0f);
-          tile_sums<in_t>(zp, idx, r0, r1, PQ, K, channels_last, st_add.data(), st_scale.data(), st_beta.data(),
-                          nullptr, mean.data());
+          tile_sums<false, in_t>(zp, idx, r0, r1, PQ, K, channels_last, st_add.data(), st_scale.data(),
+                                 st_beta.data(), nullptr, mean.data());
           for (int64_t k = 0; k < K; ++k) mean[k] /= n;
-          tile_sums<in_t>(zp, idx, r0, r1, PQ, K, channels_last, st_add.data(), st_scale.data(), st_beta.data(),
-                          mean.data(), m2.data());
+          tile_sums<true, in_t>(zp, idx, r0, r1, PQ, K, channels_last, st_add.data(), st_scale.data(),
+                                st_beta.data(), mean.data(), m2.data());
           if (!has_bn)
             for (int64_t k = 0; k < K; ++k) mean[k] += add[k];  // ... and take the bias back
           std::copy(mean.begin(), mean.end(), pmean.mutable_data_ptr<float>() + t * K);

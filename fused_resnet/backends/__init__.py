@@ -37,7 +37,7 @@ AUTO_ORDER = {
     ("cuda", "eval"): ("triton", "cuda", "torch"),
     ("cuda", "train"): ("triton", "cuda", "torch"),
     ("cpu", "eval"): ("cpp", "torch"),
-    ("cpu", "train"): ("torch", "cpp"),
+    ("cpu", "train"): ("cpp", "torch"),
 }
 _DEFAULT_ORDER = ("torch",)
 

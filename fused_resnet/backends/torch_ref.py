@@ -100,13 +100,13 @@ class TorchBackend(Backend):
         return y.to(out_dtype or z.dtype)
 
     def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
-        gm = _acc(grad) * (mask_src > 0)
+        gm = torch.where(mask_src > 0, _acc(grad), 0.0)
         xhat = (_acc(z) - _ch(mean)) * _ch(invstd)
         return gm.sum(dim=(0, 2, 3)), (gm * xhat).sum(dim=(0, 2, 3))
 
     def bn_backward_apply(self, grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats,
                           want_gm):
-        gm = _acc(grad) * (mask_src > 0)
+        gm = torch.where(mask_src > 0, _acc(grad), 0.0)
         if batch_stats:
             xhat = (_acc(z) - _ch(mean)) * _ch(invstd)
             dz = _ch(scale) * (gm - _ch(sum_g / count) - xhat * _ch(sum_gx / count))
