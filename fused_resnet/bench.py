@@ -191,11 +191,8 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def time_step(step: Callable, inputs: list, device: str, warmup: int = 5, iters: int = 50) -> Timing:
-    """Median and p20/p80 of ``step`` over rotating inputs: CUDA events on a GPU, perf_counter on the CPU."""
-    for i in range(warmup):
-        step(inputs[i % len(inputs)])
-    times = []
+def _samples(step: Callable, inputs: list, device: str, iters: int, offset: int = 0) -> tuple[list[float], float]:
+    """``iters`` timed calls of ``step`` (ms each) and the peak memory they added (MiB; NaN on the CPU)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -203,18 +200,47 @@ def time_step(step: Callable, inputs: list, device: str, warmup: int = 5, iters:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         for i, (start, end) in enumerate(events):
             start.record()
-            step(inputs[i % len(inputs)])
+            step(inputs[(offset + i) % len(inputs)])
             end.record()
         torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        for i in range(iters):
-            t0 = time.perf_counter()
-            step(inputs[i % len(inputs)])
-            times.append((time.perf_counter() - t0) * 1e3)
-        peak = float("nan")
+        return [s.elapsed_time(e) for s, e in events], (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        step(inputs[(offset + i) % len(inputs)])
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times, float("nan")
+
+
+def _timing(times: list[float], peak: float) -> Timing:
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, len(times))
+
+
+def time_step(step: Callable, inputs: list, device: str, warmup: int = 5, iters: int = 50) -> Timing:
+    """Median and p20/p80 of ``step`` over rotating inputs: CUDA events on a GPU, perf_counter on the CPU."""
+    for i in range(warmup):
+        step(inputs[i % len(inputs)])
+    return _timing(*_samples(step, inputs, device, iters))
+
+
+def time_interleaved(prepared: dict[str, tuple[Callable, list]], device: str, warmup: int = 5, iters: int = 50,
+                     rounds: int = 5) -> dict[str, Timing]:
+    """Several providers of one case timed in turn, ``rounds`` times over, each round adding
+    ``iters / rounds`` samples to each: slow drift of a shared machine (clock, other tenants) then falls
+    on every provider alike instead of on whichever ran last."""
+    for step, inputs in prepared.values():
+        for i in range(warmup):
+            step(inputs[i % len(inputs)])
+    rounds = max(1, min(rounds, iters))
+    times: dict[str, list[float]] = {name: [] for name in prepared}
+    peaks: dict[str, float] = {name: float("nan") for name in prepared}
+    for r in range(rounds):
+        n = iters // rounds + (1 if r < iters % rounds else 0)
+        for name, (step, inputs) in prepared.items():
+            got, peak = _samples(step, inputs, device, n, offset=len(times[name]))
+            times[name] += got
+            peaks[name] = peak if peaks[name] != peaks[name] else max(peaks[name], peak)
+    return {name: _timing(times[name], peaks[name]) for name in prepared}
 
 
 # -------------------------------------------------------------------------------------------- roofline
@@ -300,6 +326,16 @@ def measure(provider: str, case: BenchCase, device: str, iters: int = 50, warmup
     timing = time_step(step, inputs, device, warmup=warmup, iters=iters)
     timing.extra = {**roofline(case, device, timing.median_ms), **environment(device)}
     return timing
+
+
+def measure_interleaved(prepared: dict[str, tuple[Callable, list]], case: BenchCase, device: str,
+                        iters: int = 50, warmup: int = 5, rounds: int = 5) -> dict[str, Timing]:
+    """``measure`` for several providers of one case at once, timed in interleaved rounds."""
+    timings = time_interleaved(prepared, device, warmup=warmup, iters=iters, rounds=rounds)
+    env = environment(device)
+    for timing in timings.values():
+        timing.extra = {**roofline(case, device, timing.median_ms), **env}
+    return timings
 
 
 def as_row(provider: str, case: BenchCase, timing: Timing, eager_ms: Optional[float]) -> dict:

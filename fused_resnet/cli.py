@@ -73,26 +73,33 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import as_row, measure, prepare, providers, suite
+    from .bench import as_row, measure_interleaved, prepare, providers, suite
 
     device = args.device
     cases = suite(args.suite, device)
     print(f"fused_resnet bench: device={device} suite={args.suite} ({len(cases)} cases) torch={torch.__version__}")
     rows = []
     for i, case in enumerate(cases, 1):
-        eager_ms = None
+        # Build every provider first, then time them in interleaved rounds (eager's speedup is taken
+        # from the same rounds).
+        prepared = {}
         for provider in providers(device, case, args.suite):
             if args.providers and provider not in args.providers.split(",") and provider != "eager":
                 continue
-            print(f"  [{i}/{len(cases)}] {case.id} {provider} ...", end="", flush=True)
+            print(f"  [{i}/{len(cases)}] {case.id} {provider}: prepare ...", end="", flush=True)
             try:
-                timing = measure(provider, case, device, iters=args.iters, prepared=prepare(provider, case, device))
+                prepared[provider] = prepare(provider, case, device)
+                prepared[provider][0](prepared[provider][1][0])  # compiles now, not inside a round
             except Exception as exc:  # a provider that cannot compile here is reported, not fatal
                 print(f" failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+                prepared.pop(provider, None)
                 continue
-            eager_ms = timing.median_ms if provider == "eager" else eager_ms
+            print(" ok")
+        timings = measure_interleaved(prepared, case, device, iters=args.iters)
+        eager_ms = timings["eager"].median_ms if "eager" in timings else None
+        for provider, timing in timings.items():
             rows.append(as_row(provider, case, timing, eager_ms))
-            print(f" {timing.median_ms:.3f} ms")
+            print(f"  [{i}/{len(cases)}] {case.id} {provider}: {timing.median_ms:.3f} ms")
     print()
     print(markdown_table(rows))
     if args.json:
