@@ -26,5 +26,19 @@ FR_HOST_DEVICE int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride,
   return (in + 2 * padding - kernel) / stride + 1;
 }
 
+// Implicit-GEMM addressing: output row m = (n, p, q) of a P x Q output, read through tap (r, s) of a
+// convolution with `stride` and `pad`, lands on input pixel (n, h, w); `inside` is false in the zero padding.
+struct InputTap {
+  int64_t n, h, w;
+  bool inside;
+};
+
+FR_HOST_DEVICE InputTap input_tap(int64_t m, int64_t P, int64_t Q, int64_t H, int64_t W, int64_t stride, int64_t pad,
+                                  int64_t r, int64_t s) {
+  const int64_t n = m / (P * Q), pq = m % (P * Q);
+  const int64_t h = (pq / Q) * stride - pad + r, w = (pq % Q) * stride - pad + s;
+  return {n, h, w, h >= 0 && h < H && w >= 0 && w < W};
+}
+
 }  // namespace fused_resnet
 

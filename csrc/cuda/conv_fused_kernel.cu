@@ -1,10 +1,19 @@
 // conv_fused on CUDA: an implicit-GEMM convolution with the fused prologue and epilogue of DESIGN.md
 // section 2 (the same contract as the CPU kernel and the Triton kernel).
 //
-// This first version is SIMT: 64x64 output tiles, 16-deep reduction slices staged in shared memory, each
-// of 256 threads accumulating a 4x4 patch with fp32 FMAs. It is the correctness baseline the GPU tests
-// check; tensor cores (mma.sync / WMMA, TF32 for fp32 when allowed) and a cp.async multi-stage pipeline
-// are the next step, and `auto` prefers the Triton backend on CUDA until benchmarks say otherwise.
+// One kernel, two main loops for the GEMM, one epilogue:
+// - tensor cores (WMMA, fp32 accumulation): float16 and bfloat16, and float32 as TF32 when
+//   torch.backends.cudnn.allow_tf32 is on. 64x64 output tiles, eight warps of 16x32, 64-byte reduction
+//   slices in a three-stage shared-memory ring. When x and the weights are channels-dense (channels_last,
+//   C a multiple of one 16-byte vector, 16-byte aligned) slices arrive by cp.async with zero-fill for the
+//   padding, so loads overlap the MMAs; otherwise each thread gathers its chunk with strided loads into the
+//   same ring. The prologue (BN + ReLU of the input) is applied in shared memory by the thread that loaded
+//   the chunk, after it lands and before the MMAs read it, and only to pixels inside the image: the zero
+//   padding stays zero, as it follows the transform.
+// - SIMT fp32 FMA (64x64 tiles, 4x4 per thread): float32 with TF32 off, and GPUs before sm_80.
+// The accumulators land in shared memory and each thread takes the same 4x4 patch either way, so the
+// epilogue (folded BN or bias, per-tile statistics, 1x1 shortcut as a second GEMM, residual, ReLU) is shared.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,9 +21,13 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "../conv_fused_common.h"
 #include "../dispatch.h"
@@ -58,36 +71,49 @@ struct Params {
   Strides xs, ws, os, rs, ss, sws;
 };
 
+// One GEMM of the block: the activation operand (im2col of x, optionally through the prologue) and the
+// weight operand of a conv or of the 1x1 shortcut.
+struct GemmSrc {
+  const void* x;
+  Strides xs;
+  const void* w;
+  Strides ws;
+  int64_t channels, H, W;
+  int kh, kw, stride, pad;
+  bool prologue;
+};
+
 template <typename in_t>
 __device__ __forceinline__ float load_f(const void* p, int64_t i) {
   return static_cast<float>(static_cast<const in_t*>(p)[i]);
 }
 
-// Accumulates acc += A(rows of this tile, taps x channels) * B(taps x channels, columns of this tile) for
-// an input `x` of `channels` channels, `kh x kw` taps at `stride`/`pad`, optionally through the prologue.
+__device__ __forceinline__ float prologue_f(float v, const Params& p, int64_t c) {
+  v = (v - p.in_mean[c]) * p.in_scale[c] + p.in_shift[c];
+  return v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
+}
+
+// ------------------------------------------------------------------------------------------- SIMT loop
+// Accumulates acc += A(rows of this tile, taps x channels) * B(taps x channels, columns of this tile).
 template <typename in_t>
-__device__ void reduce_tile(float (&acc)[4][4], float (*As)[kBM], float (*Bs)[kBN], const void* x, Strides xs,
-                            const void* w, Strides ws, int64_t channels, int64_t H, int64_t W, int kh, int kw,
-                            int stride, int pad, int64_t row0, int64_t col0, const Params& p, bool prologue) {
+__device__ void simt_reduce_tile(float (&acc)[4][4], float (*As)[kBM], float (*Bs)[kBN], const GemmSrc& g,
+                                 int64_t row0, int64_t col0, const Params& p) {
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
-  for (int r = 0; r < kh; ++r) {
-    for (int s = 0; s < kw; ++s) {
-      for (int64_t c0 = 0; c0 < channels; c0 += kBK) {
+  for (int r = 0; r < g.kh; ++r) {
+    for (int s = 0; s < g.kw; ++s) {
+      for (int64_t c0 = 0; c0 < g.channels; c0 += kBK) {
         // A tile: 64 rows x 16 channels, 4 elements per thread (padding zeros come after the prologue).
         for (int e = tid; e < kBM * kBK; e += kThreads) {
           const int row = e / kBK, kk = e % kBK;
           const int64_t m = row0 + row, c = c0 + kk;
           float v = 0.f;
-          if (m < p.M && c < channels) {
-            const int64_t n = m / (p.P * p.Q), pq = m % (p.P * p.Q);
-            const int64_t h = (pq / p.Q) * stride - pad + r, wi = (pq % p.Q) * stride - pad + s;
-            if (h >= 0 && h < H && wi >= 0 && wi < W) {
-              v = load_f<in_t>(x, n * xs.n + c * xs.c + h * xs.h + wi * xs.w);
-              if (prologue) {  // rounded to the input dtype, as the matrix units would be fed
-                v = (v - p.in_mean[c]) * p.in_scale[c] + p.in_shift[c];
-                v = static_cast<float>(static_cast<in_t>(v < 0.f ? 0.f : v));
-              }
+          if (m < p.M && c < g.channels) {
+            const InputTap t = input_tap(m, p.P, p.Q, g.H, g.W, g.stride, g.pad, r, s);
+            if (t.inside) {
+              v = load_f<in_t>(g.x, t.n * g.xs.n + c * g.xs.c + t.h * g.xs.h + t.w * g.xs.w);
+              // rounded to the input dtype, as the matrix units would be fed
+              if (g.prologue) v = static_cast<float>(static_cast<in_t>(prologue_f(v, p, c)));
             }
           }
           As[kk][row] = v;
@@ -96,7 +122,8 @@ __device__ void reduce_tile(float (&acc)[4][4], float (*As)[kBM], float (*Bs)[kB
         for (int e = tid; e < kBK * kBN; e += kThreads) {
           const int kk = e / kBN, col = e % kBN;
           const int64_t c = c0 + kk, k = col0 + col;
-          Bs[kk][col] = (c < channels && k < p.K) ? load_f<in_t>(w, k * ws.n + c * ws.c + r * ws.h + s * ws.w) : 0.f;
+          Bs[kk][col] = (c < g.channels && k < p.K)
+                            ? load_f<in_t>(g.w, k * g.ws.n + c * g.ws.c + r * g.ws.h + s * g.ws.w) : 0.f;
         }
         __syncthreads();
 #pragma unroll
@@ -115,17 +142,197 @@ __device__ void reduce_tile(float (&acc)[4][4], float (*As)[kBM], float (*Bs)[kB
   }
 }
 
-template <typename in_t, typename out_t>
+// ------------------------------------------------------------------------------------- tensor-core loop
+namespace wmma = nvcuda::wmma;
+
+// Per input dtype: the element the matrix units read, the WMMA precision tag, the reduction slice (64
+// bytes of channels) and the MMA depth.
+template <typename in_t>
+struct Tc;
+template <>
+struct Tc<float> {
+  using elem = float;
+  using prec = wmma::precision::tf32;
+  static constexpr int kBK = 16, kWK = 8;
+};
+template <>
+struct Tc<c10::Half> {
+  using elem = __half;
+  using prec = __half;
+  static constexpr int kBK = 32, kWK = 16;
+};
+template <>
+struct Tc<c10::BFloat16> {
+  using elem = __nv_bfloat16;
+  using prec = __nv_bfloat16;
+  static constexpr int kBK = 32, kWK = 16;
+};
+
+constexpr int kStages = 3;
+constexpr int kVecBytes = 16;                      // one cp.async / one thread's chunk
+constexpr int kSliceBytes = 64;                    // one row of a reduction slice
+constexpr int kRowBytes = kSliceBytes + kVecBytes;  // padded: WMMA wants 32-byte aligned fragments and
+                                                    // the pad staggers banks
+constexpr int kStageBytes = (kBM + kBN) * kRowBytes;
+constexpr int kCsLd = kBN + 4;  // float accumulator tile, row-major
+constexpr int kSmemBytes = kStages * kStageBytes > kBM * kCsLd * 4 ? kStages * kStageBytes : kBM * kCsLd * 4;
+static_assert(kThreads == kBM * (kSliceBytes / kVecBytes), "one A chunk and one B chunk per thread per slice");
+static_assert(kBM == 64 && kBN == 64 && kThreads == 256, "warp tiling below: 4 x 2 warps of 16 x 32");
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// acc += the tile's GEMM over g, on tensor cores; the 64x64 float result lands in shared memory and each
+// thread takes its 4x4 patch (the SIMT loop's ownership), so the epilogue is the same for both loops.
+template <typename in_t, bool ASYNC>
+__device__ void tc_reduce_tile(float (&out)[4][4], unsigned char* smem, const GemmSrc& g, int64_t row0,
+                               int64_t col0, const Params& p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using T = Tc<in_t>;
+  using elem = typename T::elem;
+  constexpr int V = kVecBytes / sizeof(in_t), BK = T::kBK, LD = kRowBytes / sizeof(in_t);
+  static_assert(BK * sizeof(in_t) == kSliceBytes, "a slice row is 64 bytes");
+  const int tid = threadIdx.x, warp = tid / 32, wm = warp % 4, wn = warp / 4;
+  // This thread's chunk of every slice: A row `arow`, B column `arow`, channels [kc, kc + V).
+  const int arow = tid / (BK / V), kc = (tid % (BK / V)) * V;
+  const int64_t m = row0 + arow, k = col0 + arow;
+  const int64_t cblocks = (g.channels + BK - 1) / BK, slices = g.kh * g.kw * cblocks;
+
+  auto a_of = [&](int stage) { return reinterpret_cast<in_t*>(smem + stage * kStageBytes); };
+  auto b_of = [&](int stage) { return reinterpret_cast<in_t*>(smem + stage * kStageBytes + kBM * kRowBytes); };
+  struct Slice {
+    int r, s;
+    int64_t c0;
+  };
+  auto slice_of = [&](int64_t t) {
+    const int64_t rs = t / cblocks;
+    return Slice{static_cast<int>(rs / g.kw), static_cast<int>(rs % g.kw), (t % cblocks) * BK};
+  };
+
+  auto load = [&](int64_t t, int stage) {
+    const Slice sl = slice_of(t);
+    const int64_t c = sl.c0 + kc;
+    const InputTap tap = input_tap(m, p.P, p.Q, g.H, g.W, g.stride, g.pad, sl.r, sl.s);
+    const bool pix = m < p.M && tap.inside;
+    const int64_t xo = tap.n * g.xs.n + c * g.xs.c + tap.h * g.xs.h + tap.w * g.xs.w;
+    const int64_t wo = k * g.ws.n + c * g.ws.c + sl.r * g.ws.h + sl.s * g.ws.w;
+    in_t* a = a_of(stage) + arow * LD + kc;
+    in_t* b = b_of(stage) + arow * LD + kc;
+    const in_t* x = static_cast<const in_t*>(g.x);
+    const in_t* w = static_cast<const in_t*>(g.w);
+    if constexpr (ASYNC) {  // whole vectors: channels % V == 0 was checked on the host
+      const bool a_ok = pix && c < g.channels, b_ok = k < p.K && c < g.channels;
+      cp_async16(a, a_ok ? x + xo : x, a_ok ? kVecBytes : 0);
+      cp_async16(b, b_ok ? w + wo : w, b_ok ? kVecBytes : 0);
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const bool in_c = c + e < g.channels;
+        a[e] = pix && in_c ? x[xo + e * g.xs.c] : in_t(0.f);
+        b[e] = k < p.K && in_c ? w[wo + e * g.ws.c] : in_t(0.f);
+      }
+    }
+  };
+  // The prologue on this thread's own A chunk of slice t, once it has landed.
+  auto transform = [&](int64_t t, int stage) {
+    const Slice sl = slice_of(t);
+    const int64_t c = sl.c0 + kc;
+    if (!(m < p.M && input_tap(m, p.P, p.Q, g.H, g.W, g.stride, g.pad, sl.r, sl.s).inside)) return;
+    in_t* a = a_of(stage) + arow * LD + kc;
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      if (c + e < g.channels) a[e] = static_cast<in_t>(prologue_f(static_cast<float>(a[e]), p, c + e));
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, T::kWK, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.f);
+  wmma::fill_fragment(acc[1], 0.f);
+  auto compute = [&](int stage) {
+    const elem* A = reinterpret_cast<const elem*>(a_of(stage)) + (wm * 16) * LD;
+    const elem* B = reinterpret_cast<const elem*>(b_of(stage)) + (wn * 32) * LD;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += T::kWK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, T::kWK, typename T::prec, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, A + kk, LD);
+      if constexpr (sizeof(in_t) == 4)
+        for (int i = 0; i < fa.num_elements; ++i) fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        // B is stored column by column (an output channel's slice is one padded row): col_major.
+        wmma::fragment<wmma::matrix_b, 16, 16, T::kWK, typename T::prec, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, B + (j * 16) * LD + kk, LD);
+        if constexpr (sizeof(in_t) == 4)
+          for (int i = 0; i < fb.num_elements; ++i) fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
+        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      }
+    }
+  };
+
+  // The ring: slice t lives in stage t % kStages; kStages - 1 slices are in flight while one is multiplied.
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < slices) load(st, st);
+    cp_async_commit();
+  }
+  for (int64_t t = 0; t < slices; ++t) {
+    const int stage = static_cast<int>(t % kStages);
+    cp_async_wait<kStages - 2>();  // this thread's copies of slice t are done ...
+    if (g.prologue) transform(t, stage);
+    __syncthreads();  // ... and everyone's; and stage (t - 1) % kStages is free again
+    compute(stage);
+    if (t + kStages - 1 < slices) load(t + kStages - 1, static_cast<int>((t + kStages - 1) % kStages));
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  float* cs = reinterpret_cast<float*>(smem);  // the ring is done: its memory takes the accumulators
+  wmma::store_matrix_sync(cs + (wm * 16) * kCsLd + wn * 32, acc[0], kCsLd, wmma::mem_row_major);
+  wmma::store_matrix_sync(cs + (wm * 16) * kCsLd + wn * 32 + 16, acc[1], kCsLd, wmma::mem_row_major);
+  __syncthreads();
+  const int tx = tid % 16, ty = tid / 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[i][j] = cs[(ty * 4 + i) * kCsLd + tx * 4 + j];
+  __syncthreads();  // before the next GEMM's loads reuse the memory
+#else
+  __trap();  // the host launches tensor-core kernels on sm_80 and newer only
+#endif
+}
+
+enum class Loop { kSimt, kTensorCore, kTensorCoreAsync };
+
+template <typename in_t, typename out_t, Loop LOOP>
 __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
-  __shared__ float As[kBK][kBM];
-  __shared__ float Bs[kBK][kBN];
+  __shared__ __align__(128) unsigned char smem[kSmemBytes];
   __shared__ float red[16][kBN];  // per-column partial sums across the 16 row groups
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM, col0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  auto gemm = [&](float (&acc)[4][4], const GemmSrc& g) {
+    if constexpr (LOOP == Loop::kSimt) {
+      simt_reduce_tile<in_t>(acc, reinterpret_cast<float(*)[kBM]>(smem),
+                             reinterpret_cast<float(*)[kBN]>(smem + kBK * kBM * sizeof(float)), g, row0, col0, p);
+    } else {
+      tc_reduce_tile<in_t, LOOP == Loop::kTensorCoreAsync>(acc, smem, g, row0, col0, p);
+    }
+  };
 
   float acc[4][4] = {};
-  reduce_tile<in_t>(acc, As, Bs, p.x, p.xs, p.w, p.ws, p.C, p.H, p.W, p.kh, p.kw, p.stride, p.pad, row0, col0, p,
-                    p.in_scale != nullptr);
+  gemm(acc, GemmSrc{p.x, p.xs, p.w, p.ws, p.C, p.H, p.W, p.kh, p.kw, p.stride, p.pad, p.in_scale != nullptr});
 
   // Epilogue constants of this thread's 4 columns.
   float add[4], center[4], scale[4], beta[4];
@@ -184,8 +391,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
   float sc[4][4] = {};
   if (p.scw) {
     __syncthreads();
-    reduce_tile<in_t>(sc, As, Bs, p.scx, p.ss, p.scw, p.sws, p.SC_C, p.SC_H, p.SC_W, 1, 1, p.sc_stride, 0, row0,
-                      col0, p, false);
+    gemm(sc, GemmSrc{p.scx, p.ss, p.scw, p.sws, p.SC_C, p.SC_H, p.SC_W, 1, 1, p.sc_stride, 0, false});
   }
   for (int i = 0; i < 4; ++i) {
     const int64_t m = row0 + ty * 4 + i;
@@ -206,6 +412,37 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
       static_cast<out_t*>(p.out)[o] = static_cast<out_t>(v);
     }
   }
+}
+
+// The SIMT loop serves float32 only (TF32 off, or a GPU before sm_80): 16-bit inputs always have tensor cores
+// on the architectures this extension is built for, so their SIMT variants are not instantiated.
+template <typename in_t, typename out_t>
+void launch_simt(dim3 grid, cudaStream_t stream, const Params& p) {
+  if constexpr (std::is_same_v<in_t, float>) {
+    conv_bn_act_kernel<in_t, out_t, Loop::kSimt><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    TORCH_CHECK(false, "conv_fused: float16/bfloat16 need a GPU with compute capability 8.0 or newer");
+  }
+}
+
+// Channels-dense operands (NHWC activations, KRSC weights) whose channel vectors are whole 16-byte,
+// 16-byte-aligned units: what cp.async copies.
+bool vector_dense(const at::Tensor& t) {
+  const int64_t v = kVecBytes / t.element_size();
+  const auto addr = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  auto whole = [&](int d) { return t.size(d) == 1 || t.stride(d) % v == 0; };  // a size-1 dim is never stepped
+  return t.stride(1) == 1 && t.size(1) % v == 0 && whole(0) && whole(2) && whole(3) && addr % kVecBytes == 0;
+}
+
+Loop choose_loop(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& sc_x,
+                 const c10::optional<at::Tensor>& sc_weight) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
+  const bool tf32 = at::globalContext().allowTF32CuDNN();  // what cuDNN's convolutions follow too
+  if (major < 8 || (x.scalar_type() == at::kFloat && !tf32)) return Loop::kSimt;
+  const bool dense = vector_dense(x) && vector_dense(weight) &&
+                     (!sc_x.has_value() || (vector_dense(*sc_x) && vector_dense(*sc_weight)));
+  return dense ? Loop::kTensorCoreAsync : Loop::kTensorCore;
 }
 
 const float* f32_or_null(const c10::optional<at::Tensor>& v, at::Tensor& keep) {
@@ -263,10 +500,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
 
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((pb.K + kBN - 1) / kBN));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const Loop loop = choose_loop(x, weight, sc_x, sc_weight);
   FR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "conv_fused_cuda", [&] {
     using in_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "conv_fused_cuda_out", [&] {
-      conv_bn_act_kernel<in_t, scalar_t><<<grid, kThreads, 0, stream>>>(p);
+      switch (loop) {
+        case Loop::kTensorCoreAsync:
+          conv_bn_act_kernel<in_t, scalar_t, Loop::kTensorCoreAsync><<<grid, kThreads, 0, stream>>>(p);
+          break;
+        case Loop::kTensorCore:
+          conv_bn_act_kernel<in_t, scalar_t, Loop::kTensorCore><<<grid, kThreads, 0, stream>>>(p);
+          break;
+        case Loop::kSimt:
+          launch_simt<in_t, scalar_t>(grid, stream, p);
+          break;
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
