@@ -95,7 +95,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 prepared.pop(provider, None)
                 continue
             print(" ok")
-        timings = measure_interleaved(prepared, case, device, iters=args.iters)
+        timings = measure_interleaved(prepared, case, device, iters=args.iters, rounds=args.rounds)
         eager_ms = timings["eager"].median_ms if "eager" in timings else None
         for provider, timing in timings.items():
             rows.append(as_row(provider, case, timing, eager_ms))
@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", default="short", choices=["quick", "short", "default", "full"])
     bench.add_argument("--providers", default="", help="comma-separated subset (eager always runs)")
     bench.add_argument("--iters", type=int, default=30)
+    bench.add_argument("--rounds", type=int, default=5,
+                       help="interleaved rounds the iterations are split into (each round times every provider)")
     bench.add_argument("--json", default=None, help="also write the rows here")
     bench.set_defaults(func=cmd_bench)
 

@@ -177,6 +177,7 @@ def test_backend_registry_and_environment(monkeypatch):
     x = torch.randn(1, 1, 1, 1)
     assert resolve_backend("torch", x, False).name == "torch"
     assert resolve_backend("auto", x, False).name in names
+    assert resolve_backend("auto", x, True) is None  # CPU training: the seed route (AUTO_ORDER)
     monkeypatch.setenv("FUSED_RESNET_BACKEND", "torch")
     assert resolve_backend("auto", x, True).name == "torch"
     monkeypatch.setenv("FUSED_RESNET_BACKEND", "bogus")
@@ -189,3 +190,26 @@ def test_backend_registry_and_environment(monkeypatch):
     if "cpp" in names:
         with pytest.raises(BackendUnavailable, match="cannot run this input"):
             resolve_backend("cpp", x.double(), False)
+
+
+def test_auto_seed_route_is_the_seed_forward():
+    """Where AUTO_ORDER names the seed route (CPU training), an auto block runs the seed's own modules:
+    bit for bit what eager gives, forward, running statistics and gradients, with no fused op called."""
+    from fused_resnet.backends import AUTO_ORDER, SEED_ROUTE
+    assert AUTO_ORDER[("cpu", "train")] == (SEED_ROUTE,)
+    seed = randomize_(reference.Residual(3, 6, True, 2))
+    fused = fused_resnet.Residual.from_seed(copy.deepcopy(seed))  # auto
+    x = torch.randn(2, 3, 7, 7)
+    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.profiler.profile() as prof:
+        yf = fused(xf)
+        yf.square().sum().backward()
+    assert not [e.key for e in prof.events() if e.key.startswith("fused_resnet::")]
+    ys = seed(xs)
+    ys.square().sum().backward()
+    assert torch.equal(yf, ys) and torch.equal(xf.grad, xs.grad)
+    for (name, a), b in zip(fused.state_dict().items(), seed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(fused.named_parameters(), seed.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+

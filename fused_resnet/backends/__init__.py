@@ -17,7 +17,7 @@ from torch import Tensor
 from .base import Backend, BNFold, ConvOut
 
 __all__ = ["Backend", "BNFold", "ConvOut", "available_backends", "get_backend", "resolve_backend",
-           "BACKEND_NAMES", "AUTO_ORDER"]
+           "BACKEND_NAMES", "AUTO_ORDER", "SEED_ROUTE"]
 
 # name -> (module, attribute); a backend whose module fails to import (no Triton, nothing compiled) is
 # simply absent.
@@ -30,14 +30,17 @@ _MODULES = {
 BACKEND_NAMES = tuple(_MODULES)
 
 # Preference per (device type, mode) for "auto", from measurements; "torch" ends or leads every list, so
-# auto always succeeds. CPU, float32 NCHW 24x24x64 batch 8, 2-core x86, torch 2.14.1, 2026-11-25
-# (`python -m fused_resnet bench --device cpu --suite short`): eval, cpp 1.72x eager and torch 1.30x
-# (1x1 block: 0.91x and 0.83x); train forward+backward, torch 0.85-0.92x and cpp 0.64-0.68x.
+# auto always succeeds. SEED_ROUTE is not a backend: where no fused backend was measured at least as fast
+# as the seed block in eager PyTorch, auto runs the block's own seed forward (PyTorch's conv, BN, ReLU).
+# CPU, float32 NCHW, batch 8, the 96-resize seed shapes, 2-core x86, torch 2.14.1, 2026-11-25 (providers
+# timed in interleaved rounds, README "The compiled extension"): eval, cpp 0.98-1.12x eager; train
+# forward+backward, cpp 0.88-0.95x and torch 0.62-0.85x -- so CPU training takes the seed route.
+SEED_ROUTE = "seed"
 AUTO_ORDER = {
     ("cuda", "eval"): ("triton", "cuda", "torch"),
     ("cuda", "train"): ("triton", "cuda", "torch"),
     ("cpu", "eval"): ("cpp", "torch"),
-    ("cpu", "train"): ("cpp", "torch"),
+    ("cpu", "train"): (SEED_ROUTE,),
 }
 _DEFAULT_ORDER = ("torch",)
 
@@ -86,8 +89,9 @@ def requested_backend(name: str) -> str:
 
 
 def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, training: bool) -> str:
-    """The backend that runs an input: the named one (an error says why it cannot), or auto's choice.
-    A constant for torch.compile: resolved once while tracing, never traced into."""
+    """The backend that runs an input: the named one (an error says why it cannot), or auto's choice
+    (``SEED_ROUTE`` where the seed's own forward is the fastest measured). A constant for torch.compile:
+    resolved once while tracing, never traced into."""
     name = requested_backend(name)
     if name != "auto":
         reason = get_backend(name).supports(device_type, dtype, training)
@@ -95,6 +99,8 @@ def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, traini
             raise BackendUnavailable(f"backend {name!r} cannot run this input: {reason}")
         return name
     for candidate in AUTO_ORDER.get((device_type, "train" if training else "eval"), _DEFAULT_ORDER):
+        if candidate == SEED_ROUTE:
+            return candidate
         backend = _load(candidate)
         if backend is not None and backend.complete and backend.supports(device_type, dtype, training) is None:
             return candidate
@@ -106,6 +112,7 @@ def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, traini
 resolve_backend_name._dynamo_marked_constant = True
 
 
-def resolve_backend(name: str, x: Tensor, training: bool) -> Backend:
-    """The backend object that runs ``x``: see ``resolve_backend_name``."""
-    return get_backend(resolve_backend_name(name, x.device.type, x.dtype, training))
+def resolve_backend(name: str, x: Tensor, training: bool) -> Optional[Backend]:
+    """The backend object that runs ``x``, or None for the seed route: see ``resolve_backend_name``."""
+    name = resolve_backend_name(name, x.device.type, x.dtype, training)
+    return None if name == SEED_ROUTE else get_backend(name)
