@@ -80,12 +80,17 @@ struct ConvOutputs {
   at::Tensor out, sc_out, pmean, pm2, pcount;
 };
 
+// `reuse_out` / `reuse_sc`, when defined, are private temporaries of the kernel (already of the output's
+// shape, dtype and layout) that the epilogue overwrites element by element: returned instead of new memory.
 inline ConvOutputs allocate_conv_outputs(const at::Tensor& x, const ConvProblem& pb, at::ScalarType out_dtype,
-                                         bool shortcut_out, bool stats) {
+                                         bool shortcut_out, bool stats, const at::Tensor& reuse_out = {},
+                                         const at::Tensor& reuse_sc = {}) {
   const auto f32 = x.options().dtype(at::kFloat);
   ConvOutputs o;
-  o.out = at::empty({pb.N, pb.K, pb.P, pb.Q}, x.options().dtype(out_dtype).memory_format(conv_output_format(x)));
-  o.sc_out = shortcut_out ? at::empty_like(o.out) : at::empty({0}, f32);
+  o.out = reuse_out.defined()
+              ? reuse_out
+              : at::empty({pb.N, pb.K, pb.P, pb.Q}, x.options().dtype(out_dtype).memory_format(conv_output_format(x)));
+  o.sc_out = !shortcut_out ? at::empty({0}, f32) : reuse_sc.defined() ? reuse_sc : at::empty_like(o.out);
   const int64_t tiles = (pb.M + kStatsTileRows - 1) / kStatsTileRows;
   o.pmean = stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
   o.pm2 = stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);

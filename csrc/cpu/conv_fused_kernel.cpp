@@ -46,8 +46,8 @@ struct Epilogue {
   const float *add, *center, *scale, *beta;
 
   template <bool CL, bool RELU, bool S, bool R>
-  static void run(const in_t* __restrict zp, const in_t* __restrict sp, const out_t* __restrict rp,
-                  out_t* __restrict op, const float* __restrict a, const float* __restrict c,
+  // zp and op may be the same memory (the epilogue in place): element i is read before it is written.
+  static void run(const in_t* zp, const in_t* __restrict sp, const out_t* __restrict rp, out_t* op, const float* __restrict a, const float* __restrict c,
                   const float* __restrict g, const float* __restrict b, int64_t len) {
     const float a0 = a[0] - c[0], g0 = g[0], b0 = b[0];  // NCHW: one channel for the whole span
     for (int64_t i = 0; i < len; ++i) {
@@ -62,18 +62,20 @@ struct Epilogue {
 
   template <bool CL, bool RELU>
   void span(int64_t base, int64_t k0, int64_t len) const {
-    // Locals with __restrict: the stores below cannot alias the members, so the loops vectorise.
-    const in_t* __restrict zp = z + base;
+    // Locals with __restrict: the stores below cannot alias the members, so the loops vectorise (z and
+    // out may be one buffer, so they are not restrict).
+    const in_t* zp = z + base;
     const in_t* __restrict sp = s ? s + base : nullptr;
     const out_t* __restrict rp = res ? res + base : nullptr;
-    out_t* __restrict op = out + base;
+    out_t* op = out + base;
     out_t* __restrict sop = sc_out ? sc_out + base : nullptr;
     const float* __restrict a = add + k0;
     const float* __restrict c = center + k0;
     const float* __restrict g = scale + k0;
     const float* __restrict b = beta + k0;
-    if (sop) {
-      for (int64_t i = 0; i < len; ++i) sop[i] = static_cast<out_t>(static_cast<float>(sp[i]));
+    if (sop) {  // the shortcut kept apart: its own output (nothing to copy when it is s itself)
+      if (static_cast<const void*>(sop) != static_cast<const void*>(sp))
+        for (int64_t i = 0; i < len; ++i) sop[i] = static_cast<out_t>(static_cast<float>(sp[i]));
       sp = nullptr;
     }
     // Branch-free loops, one per (shortcut?, residual?) combination, so each vectorises.
@@ -196,7 +198,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
       center[k] = m[k], scale[k] = g[k] / std::sqrt(v[k] + static_cast<float>(bn_eps)), beta[k] = b[k];
     }
   }
-  const ConvOutputs outs = allocate_conv_outputs(x, pb, out_dtype, has_sc && sc_separate, stats);
+  // z and s are this call's own temporaries in the output's layout: when the output dtype is theirs, the
+  // epilogue overwrites them in place and they are returned (no second activation-sized buffer).
+  const bool in_place = out_dtype == x.scalar_type();
+  const ConvOutputs outs = allocate_conv_outputs(x, pb, out_dtype, has_sc && sc_separate, stats,
+                                                 in_place ? z : at::Tensor(),
+                                                 in_place && has_sc && sc_separate ? s : at::Tensor());
   const at::Tensor &out = outs.out, &sc_out = outs.sc_out, &pmean = outs.pmean, &pm2 = outs.pm2,
                    &pcount = outs.pcount;
   const int64_t tiles = pmean.numel() ? pmean.size(0) : 0;
