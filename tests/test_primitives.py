@@ -39,7 +39,10 @@ VARIANTS = [
     ("prologue-stats-shortcut", 3, 1, dict(bias=True, prologue=True, stats=True, shortcut="separate")),
     ("1x1-s2", 1, 2, dict(bias=True, relu=True)),
 ]
-SHAPES = [(2, 5, 7, 7, 5), (2, 3, 9, 11, 24), (3, 13, 5, 5, 16)]
+# (n, c, h, w, k). The last has channel counts that fill whole 16-byte vectors (8 x 16-bit, 4 x fp32):
+# in channels_last, with channels_last weights as a converted model has, the CUDA kernel takes its
+# cp.async path there and its strided-gather path on the others.
+SHAPES = [(2, 5, 7, 7, 5), (2, 3, 9, 11, 24), (3, 13, 5, 5, 16), (2, 8, 6, 7, 16)]
 
 
 @pytest.mark.parametrize("fmt", list(FMT))
@@ -55,6 +58,7 @@ def test_conv_fused_matches_torch(backend, device, dtype, variant, shape, fmt):
         pytest.skip(be.supports(device, dtype, False))
     x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=FMT[fmt])
     weight = (torch.randn(k, c, kernel, kernel, device=device) / (c * kernel * kernel) ** 0.5).to(dtype)
+    weight = weight.contiguous(memory_format=FMT[fmt])  # as model.to(memory_format=...) lays them out
     pad = kernel // 2
     p, q = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
     kw = dict(stride=stride, padding=pad, relu=opt.get("relu", False), stats=opt.get("stats", False))
@@ -67,10 +71,11 @@ def test_conv_fused_matches_torch(backend, device, dtype, variant, shape, fmt):
     if opt.get("residual"):
         kw["residual"] = torch.randn(n, k, p, q, device=device, dtype=dtype).contiguous(memory_format=FMT[fmt])
     if opt.get("shortcut"):
-        sc_c = c + 2
+        sc_c = c + 8  # a whole number of vectors exactly when c is
         kw["sc_x"] = torch.randn(n, sc_c, h * stride, w * stride, device=device, dtype=dtype)
         kw["sc_x"] = kw["sc_x"].contiguous(memory_format=FMT[fmt])
         kw["sc_weight"] = (torch.randn(k, sc_c, 1, 1, device=device) / sc_c ** 0.5).to(dtype)
+        kw["sc_weight"] = kw["sc_weight"].contiguous(memory_format=FMT[fmt])
         kw["sc_bias"] = _vec(k, device).to(dtype)
         kw["sc_stride"] = stride
         kw["sc_separate"] = opt["shortcut"] == "separate"
