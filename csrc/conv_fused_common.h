@@ -76,6 +76,26 @@ inline ConvProblem check_conv_fused(
 }
 
 // conv_fused's outputs, allocated in the layout eager's convolution gives for x; unused ones are empty.
+// im2col: checks and the (N * P * Q, C * kernel * kernel) output.
+struct Im2colProblem {
+  int64_t N, C, H, W, P, Q;
+};
+
+inline Im2colProblem check_im2col(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding,
+                                  c10::DeviceType device) {
+  const char* op = "im2col";
+  check_activation(x, op, "x", x);
+  TORCH_CHECK(x.device().type() == device, op, ": x must be on ", device, ", got ", x.device());
+  TORCH_CHECK(kernel >= 1 && stride >= 1 && padding >= 0, op, ": need kernel >= 1, stride >= 1, padding >= 0, got ",
+              kernel, ", ", stride, ", ", padding);
+  const int64_t P = conv_out_size(x.size(2), kernel, stride, padding), Q = conv_out_size(x.size(3), kernel, stride, padding);
+  TORCH_CHECK(P > 0 && Q > 0, op, ": a ", kernel, "x", kernel, " kernel does not fit the ", x.size(2), "x", x.size(3),
+              " input with padding ", padding);
+  return {x.size(0), x.size(1), x.size(2), x.size(3), P, Q};
+}
+
+inline Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
 struct ConvOutputs {
   at::Tensor out, sc_out, pmean, pm2, pcount;
 };

@@ -40,5 +40,20 @@ FR_HOST_DEVICE InputTap input_tap(int64_t m, int64_t P, int64_t Q, int64_t H, in
   return {n, h, w, h >= 0 && h < H && w >= 0 && w < W};
 }
 
+// Element strides of a 4-D (N, C, H, W) tensor in any layout.
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+// The im2col matrix of a kernel x kernel convolution: row m = (n, p, q) as above, column
+// col = (c * kernel + r) * kernel + s (F.unfold's order); the source element's offset in x, or -1 where
+// the tap falls in the zero padding.
+FR_HOST_DEVICE int64_t im2col_source(int64_t m, int64_t col, int64_t kernel, int64_t P, int64_t Q, int64_t H,
+                                     int64_t W, int64_t stride, int64_t pad, Strides4 xs) {
+  const int64_t c = col / (kernel * kernel), rs = col % (kernel * kernel);
+  const InputTap t = input_tap(m, P, Q, H, W, stride, pad, rs / kernel, rs % kernel);
+  return t.inside ? t.n * xs.n + c * xs.c + t.h * xs.h + t.w * xs.w : -1;
+}
+
 }  // namespace fused_resnet
 

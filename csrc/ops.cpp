@@ -26,6 +26,9 @@ TORCH_LIBRARY(fused_resnet, m) {
         "Tensor? bn_var, Tensor? bn_gamma, Tensor? bn_beta, float bn_eps, Tensor? in_mean, Tensor? in_scale, "
         "Tensor? in_shift, Tensor? residual, Tensor? sc_x, Tensor? sc_weight, Tensor? sc_bias, int sc_stride, "
         "bool sc_separate, bool relu, bool stats, ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gather conv_fused performs, as a matrix: row n * P * Q + p * Q + q, column (c * kernel + r) * kernel +
+  // s (F.unfold's order), zeros in the padding. For tests and for inspecting the addressing.
+  m.def("im2col(Tensor x, int kernel, int stride, int padding) -> Tensor");
   // Merge per-tile statistics into (scale, shift, mean, invstd) per channel, y = (z - mean) * scale + shift;
   // updates the running statistics in place (unbiased variance) when they are given.
   m.def("bn_finalize(Tensor part_mean, Tensor part_m2, Tensor part_count, Tensor gamma, Tensor beta, float eps, "

@@ -73,25 +73,58 @@ def _normalizer(be: Backend, k: ConvOut, batch_stats: bool, gamma: Tensor, beta:
                           running_mean if update else None, running_var if update else None, factor)
 
 
+class _Conv1Function(torch.autograd.Function):
+    """K1: conv1 (+ bias) and BN1's per-tile statistics (returned, not differentiable). A node of its own so
+    that, as in eager, the weight gradients of conv2 (and the shortcut) are accumulated and freed before
+    conv1's is computed: one weight gradient alive at a time. (As one node, all of them were alive together
+    at the end of the backward; at 3x3x512 on the CPU that peak made glibc trim and re-fault ~38 MB a step.)"""
+
+    @staticmethod
+    def forward(ctx, backend_name: str, stride: int, batch_stats: bool, x: Tensor, w1: Tensor,
+                b1: Optional[Tensor]):
+        be: Backend = get_backend(backend_name)
+        with stage("K1 conv3x3+bias+stats"):
+            k1 = be.conv_fused(x, w1, b1, stride=stride, padding=1, stats=batch_stats)
+        ctx.backend_name, ctx.stride, ctx.batch_stats = backend_name, stride, batch_stats
+        ctx.save_for_backward(x, w1)
+        parts = (k1.part_mean, k1.part_m2, k1.part_count)
+        ctx.mark_non_differentiable(*parts)
+        return (k1.out, *parts)
+
+    @staticmethod
+    def backward(ctx, dz1: Tensor, *_):
+        be: Backend = get_backend(ctx.backend_name)
+        x, w1 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with stage("B conv1 backward"):
+            dx, dw1, db1 = be.conv_backward(dz1, x, w1, ctx.stride, 1,
+                                            (needs[3], needs[4], needs[5] and not ctx.batch_stats))
+        if ctx.batch_stats and needs[5]:
+            # A conv bias followed by a batch-statistics BN shifts the batch mean by itself: its gradient,
+            # sum(dZ), is exactly zero (eager returns rounding noise around it). Skip the reduction.
+            db1 = torch.zeros(w1.shape[0], dtype=w1.dtype, device=w1.device)
+        return None, None, None, dx, dw1, db1
+
+
 class _ResidualFunction(torch.autograd.Function):
-    """Forward: K1 (conv1 + statistics), F1, K2 (BN1+ReLU prologue, conv2 + statistics, 1x1 shortcut),
-    F2, K3 (BN2 + shortcut + ReLU). With ``batch_stats=False`` the running statistics are used instead
-    and nothing is updated (eval mode with gradients)."""
+    """After K1: F1, K2 (BN1+ReLU prologue, conv2 + statistics, 1x1 shortcut), F2, K3 (BN2 + shortcut +
+    ReLU). With ``batch_stats=False`` the running statistics are used instead and nothing is updated (eval
+    mode with gradients). Its backward returns dZ1 to K1's node and the shortcut's share of dX."""
 
     @staticmethod
     def forward(ctx, backend_name: str, stride: int, stats: tuple[bool, bool], eps1: float, eps2: float,
                 factor1: float, factor2: float, x: Tensor, x_res: Optional[Tensor],
-                w1: Tensor, b1: Tensor, g1: Tensor, be1: Tensor, rm1: Tensor, rv1: Tensor,
+                z1: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor,
+                g1: Tensor, be1: Tensor, rm1: Tensor, rv1: Tensor,
                 w2: Tensor, b2: Tensor, g2: Tensor, be2: Tensor, rm2: Tensor, rv2: Tensor,
                 w3: Optional[Tensor], b3: Optional[Tensor]) -> Tensor:
         be: Backend = get_backend(backend_name)
         bs1, bs2 = stats
-        with stage("K1 conv3x3+bias+stats"):
-            k1 = be.conv_fused(x, w1, b1, stride=stride, padding=1, stats=bs1)
         with stage("F1 bn_finalize"):
-            f1 = _normalizer(be, k1, bs1, g1, be1, eps1, rm1, rv1, factor1)
+            f1 = _normalizer(be, ConvOut(z1, None, part_mean, part_m2, part_count), bs1, g1, be1, eps1, rm1, rv1,
+                             factor1)
         with stage("K2 bn+relu>conv3x3+bias+stats" + ("+conv1x1" if w3 is not None else "")):
-            k2 = be.conv_fused(k1.out, w2, b2, stride=1, padding=1, in_mean=f1.mean, in_scale=f1.scale,
+            k2 = be.conv_fused(z1, w2, b2, stride=1, padding=1, in_mean=f1.mean, in_scale=f1.scale,
                                in_shift=f1.shift,
                                sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=b3, sc_stride=stride,
                                sc_separate=True, stats=bs2)
@@ -108,14 +141,14 @@ class _ResidualFunction(torch.autograd.Function):
         ctx.backend_name, ctx.stride, ctx.stats = backend_name, stride, stats
         ctx.res_dtype = x_res.dtype if x_res is not None else None
         ctx.param_dtype = g1.dtype
-        ctx.save_for_backward(x, k1.out, k2.out, out, w1, w2, w3, f1.scale, f1.shift, f1.mean, f1.invstd,
-                              f2.scale, f2.mean, f2.invstd)
+        ctx.save_for_backward(x if w3 is not None else None, z1, k2.out, out, w2, w3, f1.scale, f1.shift,
+                              f1.mean, f1.invstd, f2.scale, f2.mean, f2.invstd)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         be: Backend = get_backend(ctx.backend_name)
-        (x, z1, z2, out, w1, w2, w3, a1, c1, mean1, invstd1, a2, mean2, invstd2) = ctx.saved_tensors
+        (x, z1, z2, out, w2, w3, a1, c1, mean1, invstd1, a2, mean2, invstd2) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         stride, (bs1, bs2) = ctx.stride, ctx.stats
         grad = grad.contiguous(memory_format=_memory_format(out))
@@ -129,36 +162,30 @@ class _ResidualFunction(torch.autograd.Function):
         # conv2 on Y1 = relu(BN1(Z1)), recomputed rather than saved; Y1 also gives ReLU1's mask.
         with stage("B conv2 backward (Y1 recomputed)"):
             y1 = be.bn_act(z1, mean1, a1, c1, relu=True)
-            dy1, dw2, db2 = be.conv_backward(dz2, y1, w2, 1, 1, (True, needs[15], needs[16] and not bs2))
+            dy1, dw2, db2 = be.conv_backward(dz2, y1, w2, 1, 1, (True, needs[17], needs[18] and not bs2))
+        del dz2
         count1 = z1.shape[0] * z1.shape[2] * z1.shape[3]
         with stage("B1 relu+bn backward"):
             sg1, sgx1 = be.bn_backward_reduce(dy1, y1, z1, mean1, invstd1)
             dz1, _ = be.bn_backward_apply(dy1, y1, z1, mean1, invstd1, a1, sg1, sgx1, count1, bs1,
                                           want_gm=False)
         del y1, dy1
-        with stage("B conv1 backward"):
-            dx, dw1, db1 = be.conv_backward(dz1, x, w1, stride, 1, (needs[7], needs[9], needs[10] and not bs1))
-        dx_res = dw3 = db3 = None
+        dx = dx_res = dw3 = db3 = None
         if w3 is not None:
             with stage("B conv1x1 backward"):
-                dx3, dw3, db3 = be.conv_backward(gm, x, w3, stride, 0, (needs[7], needs[21], needs[22]))
-            if dx is not None:
-                dx.add_(dx3)  # both fresh from conv_backward
+                dx, dw3, db3 = be.conv_backward(gm, x, w3, stride, 0, (needs[7], needs[23], needs[24]))
         elif ctx.res_dtype is not None:
             dx_res = gm.to(ctx.res_dtype) if needs[8] else None
         elif needs[7]:
-            dx = dx + gm
+            dx = gm  # the identity shortcut's share; autograd adds conv1's
 
-        # A conv bias followed by a batch-statistics BN shifts the batch mean by itself: its gradient,
-        # sum(dZ), is exactly zero (eager returns rounding noise around it). Skip the reduction.
-        if bs1 and needs[10]:
-            db1 = torch.zeros_like(sg1, dtype=w1.dtype)
-        if bs2 and needs[16]:
+        if bs2 and needs[18]:  # as conv1's bias in _Conv1Function.backward: exactly zero
             db2 = torch.zeros_like(sg2, dtype=w2.dtype)
         pd = ctx.param_dtype
         return (None, None, None, None, None, None, None, dx, dx_res,
-                dw1, db1, sgx1.to(pd) if needs[11] else None, sg1.to(pd) if needs[12] else None, None, None,
-                dw2, db2, sgx2.to(pd) if needs[17] else None, sg2.to(pd) if needs[18] else None, None, None,
+                dz1, None, None, None,
+                sgx1.to(pd) if needs[13] else None, sg1.to(pd) if needs[14] else None, None, None,
+                dw2, db2, sgx2.to(pd) if needs[19] else None, sg2.to(pd) if needs[20] else None, None, None,
                 dw3, db3)
 
 
@@ -197,10 +224,11 @@ def residual_forward(block: nn.Module, x: Tensor) -> Tensor:
             return _inference(backend, block, x, x_res, w1, w2, w3)
         factor1 = _bn_update_factor(bn1) if bn1.training and bn1.running_mean is not None else -1.0
         factor2 = _bn_update_factor(bn2) if bn2.training and bn2.running_mean is not None else -1.0
+        z1, part_mean, part_m2, part_count = _Conv1Function.apply(backend.name, stride, bs1, x, w1, conv1.bias)
         return _ResidualFunction.apply(
             backend.name, stride, (bs1, bs2), bn1.eps, bn2.eps, factor1, factor2, x,
-            x_res if x_res is not x else None,
-            w1, conv1.bias, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
+            x_res if x_res is not x else None, z1, part_mean, part_m2, part_count,
+            bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
             w2, conv2.bias, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, w3, b3)
 
 

@@ -153,3 +153,31 @@ def test_conv_fused_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="grad must have z's shape"):
         z = torch.randn(2, 3, 4, 4)
         torch.ops.fused_resnet.bn_backward_reduce(torch.randn(2, 3, 4, 5), z, z, torch.zeros(3), torch.ones(3))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 2, 0), (3, 1, 0), (2, 3, 2)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_im2col_matches_unfold(device, dtype, fmt, kernel, stride, padding):
+    """The implicit GEMM's addressing (conv_geometry.h, shared by the CUDA convolution kernel) against
+    F.unfold: output size, padding, strides, the tap of every row and column, in either layout."""
+    if not extension.has_kernel("im2col", device.upper()):
+        pytest.skip(f"no im2col kernel for {device} in this build")
+    x = torch.randn(2, 3, 7, 6, device=device).to(dtype).contiguous(memory_format=fmt)
+    got = extension.im2col(x, kernel, stride, padding)
+    want = torch.nn.functional.unfold(x.float(), kernel, padding=padding, stride=stride)
+    want = want.transpose(1, 2).reshape(-1, want.shape[1]).to(dtype)
+    assert torch.equal(got, want)
+    torch.library.opcheck(torch.ops.fused_resnet.im2col.default, (x, kernel, stride, padding))
+
+
+def test_im2col_errors_name_the_problem():
+    if not extension.has_kernel("im2col", "CPU"):
+        pytest.skip("no im2col CPU kernel in this build")
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        extension.im2col(torch.randn(3, 7, 6), 3, 1, 1)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        extension.im2col(torch.randn(1, 2, 2, 2), 3, 1, 0)
+    with pytest.raises(RuntimeError, match="stride >= 1"):
+        extension.im2col(torch.randn(1, 2, 5, 5), 3, 0, 1)
+

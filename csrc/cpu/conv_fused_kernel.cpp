@@ -269,8 +269,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
   return {out, sc_out, pmean, pm2, pcount};
 }
 
+at::Tensor im2col_cpu(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
+  const Im2colProblem pb = check_im2col(x, kernel, stride, padding, c10::DeviceType::CPU);
+  const int64_t rows = pb.N * pb.P * pb.Q, cols = pb.C * kernel * kernel;
+  at::Tensor out = at::empty({rows, cols}, x.options());
+  const Strides4 xs = strides4(x);
+  FR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "im2col_cpu", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        for (int64_t col = 0; col < cols; ++col) {
+          const int64_t o = im2col_source(m, col, kernel, pb.P, pb.Q, pb.H, pb.W, stride, padding, xs);
+          dst[m * cols + col] = o < 0 ? scalar_t(0.0f) : src[o];
+        }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) { m.impl("conv_fused", &conv_fused_cpu); }
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
+  m.impl("conv_fused", &conv_fused_cpu);
+  m.impl("im2col", &im2col_cpu);
+}
 
 }  // namespace fused_resnet

@@ -26,6 +26,7 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 
@@ -521,8 +522,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
   return {out, sc_out, pmean, pm2, pcount};
 }
 
+template <typename T>
+__global__ void im2col_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t cols,
+                              int64_t kernel, int64_t P, int64_t Q, int64_t H, int64_t W, int64_t stride,
+                              int64_t pad, Strides4 xs) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * cols;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = im2col_source(i / cols, i % cols, kernel, P, Q, H, W, stride, pad, xs);
+    out[i] = o < 0 ? T(0.0f) : x[o];
+  }
+}
+
+at::Tensor im2col_cuda(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Im2colProblem pb = check_im2col(x, kernel, stride, padding, c10::DeviceType::CUDA);
+  const int64_t rows = pb.N * pb.P * pb.Q, cols = pb.C * kernel * kernel;
+  at::Tensor out = at::empty({rows, cols}, x.options());
+  if (out.numel() == 0) return out;
+  const int64_t blocks = std::min<int64_t>((out.numel() + 255) / 256, 65535);
+  FR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "im2col_cuda", [&] {
+    im2col_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, cols, kernel, pb.P, pb.Q, pb.H, pb.W,
+        stride, padding, strides4(x));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) { m.impl("conv_fused", &conv_fused_cuda); }
+TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
+  m.impl("conv_fused", &conv_fused_cuda);
+  m.impl("im2col", &im2col_cuda);
+}
 
 }  // namespace fused_resnet

@@ -117,6 +117,21 @@ if has_ops():
         return dz, gm
 
 
+    @torch.library.register_fake("fused_resnet::im2col")
+    def _im2col_fake(x, kernel, stride, padding):
+        torch._check(x.dim() == 4, lambda: f"im2col: x must be 4-D, got {x.dim()}-D")
+        n, c, h, w = x.shape
+        p, q = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+        return x.new_empty((n * p * q, c * kernel * kernel))
+
+
+def im2col(x: Tensor, kernel: int, stride: int = 1, padding: int = 0) -> Tensor:
+    """The gather ``conv_fused`` performs, as an ``(N * P * Q, C * kernel * kernel)`` matrix (rows
+    ``(n, p, q)``, columns in ``F.unfold``'s order, zeros in the padding), computed with the index math the
+    CUDA convolution kernel uses (``csrc/conv_geometry.h``)."""
+    return torch.ops.fused_resnet.im2col.default(x, kernel, stride, padding)
+
+
 STATS_TILE_ROWS = 64  # csrc/conv_fused_common.h: kStatsTileRows
 OPS = ("bn_act", "conv_fused", "bn_finalize", "bn_backward_reduce", "bn_backward_apply")
 
