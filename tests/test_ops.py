@@ -1,6 +1,9 @@
 """The compiled operators: CPU kernel (and CUDA where present) against the torch primitive, opcheck,
 and torch.compile."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -180,4 +183,13 @@ def test_im2col_errors_name_the_problem():
         extension.im2col(torch.randn(1, 2, 2, 2), 3, 1, 0)
     with pytest.raises(RuntimeError, match="stride >= 1"):
         extension.im2col(torch.randn(1, 2, 5, 5), 3, 0, 1)
+
+
+def test_cuda_kernels_are_built_where_the_toolkit_is():
+    """Where nvcc and a CUDA build of torch are present, the build compiles the CUDA kernels (no GPU
+    needed): CI fails here if they were silently left out."""
+    if os.environ.get("FUSED_RESNET_NO_CUDA") or torch.version.cuda is None or shutil.which("nvcc") is None:
+        pytest.skip("no CUDA toolkit here (nvcc, a CUDA build of torch), or FUSED_RESNET_NO_CUDA is set")
+    missing = [op for op in (*extension.OPS, "im2col") if not extension.has_kernel(op, "CUDA")]
+    assert not missing, f"ops without a CUDA kernel in this build: {missing}"
 

@@ -10,7 +10,7 @@
 //   same ring. The prologue (BN + ReLU of the input) is applied in shared memory by the thread that loaded
 //   the chunk, after it lands and before the MMAs read it, and only to pixels inside the image: the zero
 //   padding stays zero, as it follows the transform.
-// - SIMT fp32 FMA (64x64 tiles, 4x4 per thread): float32 with TF32 off, and GPUs before sm_80.
+// - SIMT fp32 FMA (64x64 tiles, 4x4 per thread): float32 with TF32 off, or on a GPU before sm_80.
 // The accumulators land in shared memory and each thread takes the same 4x4 patch either way, so the
 // epilogue (folded BN or bias, per-tile statistics, 1x1 shortcut as a second GEMM, residual, ReLU) is shared.
 #include <ATen/Context.h>
