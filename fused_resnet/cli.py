@@ -121,6 +121,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def backend_comparison(rows: list[dict], ratio_pair: tuple[str, str] = ("fused-cuda", "fused-triton"),
+                       within: float = 0.10) -> str:
+    """Per case, the fused backends side by side: the fastest one (what ``auto`` should pick there) and,
+    where both of ``ratio_pair`` ran, the first's time over the second's and whether it is within
+    ``within`` of it or faster. Empty when no case has two fused providers."""
+    cases: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r["provider"].startswith("fused-"):
+            cases.setdefault((r["case"], r["mode"], r["dtype"], r["format"]), {})[r["provider"]] = r["median_ms"]
+    a, b = ratio_pair
+    lines = [f"| case | mode | dtype | format | fastest fused | {a} / {b} |", "|---|---|---|---|---|---|"]
+    for (case, mode, dtype, fmt), times in cases.items():
+        if len(times) < 2:
+            continue
+        fastest = min(times, key=times.get)
+        ratio = ""
+        if a in times and b in times:
+            x = times[a] / times[b]
+            ratio = f"{x:.2f} ({'within' if x <= 1 + within else 'outside'} {100 * within:.0f}%)"
+        lines.append(f"| {case} | {mode} | {dtype} | {fmt} | {fastest} | {ratio} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def load_rows(path: str) -> list[dict]:
     """Rows from a pytest-benchmark JSON (extra_info of each benchmark) or a ``bench --json`` file."""
     import json
@@ -147,6 +170,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     title = (f"{env.get('device')} - torch {env.get('torch')} - triton {env.get('triton')} - "
              f"CUDA {env.get('cuda')} - {env.get('date')}")
     table = f"Measured on {title}.\n\n" + markdown_table(rows) + "\n"
+    side_by_side = backend_comparison(rows)
+    if side_by_side:
+        table += "\nFused backends side by side (time ratio; below 1 is faster):\n\n" + side_by_side + "\n"
     with open(stem + ".md", "w") as f:
         f.write(table)
     fused = [r for r in rows if r["provider"] != "eager"]
