@@ -5,7 +5,9 @@
 #   2. the whole test suite on CUDA, every dtype
 #   3. compute-sanitizer memcheck on a small fused forward and backward
 #   4. the GPU benchmark suite (pytest-benchmark JSON), then its markdown table and PNG plot
-# Usage: bash benchmarks/gpu_run.sh OUTDIR   (then copy OUTDIR to benchmarks/results/<date>-<gpu>/)
+# Usage: bash benchmarks/gpu_run.sh OUTDIR, then copy OUTDIR to benchmarks/results/<date>-<gpu>/ and run
+#   python -m fused_resnet report benchmarks/results/<date>-<gpu>/results.jsonl --readme README.md \
+#     --auto-table fused_resnet/backends/auto_table.py
 # The whole run keeps to BUDGET_S seconds (default 530, under the 9 minutes a lent GPU call allows): each
 # step gets at most its own cap and what is left of the budget, keeping a reserve for the report, so a
 # slow step shortens the ones after it instead of losing the run.

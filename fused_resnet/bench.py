@@ -88,7 +88,7 @@ def environment(device: str) -> dict:
     """Device name, versions and date stored beside every figure."""
     import triton
 
-    info = {"device": "cpu", "torch": torch.__version__, "triton": triton.__version__,
+    info = {"device": "cpu", "device_type": device, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "date": datetime.date.today().isoformat()}
     if device == "cuda":
         info["device"] = torch.cuda.get_device_name()

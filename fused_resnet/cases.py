@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -26,6 +27,17 @@ class BlockCase:
         kind = "1x1s2" if self.use_1x1conv else "id"
         return (f"{kind}-{self.in_channels}to{self.out_channels}-{self.size}x{self.width or self.size}"
                 f"-b{self.batch}")
+
+    @classmethod
+    def from_id(cls, case_id: str) -> "BlockCase | None":
+        """The case an ``id`` names (None for anything else, e.g. a ResNet-18 case)."""
+        m = re.fullmatch(r"(id|1x1s2)-(\d+)to(\d+)-(\d+)x(\d+)-b(\d+)", case_id)
+        if m is None:
+            return None
+        kind, cin, cout, h, w, n = m.groups()
+        one = kind == "1x1s2"
+        return cls(int(cin), int(cout), int(h), int(n), use_1x1conv=one, stride=2 if one else 1,
+                   width=None if w == h else int(w))
 
 
 # Stage inputs of the seed's ResNet-18 at 224 (and the chapter's 96 training resize): identity blocks

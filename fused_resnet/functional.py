@@ -212,7 +212,7 @@ def residual_forward(block: nn.Module, x: Tensor) -> Tensor:
         w3 = w3.to(dtype) if w3 is not None else None
     bs1 = bn1.training or bn1.running_mean is None
     bs2 = bn2.training or bn2.running_mean is None
-    backend = resolve_backend(block.backend, x, bs1 or bs2)
+    backend = resolve_backend(block.backend, x, bs1 or bs2, block)
     if backend is None:  # auto's seed route: the seed block's own forward, measured fastest here
         return SeedResidual.forward(block, x)
     b3 = conv3.bias if conv3 is not None else None

@@ -40,3 +40,72 @@ def test_report_writes_table_plot_and_readme_section(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old text" not in text
     assert "do not edit by hand" in text and "results.png" in text and "1.25 (outside 10%)" in text
+
+
+def test_auto_choices_take_a_fused_backend_only_when_it_beats_eager():
+    from fused_resnet.cli import auto_choices
+    rows = [dict(r, mode=m, device="NVIDIA H100", case=c) for r in ROWS for m in ("eval", "train-fwdbwd")
+            for c in ("id-64to64-56x56-b32",) if r["case"] == "a"]
+    rows += [dict(_row("1x1s2-64to128-56x56-b32", p, ms, 1.0), device="NVIDIA H100")
+             for p, ms in (("eager", 1.0), ("fused-triton", 0.99), ("compile", 0.5))]
+    rows += [_row("resnet18-224-b32", "eager", 1.0, 1.0), _row("resnet18-224-b32", "fused-triton", 0.5, 1.0)]
+    choices = auto_choices(rows, margin=0.03)
+    key = ("cuda", "eval", "bfloat16", "nhwc", 64, 64, 1, 56, 56, 32)
+    assert choices[key] == "triton" and choices[key[:1] + ("train",) + key[2:]] == "triton"
+    # 1% faster than eager is inside the margin; compile is not a backend; ResNet-18 rows are not shapes
+    assert choices[("cuda", "eval", "bfloat16", "nhwc", 64, 128, 2, 56, 56, 32)] == "seed"
+    assert len(choices) == 3
+
+
+def test_auto_table_module_round_trip_keeps_other_devices(tmp_path):
+    import importlib.util
+
+    from fused_resnet.cli import write_auto_table
+    path = str(tmp_path / "auto_table.py")
+    cpu = {("cpu", "eval", "float32", "nchw", 8, 8, 1, 8, 8, 2): "cpp"}
+    cuda = {("cuda", "train", "bfloat16", "nhwc", 64, 64, 1, 56, 56, 32): "triton"}
+    write_auto_table(path, cpu, "cpu.json")
+    write_auto_table(path, cuda, "gpu.json")
+    write_auto_table(path, {("cpu", "eval", "float32", "nchw", 8, 8, 1, 8, 8, 2): "seed"}, "cpu2.json")
+    spec = importlib.util.spec_from_file_location("t", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.BY_SHAPE == {**cuda, ("cpu", "eval", "float32", "nchw", 8, 8, 1, 8, 8, 2): "seed"}
+    assert module.SOURCES == {"cpu": "cpu2.json", "cuda": "gpu.json"}
+
+
+def test_auto_follows_the_measured_choice_per_shape(monkeypatch):
+    import torch
+
+    import fused_resnet
+    from fused_resnet import backends
+    monkeypatch.setattr(backends, "_MEASURED", {
+        ("cpu", "eval", "float32", "nchw", 4, 4, 1, 6, 6): [(2, "seed"), (64, "torch")],
+        ("cpu", "eval", "float32", "nchw", 4, 4, 1, 9, 9): [(2, "no-such-backend")],
+    })
+    blk = fused_resnet.Residual(4, 4).eval()
+    assert backends.resolve_backend("auto", torch.randn(2, 4, 6, 6), False, blk) is None  # seed route
+    assert backends.resolve_backend("auto", torch.randn(32, 4, 6, 6), False, blk).name == "torch"  # nearer 64
+    fallback = backends.AUTO_ORDER[("cpu", "eval")][0]
+    assert backends.resolve_backend("auto", torch.randn(2, 4, 9, 9), False, blk).name == fallback
+    assert backends.resolve_backend("auto", torch.randn(2, 4, 7, 7), False, blk).name == fallback  # unmeasured
+    assert backends.resolve_backend("torch", torch.randn(2, 4, 6, 6), False, blk).name == "torch"  # named wins
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), fused_resnet.reference.Residual.forward(blk, x))
+
+
+def test_auto_under_compile_with_dynamic_batch_sizes():
+    """Under torch.compile the per-shape table is not consulted (sizes may be symbolic): a second batch
+    size (dynamo then marks it dynamic) still traces in one graph and matches eager."""
+    import torch
+
+    import fused_resnet
+    torch.manual_seed(0)
+    blk = fused_resnet.Residual(4, 4).eval()
+    compiled = torch.compile(blk, fullgraph=True)
+    with torch.no_grad():
+        for n in (2, 3, 5):
+            x = torch.randn(n, 4, 6, 6)
+            torch.testing.assert_close(compiled(x), fused_resnet.reference.Residual.forward(blk, x),
+                                       rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ serve it; the order is fed by benchmark results (README, "Results"). ``FUSED_RES
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import Optional
 
@@ -88,17 +89,48 @@ def requested_backend(name: str) -> str:
     return name
 
 
-def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, training: bool) -> str:
-    """The backend that runs an input: the named one (an error says why it cannot), or auto's choice
-    (``SEED_ROUTE`` where the seed's own forward is the fastest measured). A constant for torch.compile:
-    resolved once while tracing, never traced into."""
+_MEASURED: Optional[dict[tuple, list[tuple[int, str]]]] = None
+
+
+def measured_choice(device_type: str, mode: str, dtype: torch.dtype, shape: tuple) -> Optional[str]:
+    """auto's choice for a block shape a committed benchmark run measured (``auto_table.BY_SHAPE``), at the
+    measured batch nearest the input's (on a log scale); None for an unmeasured shape. ``shape`` is
+    (format, in_channels, out_channels, stride, height, width, batch)."""
+    global _MEASURED
+    if _MEASURED is None:
+        from .auto_table import BY_SHAPE
+        index: dict[tuple, list[tuple[int, str]]] = {}
+        for key, choice in BY_SHAPE.items():
+            index.setdefault(key[:-1], []).append((key[-1], choice))
+        _MEASURED = index
+    *geometry, batch = shape
+    found = _MEASURED.get((device_type, mode, str(dtype).removeprefix("torch."), *geometry))
+    if not found:
+        return None
+    return min(found, key=lambda entry: abs(math.log(entry[0] / max(batch, 1))))[1]
+
+
+def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, training: bool,
+                         shape: Optional[tuple] = None) -> str:
+    """The backend that runs an input: the named one (an error says why it cannot), or auto's choice --
+    the measured choice for this block shape (``measured_choice``) when there is one this installation
+    can run, else the first that can in ``AUTO_ORDER`` (``SEED_ROUTE``: the seed's own forward). A
+    constant for torch.compile: resolved once while tracing, never traced into."""
     name = requested_backend(name)
     if name != "auto":
         reason = get_backend(name).supports(device_type, dtype, training)
         if reason is not None:
             raise BackendUnavailable(f"backend {name!r} cannot run this input: {reason}")
         return name
-    for candidate in AUTO_ORDER.get((device_type, "train" if training else "eval"), _DEFAULT_ORDER):
+    mode = "train" if training else "eval"
+    measured = measured_choice(device_type, mode, dtype, shape) if shape is not None else None
+    if measured is not None:
+        if measured == SEED_ROUTE:
+            return measured
+        backend = _load(measured) if measured in _MODULES else None
+        if backend is not None and backend.complete and backend.supports(device_type, dtype, training) is None:
+            return measured
+    for candidate in AUTO_ORDER.get((device_type, mode), _DEFAULT_ORDER):
         if candidate == SEED_ROUTE:
             return candidate
         backend = _load(candidate)
@@ -112,7 +144,20 @@ def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, traini
 resolve_backend_name._dynamo_marked_constant = True
 
 
-def resolve_backend(name: str, x: Tensor, training: bool) -> Optional[Backend]:
-    """The backend object that runs ``x``, or None for the seed route: see ``resolve_backend_name``."""
-    name = resolve_backend_name(name, x.device.type, x.dtype, training)
+def block_shape(block, x: Tensor) -> Optional[tuple]:
+    """(format, in_channels, out_channels, stride, height, width, batch): how ``measured_choice`` keys a
+    seed-structured block's input. None under torch.compile: sizes may be symbolic there (dynamic shapes),
+    and ``AUTO_ORDER`` decides rather than a guard on every size."""
+    if torch.compiler.is_compiling():
+        return None
+    n, c, h, w = x.shape
+    fmt = "nhwc" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "nchw"
+    return (fmt, c, block.conv1.out_channels, block.conv1.stride[0], h, w, n)
+
+
+def resolve_backend(name: str, x: Tensor, training: bool, block=None) -> Optional[Backend]:
+    """The backend object that runs ``x`` (through ``block``, when given, for the per-shape choice), or
+    None for the seed route: see ``resolve_backend_name``."""
+    shape = block_shape(block, x) if block is not None else None
+    name = resolve_backend_name(name, x.device.type, x.dtype, training, shape)
     return None if name == SEED_ROUTE else get_backend(name)
