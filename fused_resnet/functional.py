@@ -4,7 +4,9 @@ Autograd lives here, once, for every backend:
 
 - inference (no gradient needed): two fused convolutions, batch norm folded in their epilogues;
 - training, or eval mode with gradients (fine-tuning with frozen BN): three heavy kernels and two
-  finalizes forward; a backward built from the backward primitives plus convolution gradients.
+  finalizes forward; a backward built from the backward primitives plus convolution gradients, in two
+  autograd nodes (K1, and the rest) so weight gradients are accumulated one at a time, as in eager;
+- auto's seed route: the seed block's own forward, where that was measured fastest.
 """
 
 from __future__ import annotations
