@@ -39,11 +39,6 @@ namespace {
 constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256;
 static_assert(kBM == kStatsTileRows, "one statistics partial per row tile");
 
-struct Strides {
-  int64_t n, c, h, w;
-};
-
-Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 struct Params {
   const void* x;
@@ -69,16 +64,16 @@ struct Params {
   int64_t N, C, H, W, K, P, Q, M, SC_C, SC_H, SC_W;
   int kh, kw, stride, pad, sc_stride;
   bool relu, sc_separate;
-  Strides xs, ws, os, rs, ss, sws;
+  Strides4 xs, ws, os, rs, ss, sws;
 };
 
 // One GEMM of the block: the activation operand (im2col of x, optionally through the prologue) and the
 // weight operand of a conv or of the 1x1 shortcut.
 struct GemmSrc {
   const void* x;
-  Strides xs;
+  Strides4 xs;
   const void* w;
-  Strides ws;
+  Strides4 ws;
   int64_t channels, H, W;
   int kh, kw, stride, pad;
   bool prologue;
@@ -493,10 +488,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
   p.kh = static_cast<int>(pb.KH), p.kw = static_cast<int>(pb.KW), p.stride = static_cast<int>(stride);
   p.pad = static_cast<int>(padding), p.sc_stride = static_cast<int>(sc_stride);
   p.relu = relu, p.sc_separate = sc_separate;
-  p.xs = strides_of(x), p.ws = strides_of(weight), p.os = strides_of(out);
-  p.rs = residual.has_value() ? strides_of(*residual) : Strides{0, 0, 0, 0};
-  p.ss = has_sc ? strides_of(*sc_x) : Strides{0, 0, 0, 0};
-  p.sws = has_sc ? strides_of(*sc_weight) : Strides{0, 0, 0, 0};
+  p.xs = strides4(x), p.ws = strides4(weight), p.os = strides4(out);
+  p.rs = residual.has_value() ? strides4(*residual) : Strides4{0, 0, 0, 0};
+  p.ss = has_sc ? strides4(*sc_x) : Strides4{0, 0, 0, 0};
+  p.sws = has_sc ? strides4(*sc_weight) : Strides4{0, 0, 0, 0};
   TORCH_CHECK(!has_sc || !sc_separate || sc_out.strides() == out.strides(), "conv_fused: internal: shortcut layout");
 
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>((pb.K + kBN - 1) / kBN));
