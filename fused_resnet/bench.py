@@ -244,9 +244,11 @@ def time_interleaved(prepared: dict[str, tuple[Callable, list]], device: str, wa
 
 
 # -------------------------------------------------------------------------------------------- roofline
-def _resnet18_blocks(case: BenchCase) -> list[BenchCase]:
-    """The eight blocks of the seed ResNet-18 for an input of the case's size (the stem and head are
-    left out of the roofline: they are the same for every provider)."""
+def blocks_of(case: BenchCase) -> list[BlockCase]:
+    """The residual blocks a case runs: its own block, or the eight blocks of the seed ResNet-18 for an
+    input of the case's size (the stem and head are left out: they are the same for every provider)."""
+    if not case.resnet18:
+        return [case.block]
     size, n = case.block.size // 4, case.block.batch
     blocks = []
     for i, (c, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
@@ -254,7 +256,11 @@ def _resnet18_blocks(case: BenchCase) -> list[BenchCase]:
         blocks.append(BlockCase(cin, c, size, n, use_1x1conv=i > 0, stride=stride))
         size = (size - 1) // stride + 1
         blocks.append(BlockCase(c, c, size, n))
-    return [BenchCase(b, case.mode, case.dtype, case.fmt) for b in blocks]
+    return blocks
+
+
+def _resnet18_blocks(case: BenchCase) -> list[BenchCase]:
+    return [BenchCase(b, case.mode, case.dtype, case.fmt) for b in blocks_of(case)]
 
 
 def case_flops(case: BenchCase) -> float:

@@ -1,4 +1,4 @@
-"""The sub-commands behind ``python -m fused_resnet``."""
+"""The sub-commands behind ``python -m fused_resnet``: check, bench, report, profile, kernels."""
 
 from __future__ import annotations
 
@@ -364,7 +364,26 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--device", default=_default_device(), choices=["cpu", "cuda"])
     profile.add_argument("--out", default="profile", help="folder for the Chrome traces")
     profile.set_defaults(func=cmd_profile)
+
+    kernels = sub.add_parser("kernels", help="compile every Triton kernel variant ahead of time (no GPU needed) "
+                                             "and read registers, spills, shared memory, tensor-core and "
+                                             "async-copy instructions, main loops; and the CUDA extension's")
+    kernels.add_argument("--arch", type=int, default=90, choices=[80, 90], help="sm_80 (A100) or sm_90 (H100)")
+    kernels.add_argument("--suite", default="kernels",
+                         help="the cases whose launches are listed: 'kernels' (the seed stage shapes at batch 32, "
+                              "bf16 and fp32, eval and training) or a benchmark suite name")
+    kernels.add_argument("--variants", default=None,
+                         help="compile the LaunchSpec lines of this file instead (FUSED_RESNET_RECORD_LAUNCHES)")
+    kernels.add_argument("--jobs", type=int, default=max(1, min(16, os.cpu_count() or 1)))
+    kernels.add_argument("--json", default=None, help="also write the table here")
+    kernels.add_argument("--quiet", action="store_true", help="print the summary and failures only")
+    kernels.set_defaults(func=cmd_kernels)
     return parser
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from .kernel_report import main as kernels_main
+    return kernels_main(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,6 +1,6 @@
 """The Triton backend: implicit-GEMM convolutions with BN, residual, shortcut and ReLU fused in
 (``conv.py``), the batch-norm finalize, apply and backward kernels (``bn.py``), registered as custom
-ops (``ops.py``), tile configurations in ``configs.py``.
+ops (``ops.py``), tile configurations in ``configs.py``, every launch through ``launch.py``.
 
 Inference runs in two launches per block; training forward in three heavy kernels and two finalizes.
 The convolution gradients use ``aten.convolution_backward`` (cuDNN), inherited from the base backend.
@@ -15,9 +15,9 @@ from torch import Tensor
 
 from ..base import Backend, BNFold, ConvOut
 from .configs import interpreting
-from .counters import LAUNCHES, counting
+from .launch import LAUNCHES, counting, executing, recording
 
-__all__ = ["TritonBackend", "LAUNCHES", "counting"]
+__all__ = ["TritonBackend", "LAUNCHES", "counting", "recording"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -35,7 +35,7 @@ class TritonBackend(Backend):
             return f"it runs CUDA tensors, got a {device_type} tensor"
         if dtype not in _DTYPES:
             return f"it supports float32, float16 and bfloat16, got {dtype}"
-        if dtype == torch.bfloat16 and interpreting():
+        if dtype == torch.bfloat16 and interpreting() and executing():
             return "the Triton interpreter computes bfloat16 dot products wrongly; bfloat16 runs on the GPU"
         return None
 

@@ -3,8 +3,9 @@ BN-apply + residual + ReLU pass, and the fused ReLU+BN backward (reduce, then ap
 
 Activations are addressed as (rows = N*H*W, channels) with strides (sn, sc, shw): any layout whose
 (H, W) plane is dense -- NCHW and channels_last both -- so channels_last tiles read channel-contiguous
-and NCHW tiles row-contiguous. Every reduction is per tile, then summed in a fixed order: no atomics,
-so results repeat bit for bit.
+and NCHW tiles row-contiguous. Every reduction is per tile, then merged in a fixed order: no atomics,
+so results repeat bit for bit. Reductions over many tiles (a convolution at batch 64 and 56x56 leaves
+~1,600 statistics tiles) run in two levels: chunks of tiles merged in parallel, then the chunks.
 """
 
 from __future__ import annotations
@@ -12,30 +13,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import SIZE_ARGS
+
 
 @triton.jit
-def bn_finalize_kernel(
-    pmean_ptr, pm2_ptr, pcount_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,
-    scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
-    T, C, eps, momentum,
-    UPDATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    # Merge means relative to the first tile's (shifted sums): a channel mean far from zero costs no
-    # digits in the weighted sums below.
-    shift = tl.load(pmean_ptr + cols, mask=col_ok, other=0.0)
-    n_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+def _merge_rows(pmean_ptr, pm2_ptr, pcount_ptr, t_begin, t_end, cols, col_ok, C, BLOCK_T: tl.constexpr):
+    """Chan et al.'s merge of the partial (mean, M2, count) rows [t_begin, t_end) of the columns
+    ``cols``, relative to the first row's mean (shifted sums: a mean far from zero costs no digits).
+    Returns (count, mean, M2) per column."""
+    shift = tl.load(pmean_ptr + t_begin * C + cols, mask=col_ok, other=0.0)
+    n_acc = tl.zeros_like(shift)
+    mean_acc = tl.zeros_like(shift)
+    m2_acc = tl.zeros_like(shift)
+    for t0 in range(t_begin, t_end, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
-        t_ok = ts < T
+        t_ok = ts < t_end
         mask = t_ok[:, None] & col_ok[None, :]
         cnt = tl.load(pcount_ptr + ts, mask=t_ok, other=0.0)
         mu = tl.load(pmean_ptr + ts[:, None] * C + cols[None, :], mask=mask, other=0.0) - shift[None, :]
         q = tl.load(pm2_ptr + ts[:, None] * C + cols[None, :], mask=mask, other=0.0)
-        # Chan et al.: merge the chunk's tiles at once, then the chunk into the running total.
+        # The chunk's rows at once, then the chunk into the running total.
         n_b = tl.sum(cnt, axis=0)
         mean_b = tl.sum(cnt[:, None] * mu, axis=0) / n_b
         dev = tl.where(mask, mu - mean_b[None, :], 0.0)
@@ -45,7 +42,35 @@ def bn_finalize_kernel(
         mean_acc += delta * (n_b / n_new)
         m2_acc += m2_b + delta * delta * (n_acc * n_b / n_new)
         n_acc = n_new
-    mean_acc += shift
+    return n_acc, mean_acc + shift, m2_acc
+
+
+@triton.jit(do_not_specialize=SIZE_ARGS)
+def bn_merge_kernel(pmean_ptr, pm2_ptr, pcount_ptr, omean_ptr, om2_ptr, ocount_ptr, T, C,
+                    ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """First level: program (i, j) merges rows [i * ROWS, (i + 1) * ROWS) of channel block j into row i."""
+    chunk = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    t_begin = chunk * ROWS
+    count, mean, m2 = _merge_rows(pmean_ptr, pm2_ptr, pcount_ptr, t_begin, tl.minimum(t_begin + ROWS, T), cols,
+                                  col_ok, C, BLOCK_T)
+    tl.store(omean_ptr + chunk * C + cols, mean, mask=col_ok)
+    tl.store(om2_ptr + chunk * C + cols, m2, mask=col_ok)
+    if tl.program_id(1) == 0:
+        tl.store(ocount_ptr + chunk, tl.max(count, axis=0))
+
+
+@triton.jit(do_not_specialize=SIZE_ARGS)
+def bn_finalize_kernel(
+    pmean_ptr, pm2_ptr, pcount_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,
+    scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
+    T, C, eps, momentum,
+    UPDATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    n_acc, mean_acc, m2_acc = _merge_rows(pmean_ptr, pm2_ptr, pcount_ptr, 0, T, cols, col_ok, C, BLOCK_T)
     invstd = tl.rsqrt(m2_acc / n_acc + eps)
     gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -65,13 +90,12 @@ def bn_finalize_kernel(
 
 
 @triton.jit
-def _tile(pid_r, pid_c, M, C, HW, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+def _tile(rows, pid_c, M, C, HW, BLOCK_C: tl.constexpr):
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < M)[:, None] & (cols < C)[None, :]
     n = (rows // HW).to(tl.int64)
     hw = (rows % HW).to(tl.int64)
-    return rows, cols, mask, n, hw
+    return cols, mask, n, hw
 
 
 @triton.jit
@@ -79,13 +103,14 @@ def _offsets(n, hw, cols, sn, sc, shw):
     return n[:, None] * sn + hw[:, None] * shw + cols[None, :].to(tl.int64) * sc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def bn_add_relu_kernel(
     z_ptr, mean_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
     M, C, HW, szn, szc, szhw, srn, src, srhw, son, soc, sohw,
     HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows, cols, mask, n, hw = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, BLOCK_R, BLOCK_C)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols, mask, n, hw = _tile(rows, tl.program_id(1), M, C, HW, BLOCK_C)
     col_ok = cols < C
     z = tl.load(z_ptr + _offsets(n, hw, cols, szn, szc, szhw), mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
@@ -99,49 +124,60 @@ def bn_add_relu_kernel(
     tl.store(out_ptr + _offsets(n, hw, cols, son, soc, sohw), y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def bn_relu_backward_reduce_kernel(
     g_ptr, mask_ptr, z_ptr, mean_ptr, invstd_ptr, psum_ptr, psumx_ptr,
     M, C, HW, sgn, sgc, sghw, smn, smc, smhw, szn, szc, szhw,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Program (i, j): per-channel sums of gm and gm * xhat over rows [i * ROWS, (i + 1) * ROWS)."""
     pid_r = tl.program_id(0)
-    rows, cols, mask, n, hw = _tile(pid_r, tl.program_id(1), M, C, HW, BLOCK_R, BLOCK_C)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    g = tl.load(g_ptr + _offsets(n, hw, cols, sgn, sgc, sghw), mask=mask, other=0.0).to(tl.float32)
-    src = tl.load(mask_ptr + _offsets(n, hw, cols, smn, smc, smhw), mask=mask, other=0.0)
-    gm = tl.where(src > 0, g, 0.0)
-    z = tl.load(z_ptr + _offsets(n, hw, cols, szn, szc, szhw), mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0)
-    xhat = (z - mean[None, :]) * invstd[None, :]
-    tl.store(psum_ptr + pid_r * C + cols, tl.sum(gm, axis=0), mask=col_ok)
-    tl.store(psumx_ptr + pid_r * C + cols, tl.sum(gm * xhat, axis=0), mask=col_ok)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    accx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(pid_r * ROWS, pid_r * ROWS + ROWS, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        _, mask, n, hw = _tile(rows, tl.program_id(1), M, C, HW, BLOCK_C)
+        g = tl.load(g_ptr + _offsets(n, hw, cols, sgn, sgc, sghw), mask=mask, other=0.0).to(tl.float32)
+        src = tl.load(mask_ptr + _offsets(n, hw, cols, smn, smc, smhw), mask=mask, other=0.0)
+        gm = tl.where(src > 0, g, 0.0)
+        z = tl.load(z_ptr + _offsets(n, hw, cols, szn, szc, szhw), mask=mask, other=0.0).to(tl.float32)
+        acc += gm
+        accx += gm * ((z - mean[None, :]) * invstd[None, :])
+    tl.store(psum_ptr + pid_r * C + cols, tl.sum(acc, axis=0), mask=col_ok)
+    tl.store(psumx_ptr + pid_r * C + cols, tl.sum(accx, axis=0), mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def sum_partials_kernel(psum_ptr, psumx_ptr, sum_ptr, sumx_ptr, T, C,
-                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+                        ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (i, j): column sums of rows [i * ROWS, (i + 1) * ROWS) of channel block j, into row i."""
+    chunk = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     accx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    t_end = tl.minimum(chunk * ROWS + ROWS, T)
+    for t0 in range(chunk * ROWS, t_end, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
-        mask = (ts < T)[:, None] & col_ok[None, :]
+        mask = (ts < t_end)[:, None] & col_ok[None, :]
         acc += tl.sum(tl.load(psum_ptr + ts[:, None] * C + cols[None, :], mask=mask, other=0.0), axis=0)
         accx += tl.sum(tl.load(psumx_ptr + ts[:, None] * C + cols[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(sum_ptr + cols, acc, mask=col_ok)
-    tl.store(sumx_ptr + cols, accx, mask=col_ok)
+    tl.store(sum_ptr + chunk * C + cols, acc, mask=col_ok)
+    tl.store(sumx_ptr + chunk * C + cols, accx, mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def bn_relu_backward_apply_kernel(
     g_ptr, mask_ptr, z_ptr, mean_ptr, invstd_ptr, scale_ptr, sum_ptr, sumx_ptr, dz_ptr, gm_ptr,
     M, C, HW, inv_count, sgn, sgc, sghw, smn, smc, smhw, szn, szc, szhw, sdn, sdc, sdhw,
     BATCH_STATS: tl.constexpr, WANT_GM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows, cols, mask, n, hw = _tile(tl.program_id(0), tl.program_id(1), M, C, HW, BLOCK_R, BLOCK_C)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols, mask, n, hw = _tile(rows, tl.program_id(1), M, C, HW, BLOCK_C)
     col_ok = cols < C
     g = tl.load(g_ptr + _offsets(n, hw, cols, sgn, sgc, sghw), mask=mask, other=0.0).to(tl.float32)
     src = tl.load(mask_ptr + _offsets(n, hw, cols, smn, smc, smhw), mask=mask, other=0.0)
@@ -169,11 +205,14 @@ from typing import Optional  # noqa: E402
 import torch  # noqa: E402
 
 from ..base import new_output  # noqa: E402
-from .configs import elementwise_config, interpreting  # noqa: E402
+from .configs import elementwise_config  # noqa: E402
 from .conv import output_memory_format  # noqa: E402
-from .counters import count_launch  # noqa: E402
+from .launch import launch  # noqa: E402
 
-FINALIZE_BLOCK_T = 32
+BLOCK_T = 32            # partial rows a merge step reads at once
+MERGE_ROWS = 128        # rows one first-level program merges; a single level below this many
+REDUCE_ROWS = 512       # activation rows one backward-reduce program sums (fewer partials to merge)
+FINALIZE_BLOCK_C = 64
 
 
 def plane_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
@@ -202,15 +241,23 @@ def _grid(m: int, c: int) -> tuple[tuple[int, int], int, int, int]:
 def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):
     t, c = part_mean.shape
     dev = part_mean.device
+    block_c = FINALIZE_BLOCK_C
+    if t > MERGE_ROWS:  # first level: chunks of MERGE_ROWS tiles in parallel
+        chunks = triton.cdiv(t, MERGE_ROWS)
+        merged = (new_output((chunks, c), torch.float32, dev), new_output((chunks, c), torch.float32, dev),
+                  new_output((chunks,), torch.float32, dev))
+        launch(bn_merge_kernel, (chunks, triton.cdiv(c, block_c)),
+               (part_mean, part_m2, part_count, *merged, t, c),
+               dict(ROWS=MERGE_ROWS, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
+        part_mean, part_m2, part_count = merged
+        t = chunks
     outs = [new_output((c,), torch.float32, dev) for _ in range(4)]
     update = running_mean is not None
-    block_c = 32 if interpreting() else 64
-    count_launch("bn_finalize")
-    bn_finalize_kernel[(triton.cdiv(c, block_c),)](
-        part_mean, part_m2, part_count, gamma, beta,
-        running_mean if update else part_mean, running_var if update else part_m2, *outs,
-        t, c, float(eps), float(momentum),
-        UPDATE=update, BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=block_c, num_warps=4)
+    launch(bn_finalize_kernel, (triton.cdiv(c, block_c),),
+           (part_mean, part_m2, part_count, gamma, beta,
+            running_mean if update else part_mean, running_var if update else part_m2, *outs,
+            t, c, float(eps), float(momentum)),
+           dict(UPDATE=update, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
     return tuple(outs)
 
 
@@ -224,10 +271,11 @@ def launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype):
     else:
         rs = (0, 0, 0)
     grid, block_r, block_c, warps = _grid(n * h * w, c)
-    count_launch("bn_add_relu")
-    bn_add_relu_kernel[grid](
-        z, mean, scale, shift, residual if residual is not None else z, out, n * h * w, c, h * w, *zs, *rs, *os_,
-        HAS_RES=residual is not None, RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    launch(bn_add_relu_kernel, grid,
+           (z, mean, scale, shift, residual if residual is not None else z, out, n * h * w, c, h * w, *zs, *rs,
+            *os_),
+           dict(HAS_RES=residual is not None, RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c),
+           num_warps=warps, device=z.device)
     return out
 
 
@@ -236,20 +284,25 @@ def launch_bn_backward_reduce(grad, mask_src, z, mean, invstd):
     grad, gs = _planar(grad)
     mask_src, ms = _planar(mask_src)
     z, zs = _planar(z)
-    grid, block_r, block_c, warps = _grid(n * h * w, c)
+    m = n * h * w
+    _, block_r, block_c, warps = _grid(m, c)
+    rows = max(block_r, REDUCE_ROWS // block_r * block_r)
+    tiles = triton.cdiv(m, rows)
     dev = z.device
-    psum = new_output((grid[0], c), torch.float32, dev)
-    psumx = new_output((grid[0], c), torch.float32, dev)
-    count_launch("bn_relu_backward_reduce")
-    bn_relu_backward_reduce_kernel[grid](
-        grad, mask_src, z, mean, invstd, psum, psumx, n * h * w, c, h * w, *gs, *ms, *zs,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
-    sums = new_output((c,), torch.float32, dev)
-    sumsx = new_output((c,), torch.float32, dev)
-    count_launch("sum_partials")
-    sum_partials_kernel[(triton.cdiv(c, block_c),)](psum, psumx, sums, sumsx, grid[0], c,
-                                                     BLOCK_T=FINALIZE_BLOCK_T, BLOCK_C=block_c, num_warps=4)
-    return sums, sumsx
+    psum = new_output((tiles, c), torch.float32, dev)
+    psumx = new_output((tiles, c), torch.float32, dev)
+    launch(bn_relu_backward_reduce_kernel, (tiles, triton.cdiv(c, block_c)),
+           (grad, mask_src, z, mean, invstd, psum, psumx, m, c, h * w, *gs, *ms, *zs),
+           dict(ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c), num_warps=warps, device=dev)
+    while True:  # merge the partial rows, MERGE_ROWS per program, until one row is left
+        chunks = triton.cdiv(tiles, MERGE_ROWS)
+        shape = (chunks, c) if chunks > 1 else (c,)
+        sums, sumsx = new_output(shape, torch.float32, dev), new_output(shape, torch.float32, dev)
+        launch(sum_partials_kernel, (chunks, triton.cdiv(c, block_c)), (psum, psumx, sums, sumsx, tiles, c),
+               dict(ROWS=MERGE_ROWS, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
+        if chunks == 1:
+            return sums, sumsx
+        psum, psumx, tiles = sums, sumsx, chunks
 
 
 def launch_bn_backward_apply(grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats, want_gm):
@@ -262,9 +315,9 @@ def launch_bn_backward_apply(grad, mask_src, z, mean, invstd, scale, sum_g, sum_
     gm = new_output(z.shape, grad.dtype, z.device, fmt) if want_gm else torch.empty(0, device=z.device)
     _, ds = _planar(dz)
     grid, block_r, block_c, warps = _grid(n * h * w, c)
-    count_launch("bn_relu_backward_apply")
-    bn_relu_backward_apply_kernel[grid](
-        grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, dz, gm if want_gm else dz,
-        n * h * w, c, h * w, 1.0 / count, *gs, *ms, *zs, *ds,
-        BATCH_STATS=bool(batch_stats), WANT_GM=bool(want_gm), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    launch(bn_relu_backward_apply_kernel, grid,
+           (grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, dz, gm if want_gm else dz,
+            n * h * w, c, h * w, 1.0 / count, *gs, *ms, *zs, *ds),
+           dict(BATCH_STATS=bool(batch_stats), WANT_GM=bool(want_gm), BLOCK_R=block_r, BLOCK_C=block_c),
+           num_warps=warps, device=z.device)
     return dz, gm

@@ -1,16 +1,20 @@
 """Implicit-GEMM convolution with fused prologue and epilogue (DESIGN.md sections 2-4).
 
 GEMM view: rows m = (n, p, q) output positions (M = N*P*Q), columns k = output channels, reduction over
-(r, s, c) = kernel taps x input channels. Each program owns a BLOCK_M x BLOCK_N output tile and walks the
-taps; for each tap it loads K-contiguous [BLOCK_M, BLOCK_K] input tiles (contiguous along channels in
-channels_last, the fast path) and [BLOCK_K, BLOCK_N] weight tiles, accumulating in float32.
+(r, s, c) = kernel taps x input channels. Each program owns a BLOCK_M x BLOCK_N output tile and runs ONE
+loop over taps x channel chunks (flattened, so the software pipeline keeps loads in flight across taps:
+at C = BLOCK_K a per-tap loop would run once per tap and never overlap a load with the MMAs). Each step
+loads a [BLOCK_M, BLOCK_K] input tile (contiguous along channels in channels_last, the fast path) and a
+[BLOCK_K, BLOCK_N] weight tile (contiguous along channels: weights are read in (K, R, S, C) order,
+``backends/packing.py``), accumulating in float32. Offsets are 32-bit unless a tensor has 2^31 elements
+or more (INDEX64).
 
-Prologue (per input channel, as the tile is loaded): relu(x * in_scale + in_shift), then the padding
-mask, so a padded position contributes 0 and not relu(in_shift).
+Prologue (per input channel, as the tile is loaded): relu((x - in_mean) * in_scale + in_shift), then the
+padding mask, so a padded position contributes 0 and not relu(in_shift).
 Epilogue (per output channel): + bias; batch norm folded from running statistics in float32; per-tile
 (count, mean, M2) statistics of that pre-activation; + the 1x1 shortcut convolution of a second input
-(its own reduction, into the same tile) or its separate output; + residual; ReLU; store in the output
-dtype and strides.
+(its own reduction, accumulated into the same tile after the main result is formed, so one accumulator
+is live at a time) or its separate output; + residual; ReLU; store in the output dtype and strides.
 """
 
 from __future__ import annotations
@@ -18,8 +22,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import SIZE_ARGS
+
 
 @triton.jit
+def _index(v, INDEX64: tl.constexpr):
+    if INDEX64:
+        return v.to(tl.int64)
+    return v
+
+
+@triton.jit
+def _tile_offsets(n, p, q, rn, sn, sk, sp, sq, INDEX64: tl.constexpr):
+    """Offsets of a [rows, columns] output-shaped tile; computed where used, so no [BLOCK_M, BLOCK_N]
+    offset tensor stays live across a loop."""
+    return n[:, None] * sn + _index(rn, INDEX64)[None, :] * sk + _index(p, INDEX64)[:, None] * sp \
+        + _index(q, INDEX64)[:, None] * sq
+
+
+@triton.jit(do_not_specialize=SIZE_ARGS)
 def conv_bn_act_kernel(
     x_ptr, w_ptr, out_ptr,
     bias_ptr, rmean_ptr, rvar_ptr, gamma_ptr, beta_ptr, eps,
@@ -27,7 +48,7 @@ def conv_bn_act_kernel(
     res_ptr,
     scx_ptr, scw_ptr, scb_ptr, sco_ptr,
     pmean_ptr, pm2_ptr, pcount_ptr,
-    N, C, H, W, K, P, Q, SC_C, SC_H, SC_W,
+    N, C, H, W, K, P, Q, SC_C,
     sxn, sxc, sxh, sxw,
     swk, swc, swr, sws,
     son, sok, sop, soq,
@@ -37,7 +58,7 @@ def conv_bn_act_kernel(
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_SC: tl.constexpr, SC_SEPARATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     M = N * P * Q
@@ -55,35 +76,40 @@ def conv_bn_act_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
     col_ok = rn < K
-    n = (rm // (P * Q)).to(tl.int64)
+    n = _index(rm // (P * Q), INDEX64)
     pq = rm % (P * Q)
     p = pq // Q
     q = pq % Q
+    h0 = p * STRIDE - PAD
+    w0 = q * STRIDE - PAD
     rk = tl.arange(0, BLOCK_K)
+    x_row = n * sxn + _index(h0, INDEX64) * sxh + _index(w0, INDEX64) * sxw
+    w_col = _index(rn, INDEX64) * swk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in tl.static_range(KH):
-        for s in tl.static_range(KW):
-            h = p * STRIDE - PAD + r
-            w = q * STRIDE - PAD + s
-            inside = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            x_row = x_ptr + n * sxn + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
-            w_tap = w_ptr + rn[None, :].to(tl.int64) * swk + r * swr + s * sws
-            for c0 in range(0, C, BLOCK_K):
-                c = c0 + rk
-                c_ok = c < C
-                a_mask = inside[:, None] & c_ok[None, :]
-                a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * sxc, mask=a_mask, other=0.0)
-                if HAS_PROLOGUE:
-                    mu = tl.load(in_mean_ptr + c, mask=c_ok, other=0.0)
-                    sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)
-                    sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)
-                    # NaN propagates through ReLU as in torch.relu (tl.maximum would drop it).
-                    af = tl.maximum((a.to(tl.float32) - mu[None, :]) * sc[None, :] + sh[None, :], 0.0,
-                                    propagate_nan=tl.PropagateNan.ALL)
-                    a = tl.where(a_mask, af, 0.0).to(w_ptr.dtype.element_ty)
-                b = tl.load(w_tap + c[:, None].to(tl.int64) * swc, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    chunks = tl.cdiv(C, BLOCK_K)
+    for step in range(0, KH * KW * chunks):
+        tap = step // chunks
+        c = (step - tap * chunks) * BLOCK_K + rk
+        r = tap // KW
+        s = tap - r * KW
+        h = h0 + r
+        w = w0 + s
+        inside = row_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        c_ok = c < C
+        a_mask = inside[:, None] & c_ok[None, :]
+        a = tl.load(x_ptr + (x_row + r * sxh + s * sxw)[:, None] + c[None, :] * sxc, mask=a_mask, other=0.0)
+        if HAS_PROLOGUE:
+            mu = tl.load(in_mean_ptr + c, mask=c_ok, other=0.0)
+            sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)
+            sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)
+            # NaN propagates through ReLU as in torch.relu (tl.maximum would drop it).
+            af = tl.maximum((a.to(tl.float32) - mu[None, :]) * sc[None, :] + sh[None, :], 0.0,
+                            propagate_nan=tl.PropagateNan.ALL)
+            a = tl.where(a_mask, af, 0.0).to(w_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + w_col[None, :] + (r * swr + s * sws) + c[:, None] * swc,
+                    mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     z = acc
     if HAS_BIAS:
@@ -113,32 +139,44 @@ def conv_bn_act_kernel(
         if pid_n == 0:
             tl.store(pcount_ptr + pid_m, count)
 
-    out_mask = row_ok[:, None] & col_ok[None, :]
+    sx_row = n * ssn + _index(p * SC_STRIDE, INDEX64) * ssh + _index(q * SC_STRIDE, INDEX64) * ssw
+    sw_col = _index(rn, INDEX64) * sswk
     if HAS_SC:
-        # The 1x1 shortcut: its own reduction over the block input at the strided position.
-        acc_sc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sx_row = scx_ptr + n * ssn + (p * SC_STRIDE).to(tl.int64) * ssh + (q * SC_STRIDE).to(tl.int64) * ssw
-        for c0 in range(0, SC_C, BLOCK_K):
-            c = c0 + rk
-            c_ok = c < SC_C
-            a = tl.load(sx_row[:, None] + c[None, :].to(tl.int64) * ssc, mask=row_ok[:, None] & c_ok[None, :],
-                        other=0.0)
-            b = tl.load(scw_ptr + rn[None, :].to(tl.int64) * sswk + c[:, None].to(tl.int64) * sswc,
-                        mask=c_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_sc = tl.dot(a, b, acc_sc, input_precision=PRECISION)
-        acc_sc += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if SC_SEPARATE:
-            o_off = n[:, None] * son + rn[None, :].to(tl.int64) * sok + p[:, None] * sop + q[:, None] * soq
-            tl.store(sco_ptr + o_off, acc_sc.to(sco_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            z += acc_sc
+        if not SC_SEPARATE:
+            # The 1x1 shortcut, accumulated straight into the epilogue's result: one accumulator live.
+            z += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            for c0 in range(0, SC_C, BLOCK_K):
+                c = c0 + rk
+                c_ok = c < SC_C
+                a = tl.load(scx_ptr + sx_row[:, None] + c[None, :] * ssc, mask=row_ok[:, None] & c_ok[None, :],
+                            other=0.0)
+                b = tl.load(scw_ptr + sw_col[None, :] + c[:, None] * sswc, mask=c_ok[:, None] & col_ok[None, :],
+                            other=0.0)
+                z = tl.dot(a, b, z, input_precision=PRECISION)
+    out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_RES:
-        r_off = n[:, None] * srn + rn[None, :].to(tl.int64) * srk + p[:, None] * srp + q[:, None] * srq
-        z += tl.load(res_ptr + r_off, mask=out_mask, other=0.0).to(tl.float32)
+        z += tl.load(res_ptr + _tile_offsets(n, p, q, rn, srn, srk, srp, srq, INDEX64), mask=out_mask,
+                     other=0.0).to(tl.float32)
     if RELU:
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    o_off = n[:, None] * son + rn[None, :].to(tl.int64) * sok + p[:, None] * sop + q[:, None] * soq
-    tl.store(out_ptr + o_off, z.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(out_ptr + _tile_offsets(n, p, q, rn, son, sok, sop, soq, INDEX64), z.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+    if HAS_SC:
+        if SC_SEPARATE:
+            # Training keeps the shortcut apart (its own output for K3): computed once the main result is
+            # stored, so again one accumulator is live.
+            acc_sc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for c0 in range(0, SC_C, BLOCK_K):
+                c = c0 + rk
+                c_ok = c < SC_C
+                a = tl.load(scx_ptr + sx_row[:, None] + c[None, :] * ssc, mask=row_ok[:, None] & c_ok[None, :],
+                            other=0.0)
+                b = tl.load(scw_ptr + sw_col[None, :] + c[:, None] * sswc, mask=c_ok[:, None] & col_ok[None, :],
+                            other=0.0)
+                acc_sc = tl.dot(a, b, acc_sc, input_precision=PRECISION)
+            acc_sc += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(sco_ptr + _tile_offsets(n, p, q, rn, son, sok, sop, soq, INDEX64),
+                     acc_sc.to(sco_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- launcher
@@ -147,8 +185,9 @@ from typing import Optional  # noqa: E402
 import torch  # noqa: E402
 
 from ..base import new_output  # noqa: E402
-from .configs import conv_config  # noqa: E402
-from .counters import count_launch  # noqa: E402
+from ..packing import channels_dense_weight  # noqa: E402
+from .configs import conv_config, device_model  # noqa: E402
+from .launch import launch  # noqa: E402
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -168,11 +207,30 @@ def conv_plan(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int):
     k, _, kh, _ = weight.shape
     p, q = conv_out_size(h, kh, stride, padding), conv_out_size(w, kh, stride, padding)
     m = n * p * q
-    return p, q, m, conv_config(c, k, m, p * q, kh, x.dtype)
+    return p, q, m, conv_config(c, k, m, p * q, kh, x.dtype, device_model(x.device))
+
+
+def block_conv_problems(case) -> set[tuple[int, int, int, int, int]]:
+    """(in_channels, out_channels, M, positions, kernel) of the convolutions a benchmark case runs
+    through ``conv_fused`` (what ``configs.reachable_conv_configs`` evaluates the heuristic on)."""
+    from ...bench import blocks_of
+
+    problems = set()
+    for b in blocks_of(case):
+        n, c, h, w = b.input_shape
+        k, s = b.out_channels, b.stride
+        p, q = conv_out_size(h, 3, s, 1), conv_out_size(w, 3, s, 1)
+        problems.add((c, k, n * p * q, p * q, 3))
+        problems.add((k, k, n * p * q, p * q, 3))
+    return problems
 
 
 def _strides(t: Optional[torch.Tensor], dims: int = 4) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * dims
+
+
+def _needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
+    return any(t is not None and t.numel() >= 2**31 for t in tensors)
 
 
 def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale, in_shift,
@@ -181,17 +239,17 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     p, q, m, cfg = conv_plan(x, weight, stride, padding)
+    weight = channels_dense_weight(weight)
     fmt = output_memory_format(x)
     dev = x.device
     out = new_output((n, k, p, q), out_dtype, dev, fmt)
+
     def empty() -> torch.Tensor:  # a distinct placeholder per unused output (custom ops forbid aliasing)
         return torch.empty(0, device=dev, dtype=torch.float32)
 
     none = empty()
     has_sc = sc_weight is not None
     sc_out = new_output((n, k, p, q), out_dtype, dev, fmt) if has_sc and sc_separate else empty()
-    if sc_out.numel() and tuple(sc_out.stride()) != tuple(out.stride()):
-        raise AssertionError("shortcut output must share the output's strides")
     tiles_m = triton.cdiv(m, cfg.BLOCK_M)
     if stats:
         pmean = new_output((tiles_m, k), torch.float32, dev)
@@ -200,33 +258,36 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
     else:
         pmean, pm2, pcount = empty(), empty(), empty()
     if has_sc:
-        sc_c, sc_h, sc_w = sc_x.shape[1:]
+        sc_weight = channels_dense_weight(sc_weight)
+        sc_c = sc_x.shape[1]
         sc_wstrides = sc_weight.stride()[:2]
     else:
-        sc_c = sc_h = sc_w = 1
+        sc_c = 1
         sc_wstrides = (0, 0)
     # fp32 follows cuDNN's TF32 switch as eager's convolutions do; 16-bit inputs take the default (MMA).
     precision = "ieee" if (x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32) else "tf32"
     grid = (tiles_m * triton.cdiv(k, cfg.BLOCK_N),)
-    count_launch("conv_bn_act")
-    conv_bn_act_kernel[grid](
+    args = (
         x, weight, out,
         bias if bias is not None else none,
         bn_mean if bn_mean is not None else none, bn_var if bn_var is not None else none,
-        bn_gamma if bn_gamma is not None else none, bn_beta if bn_beta is not None else none, bn_eps,
+        bn_gamma if bn_gamma is not None else none, bn_beta if bn_beta is not None else none, float(bn_eps),
         in_mean if in_mean is not None else none, in_scale if in_scale is not None else none,
         in_shift if in_shift is not None else none,
         residual if residual is not None else none,
         sc_x if has_sc else none, sc_weight if has_sc else none, sc_bias if has_sc else none, sc_out,
         pmean, pm2, pcount,
-        n, c, h, w, k, p, q, sc_c, sc_h, sc_w,
+        n, c, h, w, k, p, q, sc_c,
         *x.stride(), *weight.stride(), *out.stride(), *_strides(residual), *_strides(sc_x if has_sc else None),
         *sc_wstrides,
+    )
+    constexprs = dict(
         STRIDE=stride, PAD=padding, KH=kh, KW=kw, SC_STRIDE=sc_stride,
         HAS_BIAS=bias is not None, HAS_BN=bn_mean is not None, HAS_PROLOGUE=in_scale is not None,
         HAS_RES=residual is not None, HAS_SC=has_sc, SC_SEPARATE=bool(sc_separate), RELU=bool(relu),
-        STATS=bool(stats), PRECISION=precision,
+        STATS=bool(stats), PRECISION=precision, INDEX64=_needs_int64(x, out, residual, sc_x),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    launch(conv_bn_act_kernel, grid, args, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+           device=dev)
     return out, sc_out, pmean, pm2, pcount

@@ -1,0 +1,158 @@
+"""The one path every Triton kernel of the package is launched through.
+
+A launch is counted (tests prove how many kernels a block launches), optionally recorded as a
+``LaunchSpec`` (what the ahead-of-time compiler in ``fused_resnet.kernel_report`` rebuilds the variant
+from: argument types and the properties the JIT specialises on, constexprs, warps, stages), and run on
+the device of its tensors: Triton launches on the *current* CUDA device, so a model on cuda:1 while
+cuda:0 is current is launched inside a guard for cuda:1.
+
+``recording(execute=False)`` records without running anything: the launchers still allocate their
+outputs and choose their configurations exactly as they would, which is how the variants a workload
+launches are listed on a machine without a GPU (``python -m fused_resnet kernels``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+LAUNCHES: Counter = Counter()
+
+# Kernel arguments the JIT must not specialise on: sizes that vary with the batch or the image (each
+# distinct value equal to 1 or divisible by 16 would be another compilation). Channel counts and strides
+# stay specialised: their divisibility is what lets the compiler vectorise channel-contiguous loads.
+SIZE_ARGS = ("N", "H", "W", "P", "Q", "M", "T", "HW", "SC_H", "SC_W")
+
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """One kernel variant as the JIT sees it. ``args`` holds, per positional argument, ``("tensor",
+    dtype, aligned16)``, ``("int", value)`` or ``("float",)``; ``constexprs`` the compile-time values."""
+
+    kernel: str                      # "module:qualname"
+    args: tuple
+    constexprs: tuple                # sorted (name, value) pairs
+    num_warps: int
+    num_stages: int
+
+    def to_json(self) -> dict:
+        return {"kernel": self.kernel, "args": [list(a) for a in self.args],
+                "constexprs": dict(self.constexprs), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LaunchSpec":
+        return cls(d["kernel"], tuple(tuple(a) for a in d["args"]), tuple(sorted(d["constexprs"].items())),
+                   d["num_warps"], d["num_stages"])
+
+    @property
+    def short_name(self) -> str:
+        return self.kernel.rsplit(":", 1)[-1]
+
+
+def _arg_spec(value: Any) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype).removeprefix("torch."), value.data_ptr() % 16 == 0)
+    if isinstance(value, bool):
+        return ("int", int(value))
+    if isinstance(value, int):
+        return ("int", value)
+    if isinstance(value, float):
+        return ("float",)
+    raise TypeError(f"unsupported kernel argument {type(value).__name__}")
+
+
+def _variant_key(spec: LaunchSpec, arg_names: tuple) -> tuple:
+    """What tells two launches' compilations apart: for ints, the JIT's specialisation (equal to 1,
+    divisible by 16, 32 or 64 bits) unless the argument is a size it must not specialise on."""
+    key = []
+    for name, arg in zip(arg_names, spec.args):
+        if arg[0] == "int":
+            v = arg[1]
+            width = 32 if _INT32[0] <= v <= _INT32[1] else 64
+            key.append(("int", width) if name in SIZE_ARGS else ("int", width, v == 1, v % 16 == 0))
+        else:
+            key.append(arg)
+    return (spec.kernel, tuple(key), spec.constexprs, spec.num_warps, spec.num_stages)
+
+
+class Recorder:
+    """Collects the distinct variants launched while active (first launch of each kept)."""
+
+    def __init__(self, execute: bool = True) -> None:
+        self.execute = execute
+        self.variants: dict[tuple, LaunchSpec] = {}
+        self.launches: list[tuple[LaunchSpec, tuple]] = []  # every launch in order, with its grid
+
+    def add(self, kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
+        fn = getattr(kernel, "fn", kernel)
+        spec = LaunchSpec(f"{fn.__module__}:{fn.__qualname__}", tuple(_arg_spec(a) for a in args),
+                          tuple(sorted(constexprs.items())), num_warps, num_stages)
+        spec = self.variants.setdefault(_variant_key(spec, tuple(_param_names(kernel))), spec)
+        self.launches.append((spec, tuple(grid)))
+
+    @property
+    def specs(self) -> list[LaunchSpec]:
+        return list(self.variants.values())
+
+
+_RECORDERS: list[Recorder] = []
+
+
+def _param_names(kernel) -> list[str]:
+    names = getattr(kernel, "arg_names", None)
+    if names is None:
+        import inspect
+        names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    return list(names)
+
+
+@contextmanager
+def recording(execute: bool = True) -> Iterator[Recorder]:
+    """Record every launch inside the block; with ``execute=False`` the kernels are not run at all."""
+    rec = Recorder(execute)
+    _RECORDERS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDERS.remove(rec)
+
+
+def executing() -> bool:
+    """False inside ``recording(execute=False)``: launches are listed, not run."""
+    return all(rec.execute for rec in _RECORDERS)
+
+
+@contextmanager
+def counting() -> Iterator[Counter]:
+    """Count the kernels launched inside the block: ``with counting() as c: ...; sum(c.values())``."""
+    before = LAUNCHES.copy()
+    result: Counter = Counter()
+    try:
+        yield result
+    finally:
+        result.update(LAUNCHES - before)
+
+
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int = 1,
+           device: Optional[torch.device] = None) -> None:
+    """Launch ``kernel[grid](*args, **constexprs)`` on ``device`` (the inputs' device)."""
+    fn = getattr(kernel, "fn", kernel)
+    LAUNCHES[fn.__name__.removesuffix("_kernel")] += 1
+    execute = True
+    for rec in _RECORDERS:
+        rec.add(kernel, grid, args, constexprs, num_warps, num_stages)
+        execute = execute and rec.execute
+    if not execute:
+        return
+    if device is not None and device.type == "cuda" and device.index is not None \
+            and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device.index):
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)

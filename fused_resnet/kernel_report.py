@@ -1,0 +1,400 @@
+"""Kernel quality without a GPU (DESIGN.md section 7b): compile every Triton kernel variant a workload
+launches ahead of time, with the JIT's own argument specialisation, for sm_80 or sm_90, and read the
+machine code the GPU would run; read the CUDA extension's kernels from the built library the same way.
+
+Per kernel variant: registers, stack, spill instructions (LDL/STL), shared memory, CTAs per SM (from
+registers, shared memory and threads), tensor-core instructions (HMMA/HGMMA), async copies
+(LDGSTS, UTMALDG/UBLKCP), loops and the loops that hold tensor-core instructions (a convolution should
+have one main loop), and subroutine calls (64-bit division and the like) inside those loops.
+
+The variants come from a dry run (``launch.recording(execute=False)``) of the benchmark suite's cases
+under the Triton interpreter -- the launchers allocate and choose configurations exactly as on the
+modelled GPU, nothing executes -- or from a file of ``LaunchSpec`` lines (the test suite records one:
+``FUSED_RESNET_RECORD_LAUNCHES=path``). Compilation runs in worker processes with the interpreter off,
+so the same module checks another Triton release (CI compiles every variant with the GPU machine's
+Triton 3.6 too: ``PYTHONPATH=that-triton python -m fused_resnet kernels --variants FILE``).
+
+    python -m fused_resnet kernels [--arch 90] [--suite kernels] [--jobs 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional
+
+# Per-SM limits by architecture: registers, shared memory for CTAs, resident threads, resident CTAs.
+SM_LIMITS = {80: (65536, 164 * 1024, 2048, 32), 86: (65536, 100 * 1024, 1536, 16),
+             89: (65536, 100 * 1024, 1536, 24), 90: (65536, 228 * 1024, 2048, 32)}
+H100_SMS = 132
+
+MMA_OPS = ("HMMA", "HGMMA", "IMMA", "DMMA")
+ASYNC_OPS = ("LDGSTS", "UTMALDG", "UBLKCP", "UTMAPF")
+
+
+# ------------------------------------------------------------------------------------------ SASS reading
+def tools_dir() -> str:
+    """cuobjdump ships inside the Triton wheel (triton/backends/nvidia/bin)."""
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _cuobjdump(args: list[str]) -> str:
+    exe = os.path.join(tools_dir(), "cuobjdump")
+    return subprocess.run([exe, *args], capture_output=True, text=True, check=True).stdout
+
+
+_INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_FUNC = re.compile(r"Function : (\S+)")
+_RES = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+@dataclass
+class SassStats:
+    """What the compiler made of one kernel."""
+
+    registers: int = 0
+    stack: int = 0
+    static_shared: int = 0
+    instructions: int = 0
+    spills: int = 0          # local-memory loads and stores (LDL/STL)
+    mma: int = 0             # tensor-core instructions
+    async_copies: int = 0    # cp.async (LDGSTS) and TMA
+    loops: int = 0
+    mma_loops: int = 0       # loops holding tensor-core instructions: the GEMM main loops
+    calls: int = 0           # subroutine calls (64-bit integer division, slow-path float division)
+    calls_in_mma_loops: int = 0
+
+
+def sass_stats(binary: str, arch: int) -> dict[str, SassStats]:
+    """Per kernel of a cubin or a library (its sm_<arch> code), from cuobjdump's SASS and resource usage."""
+    sass = _cuobjdump(["-sass", "-arch", f"sm_{arch}", binary])
+    stats: dict[str, SassStats] = {}
+    functions: dict[str, list[tuple[int, str, str]]] = {}
+    current = None
+    for line in sass.splitlines():
+        m = _FUNC.search(line)
+        if m:
+            current = m.group(1)
+            functions[current] = []
+            continue
+        m = _INSN.search(line)
+        if m and current is not None:
+            functions[current].append((int(m.group(1), 16), m.group(3), m.group(4)))
+    for name, insns in functions.items():
+        s = SassStats(instructions=len(insns))
+        ops = [op.split(".")[0] for _, op, _ in insns]
+        s.spills = sum(op in ("LDL", "STL") for op in ops)
+        s.mma = sum(op in MMA_OPS for op in ops)
+        s.async_copies = sum(op in ASYNC_OPS for op in ops)
+        s.calls = sum(op == "CALL" for op in ops)
+        # A loop is a branch back to an earlier address: its body is [target, branch].
+        for addr, op, operands in insns:
+            if op.split(".")[0] != "BRA":
+                continue
+            target = re.search(r"0x([0-9a-f]+)", operands)
+            if target is None or int(target.group(1), 16) >= addr:
+                continue
+            lo = int(target.group(1), 16)
+            body = [o.split(".")[0] for a, o, _ in insns if lo <= a <= addr]
+            s.loops += 1
+            if any(o in MMA_OPS for o in body):
+                s.mma_loops += 1
+                s.calls_in_mma_loops += sum(o == "CALL" for o in body)
+        stats[name] = s
+    res = _cuobjdump(["-res-usage", "-arch", f"sm_{arch}", binary])
+    for m in _RES.finditer(res):
+        if m.group(1) in stats:
+            st = stats[m.group(1)]
+            st.registers, st.stack, st.static_shared = int(m.group(2)), int(m.group(3)), int(m.group(4))
+    return stats
+
+
+def ctas_per_sm(registers: int, threads: int, shared: int, arch: int) -> int:
+    """Resident CTAs per SM: the tightest of registers (allocated per warp in units of 256), shared
+    memory (1 KB reserved per CTA), threads and the CTA limit."""
+    regs, smem, max_threads, max_ctas = SM_LIMITS.get(arch, SM_LIMITS[80])
+    warps = -(-threads // 32)
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = regs // (per_warp * warps)
+    by_smem = smem // (shared + 1024) if shared else max_ctas
+    return max(0, min(by_regs, by_smem, max_threads // threads, max_ctas))
+
+
+# ------------------------------------------------------------------------------- compiling a Triton variant
+def _standin(arg: list):
+    import torch
+    kind = arg[0]
+    if kind == "tensor":
+        t = torch.empty(65, dtype=getattr(torch, arg[1]))
+        return t[:64] if arg[2] else t[1:]  # the data pointer's 16-byte alignment is what is specialised
+    if kind == "int":
+        return int(arg[1])
+    return 1.5
+
+
+def compile_variant(spec: dict, arch: int) -> dict:
+    """Compile one recorded variant for sm_<arch> as the JIT would (its binder decides the signature,
+    the constants and the divisibility attributes) and read its machine code. Runs with the Triton
+    interpreter off. Returns the metrics, or {"error": ...}."""
+    import importlib
+
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    try:
+        module, qualname = spec["kernel"].split(":")
+        fn = getattr(importlib.import_module(module), qualname)
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        kwargs = dict(spec["constexprs"], num_warps=spec["num_warps"], num_stages=spec["num_stages"])
+        kwargs["debug"] = fn.debug or knobs.runtime.debug  # as JITFunction.run adds them
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(*[_standin(a) for a in spec["args"]], **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(compiled.asm["cubin"])
+            path = f.name
+        try:
+            (name, st), = sass_stats(path, arch).items()
+        finally:
+            os.unlink(path)
+        shared = max(compiled.metadata.shared, st.static_shared)
+        threads = compiled.metadata.num_warps * 32
+        return {**asdict(st), "shared": shared, "threads": threads, "triton": triton.__version__,
+                "ctas_per_sm": ctas_per_sm(st.registers, threads, shared, arch)}
+    except Exception as exc:  # reported per variant; the caller decides whether it is fatal
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+def _compile_worker(item: tuple[dict, int]) -> dict:
+    return compile_variant(*item)
+
+
+def compile_all(specs: list[dict], arch: int, jobs: int) -> list[dict]:
+    """Compile ``specs`` in ``jobs`` processes with the interpreter off."""
+    import multiprocessing
+
+    os.environ["TRITON_INTERPRET"] = "0"  # inherited by the workers: compile, do not interpret
+    if jobs <= 1:
+        return [compile_variant(s, arch) for s in specs]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        return list(pool.map(_compile_worker, [(s, arch) for s in specs]))
+
+
+# ------------------------------------------------------------------------------- listing a workload's variants
+@dataclass
+class Launch:
+    case: str
+    kernel: str
+    spec: dict
+    grid: list
+    config: str = ""
+
+
+def kernel_suite(name: str):
+    """The cases the report covers: ``kernels`` is the seed stage shapes at batch 32 in bf16 and fp32,
+    channels_last, eval and training (forward and backward); any benchmark suite name works too."""
+    from .bench import BenchCase, suite
+    from .cases import seed_block_cases
+
+    if name == "kernels":
+        return [BenchCase(b, mode, dtype, "nhwc") for b in seed_block_cases(batches=(32,))
+                for dtype in ("bfloat16", "float32") for mode in ("eval", "train-fwdbwd")]
+    return suite(name, "cuda")
+
+
+def record_cases(cases, arch: int) -> list[Launch]:
+    """Dry-run each case through the Triton backend on CPU tensors (interpreter mode: nothing executes)
+    with ``arch``'s configurations, and list its launches."""
+    import torch
+
+    from .backends.triton import configs, launch
+    from .bench import build_model, make_step
+
+    if not configs.interpreting():
+        raise RuntimeError("recording runs in interpreter mode (TRITON_INTERPRET=1): CPU tensors")
+    model = configs.H100 if arch >= 90 else configs.A100
+    launches: list[Launch] = []
+    torch.backends.cudnn.allow_tf32 = True  # as on the GPU by default: fp32 runs as TF32
+    for case in cases:
+        with configs.modelled_device(model), launch.recording(execute=False) as rec:
+            net = build_model("fused-triton", case, "cpu")
+            step, inputs = make_step(net, case, "cpu")
+            step(inputs[0])
+        for spec, grid in rec.launches:
+            launches.append(Launch(case.id, spec.short_name, spec.to_json(), list(grid), _config_label(spec)))
+    return launches
+
+
+def _config_label(spec) -> str:
+    c = dict(spec.constexprs)
+    if "BLOCK_M" in c:
+        return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{spec.num_warps} s{spec.num_stages}"
+    return f"w{spec.num_warps}"
+
+
+def _record_main(argv: list[str]) -> int:
+    """Subprocess entry: ``python -m fused_resnet.kernel_report record SUITE ARCH OUT``."""
+    suite_name, arch, out = argv[0], int(argv[1]), argv[2]
+    launches = record_cases(kernel_suite(suite_name), arch)
+    with open(out, "w") as f:
+        for l in launches:
+            f.write(json.dumps(asdict(l)) + "\n")
+    return 0
+
+
+def _record(suite_name: str, arch: int) -> list[Launch]:
+    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
+        path = f.name
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    try:
+        subprocess.run([sys.executable, "-m", "fused_resnet.kernel_report", "record", suite_name, str(arch), path],
+                       env=env, check=True)
+        with open(path) as f:
+            return [Launch(**json.loads(line)) for line in f if line.strip()]
+    finally:
+        os.unlink(path)
+
+
+def spec_key(spec: dict) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------- the CUDA extension
+def extension_library() -> Optional[str]:
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C.__file__
+
+
+def extension_stats(arch: int) -> dict[str, SassStats]:
+    """The CUDA extension's kernels (demangled-ish names) from the built library, or {} without one."""
+    lib = extension_library()
+    if lib is None:
+        return {}
+    try:
+        return sass_stats(lib, arch)
+    except subprocess.CalledProcessError:  # a CPU-only build: no device code
+        return {}
+
+
+def short_cuda_name(mangled: str) -> str:
+    """A readable name for an extension kernel: the function and its template arguments, no namespaces."""
+    try:
+        name = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return mangled
+    depth, end = 0, len(name)
+    for i, ch in enumerate(name):  # drop the parameter list: the "(" outside the template arguments
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0 and ">" in name[:i]:
+            end = i
+            break
+    name = re.sub(r"^void ", "", name[:end])
+    name = re.sub(r"[A-Za-z_0-9]+::|\(anonymous namespace\)::", "", name)
+    return name.replace("(Loop)0", "simt").replace("(Loop)1", "tensor-core").replace("(Loop)2", "tensor-core+cp.async")
+
+
+# ------------------------------------------------------------------------------------------------ the report
+COLUMNS = ("case", "kernel", "config", "regs", "stack", "spills", "smem KB", "CTAs/SM", "waves", "MMA",
+           "async", "MMA loops")
+
+
+def _row(l: Launch, m: dict) -> list[str]:
+    if "error" in m:
+        return [l.case, l.kernel, l.config, "ERROR: " + m["error"]] + [""] * (len(COLUMNS) - 4)
+    grid = 1
+    for g in l.grid:
+        grid *= g
+    waves = grid / max(1, m["ctas_per_sm"] * H100_SMS)
+    return [l.case, l.kernel, l.config, str(m["registers"]), str(m["stack"]), str(m["spills"]),
+            f"{m['shared'] / 1024:.1f}", str(m["ctas_per_sm"]), f"{waves:.2f}", str(m["mma"]),
+            str(m["async_copies"]), str(m["mma_loops"])]
+
+
+def markdown(rows: list[list[str]], columns: Iterable[str] = COLUMNS) -> str:
+    columns = list(columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(launches: list[Launch], arch: int, jobs: int) -> tuple[list[list[str]], dict[str, dict]]:
+    """Compile the distinct variants of ``launches`` and return the table rows (one per case and
+    distinct kernel variant) and the metrics per variant."""
+    unique = {spec_key(l.spec): l.spec for l in launches}
+    keys = list(unique)
+    metrics = dict(zip(keys, compile_all([unique[k] for k in keys], arch, jobs)))
+    rows, seen = [], set()
+    for l in launches:
+        k = (l.case, spec_key(l.spec), tuple(l.grid))
+        if k in seen:
+            continue
+        seen.add(k)
+        rows.append(_row(l, metrics[spec_key(l.spec)]))
+    return rows, metrics
+
+
+def extension_rows(arch: int) -> list[list[str]]:
+    rows = []
+    for name, s in sorted(extension_stats(arch).items(), key=lambda kv: short_cuda_name(kv[0])):
+        rows.append([short_cuda_name(name), str(s.registers), str(s.stack), str(s.spills),
+                     f"{s.static_shared / 1024:.1f}", str(ctas_per_sm(s.registers, 256, s.static_shared, arch)),
+                     str(s.mma), str(s.async_copies), str(s.mma_loops), str(s.calls), str(s.calls_in_mma_loops)])
+    return rows
+
+
+EXTENSION_COLUMNS = ("kernel", "regs", "stack", "spills", "smem KB", "CTAs/SM (256 threads)", "MMA", "async",
+                     "MMA loops", "calls", "calls in MMA loops")
+
+
+def main(args: argparse.Namespace) -> int:
+    arch = args.arch
+    if args.variants:
+        with open(args.variants) as f:
+            specs = [json.loads(line) for line in f if line.strip()]
+        launches = [Launch("(recorded)", s["kernel"].rsplit(":", 1)[-1], s, [1]) for s in specs]
+        for l in launches:
+            from .backends.triton.launch import LaunchSpec
+            l.config = _config_label(LaunchSpec.from_json(l.spec))
+    else:
+        launches = _record(args.suite, arch)
+    rows, metrics = report(launches, arch, args.jobs)
+    errors = {k: m["error"] for k, m in metrics.items() if "error" in m}
+    import triton
+    print(f"Triton {triton.__version__}, sm_{arch}: {len(metrics)} kernel variants compiled ahead of time, "
+          f"{len(errors)} failed")
+    if not args.quiet:
+        print(markdown(rows))
+    ext = [] if args.variants else extension_rows(arch)
+    if ext:
+        print(f"\nCUDA extension ({extension_library()}), sm_{arch}:")
+        print(markdown(ext, EXTENSION_COLUMNS))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"arch": arch, "triton": triton.__version__, "columns": COLUMNS, "rows": rows,
+                       "extension_columns": EXTENSION_COLUMNS, "extension_rows": ext}, f, indent=1)
+    for k, e in list(errors.items())[:20]:
+        print(f"FAILED {json.loads(k)['kernel']}: {e}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "record":
+    sys.exit(_record_main(sys.argv[2:]))
