@@ -1,68 +1,226 @@
 #!/usr/bin/env bash
-# Everything GPU-only, in one call, on a machine with an NVIDIA GPU, this checkout, its own
-# torch/Triton/nvcc and no package registry (about 8 minutes on an H100):
-#   1. build the extension in place for this GPU's architecture
-#   2. the whole test suite on CUDA, every dtype
-#   3. compute-sanitizer memcheck on a small fused forward and backward
-#   4. the GPU benchmark suite (pytest-benchmark JSON), then its markdown table and PNG plot
-# Usage: bash benchmarks/gpu_run.sh OUTDIR, then copy OUTDIR to benchmarks/results/<date>-<gpu>/ and run
+# Everything GPU-only, in one call, on a machine with an NVIDIA GPU, this checkout, its own torch, Triton
+# and nvcc, and no package registry. The steps, most valuable first:
+#   env      environment facts (GPU, driver, nvcc, torch/Triton/CUDA versions, optional packages)
+#   build    the extension for this GPU's architecture only, while the Triton kernel variants of the
+#            benchmark suite and of the test shapes compile ahead of time in parallel (warm cache)
+#   tests-a  the CUDA extension's tests and the block on CUDA, both fused backends
+#   tests-b  the rest of the test suite on CUDA
+#   bench    benchmarks: eager and the fused backends (each case checked against float64 first)
+#   sanitize compute-sanitizer: memcheck on a fused forward+backward, racecheck on one CUDA conv launch
+#   compile  benchmarks: torch.compile against eager (the head shape and ResNet-18)
+#   autotune benchmarks: torch.compile max-autotune, if time remains
+#   report   the results table and plot, and the summary at the end of log.txt
+#
+# Usage: bash benchmarks/gpu_run.sh OUTDIR
+#   GPU_RUN_BUDGET_S  seconds for the whole run (default 510, inside a 9-minute call; with 240 the
+#                     steps after the benchmarks are skipped: the most valuable subset)
+#   GPU_RUN_DRY=1     run every step on the CPU (Triton interpreter, the quick benchmarks, no sanitizer;
+#                     caps and budget x3): CI does, so the script has run end to end before it meets a GPU
+#   PYTHON            the interpreter (default python3)
+# Each step runs under `timeout -s INT` with a kill grace, so pytest prints its summary and writes its
+# XML when cut; a step gets at most its own cap and what is left of the budget after a reserve for the
+# report. Output: at most 8 files in OUTDIR (log.txt, results.jsonl, results.md, results.png,
+# kernels.md, logs.tar.gz with everything else). log.txt alone says what passed, what failed and the
+# headline speedups. Then copy OUTDIR to benchmarks/results/<date>-<gpu>/ and run
 #   python -m fused_resnet report benchmarks/results/<date>-<gpu>/results.jsonl --readme README.md \
 #     --auto-table fused_resnet/backends/auto_table.py
-# The whole run keeps to BUDGET_S seconds (default 530, under the 9 minutes a lent GPU call allows): each
-# step gets at most its own cap and what is left of the budget, keeping a reserve for the report, so a
-# slow step shortens the ones after it instead of losing the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: gpu_run.sh OUTDIR}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
 LOG="$OUT/log.txt"
+: > "$LOG"
+STATUS="$LOGS/steps.tsv"
+: > "$STATUS"
 PY=${PYTHON:-python3}
-status=0
+DRY=${GPU_RUN_DRY:-0}
+# On the CPU every step is slower (the Triton interpreter): the dry run scales the caps and the budget.
+SCALE=$([ "$DRY" = 1 ] && echo 3 || echo 1)
+BUDGET=${GPU_RUN_BUDGET_S:-$(( 510 * SCALE ))}
+# A short budget (under 6 minutes, e.g. 240) runs the most valuable subset: build, the extension and block
+# tests, the short benchmark suite (eager and fused), report.
+SHORT=$([ "$BUDGET" -lt $(( 360 * SCALE )) ] && echo 1 || echo 0)
+RESERVE=25          # kept for the report
+MIN_STEP=20         # a step with less time than this left is skipped
+GRACE=15            # seconds between SIGINT and SIGKILL
 START=$(date +%s)
-BUDGET=${BUDGET_S:-530}
-step() { echo; echo "=== $* ($(date +%T), $(( $(date +%s) - START )) s in)" | tee -a "$LOG"; }
-# seconds for a step: min(cap, what is left of the budget minus a reserve), at least 1
-limit() { local left=$(( BUDGET - ($(date +%s) - START) - $2 )); [ "$left" -lt "$1" ] || left=$1; \
-  [ "$left" -gt 0 ] || left=1; echo "$left"; }
+export PYTHONUNBUFFERED=1 OUT LOGS PY DRY BUDGET
 
-step "environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
-triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+say() { echo "$*" | tee -a "$LOG"; }
+elapsed() { echo $(( $(date +%s) - START )); }
 
-step "build (this GPU's architecture only)"
-ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
-TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=${MAX_JOBS:-16} timeout "$(limit 240 300)" $PY setup.py build_ext --inplace \
-  > "$OUT/build.log" 2>&1 || { echo "build FAILED (see build.log)" | tee -a "$LOG"; status=1; }
-grep -E "ptxas info|spill|stack frame" "$OUT/build.log" | sort | uniq | tail -n 40 >> "$LOG"
+# run_step NAME CAP COMMAND...: run under the budget; record ok / FAILED / timed out / skipped.
+run_step() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - $(elapsed) - RESERVE ))
+  if [ "$left" -lt "$MIN_STEP" ]; then
+    say "=== $name: skipped (out of time: ${left} s left of the budget)"
+    printf '%s\tskipped\t0\t0\n' "$name" >> "$STATUS"
+    return 0
+  fi
+  cap=$(( cap * SCALE ))
+  local lim=$(( cap < left ? cap : left ))
+  say "=== $name (limit ${lim} s, $(elapsed) s in)"
+  local t0=$(date +%s)
+  # Shell functions run in a child bash (exported with export -f), so timeout can signal them.
+  timeout -s INT -k "$GRACE" "$lim" bash -c '"$@"' _ "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$? took=$(( $(date +%s) - t0 )) verdict
+  case $rc in
+    0) verdict=ok ;;
+    124) verdict="timed out after ${lim} s" ;;
+    137) verdict="killed ${GRACE} s after its ${lim} s limit" ;;
+    *) verdict="FAILED (exit $rc)" ;;
+  esac
+  tail -n "${TAIL_LINES:-15}" "$LOGS/$name.log" >> "$LOG"
+  say "--- $name: $verdict in ${took} s"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$verdict" "$took" "$rc" >> "$STATUS"
+  return 0
+}
 
-step "tests on CUDA (every dtype)"
-# --maxfail rather than -x: a first run on a new GPU should show how far a problem reaches.
-timeout "$(limit 210 240)" $PY -m pytest -q --maxfail=25 -p no:cacheprovider tests --junitxml="$OUT/tests.xml" \
-  2>&1 | tail -n 60 | tee -a "$LOG"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# ------------------------------------------------------------------------------------------- environment
+env_facts() {
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  dry run: $DRY  budget: $BUDGET s"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  else
+    echo "nvidia-smi: not found"
+  fi
+  if command -v nvcc >/dev/null; then nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
+  $PY - <<'EOF'
+import importlib, platform, sys
+import torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton: MISSING (", exc, ")")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", p.total_memory >> 30, "GiB")
+else:
+    print("gpu: none (CPU run)")
+for name, role in (("ninja", "parallel extension build"), ("pytest_benchmark", "benchmark statistics"),
+                   ("matplotlib", "results plot"), ("numpy", "Triton interpreter")):
+    try:
+        importlib.import_module(name)
+        print(f"{name}: ok")
+    except ImportError:
+        print(f"{name}: missing ({role} degrades)")
+EOF
+}
+export -f env_facts
+TAIL_LINES=40 run_step env 30 env_facts
 
-step "compute-sanitizer memcheck"
-if command -v compute-sanitizer >/dev/null; then
-  timeout "$(limit 90 150)" compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_case.py \
-    > "$OUT/sanitizer.log" 2>&1; rc=$?
-  tail -n 15 "$OUT/sanitizer.log" | tee -a "$LOG"
-  [ $rc -eq 0 ] || { echo "memcheck FAILED (rc $rc)" | tee -a "$LOG"; status=1; }
+# ------------------------------------------------------------------------------------------------- build
+if [ "$DRY" = 1 ]; then
+  ARCH=""   # CPU: the default architectures, as CI built them (ninja rebuilds nothing)
+  KARCH=90
+  WARM_TESTS="tests/test_triton.py"   # the mechanics only: CI compiles every test variant in its own step
+  WARM_SUITES="quick"
 else
-  echo "compute-sanitizer not found" | tee -a "$LOG"
+  ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
+  KARCH=$(echo "$ARCH" | tr -d .)
+  WARM_TESTS="tests"
+  WARM_SUITES="default"
+  if [ "$SHORT" = 1 ]; then WARM_TESTS=""; WARM_SUITES="short"; fi
+fi
+if [ "$DRY" != 1 ] && [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
+build_and_warm() {
+  # The build uses a few cores (one nvcc per .cu file); meanwhile the Triton variants the later steps
+  # need are listed and compiled ahead on the others, into Triton's cache (a test run on a new GPU would
+  # otherwise JIT-compile some 300 variants one after another).
+  ( if [ -n "$ARCH" ]; then export TORCH_CUDA_ARCH_LIST=$ARCH; fi
+    MAX_JOBS=${MAX_JOBS:-4} $PY setup.py build_ext --inplace > "$LOGS/build-full.log" 2>&1
+    echo "build exit $?" ) &
+  local build_pid=$!
+  # The tests' variants: the test suite with every launch listed and none run (results are garbage and
+  # failures expected; torch.compile tests left out: they would compile Inductor's kernels for nothing).
+  if [ -n "$WARM_TESTS" ]; then
+    FUSED_RESNET_NO_EXTENSION=1 FUSED_RESNET_RECORD_LAUNCHES="$LOGS/test-variants.jsonl" FUSED_RESNET_DRY_LAUNCHES=1 \
+      $PY -m pytest -q -p no:cacheprovider $WARM_TESTS -k "not compile" > "$LOGS/warm-tests.log" 2>&1
+    echo "test variants listed: $(wc -l < "$LOGS/test-variants.jsonl" 2>/dev/null || echo none)"
+    $PY -m fused_resnet kernels --arch "$KARCH" --variants "$LOGS/test-variants.jsonl" --jobs "${WARM_JOBS:-12}" \
+      --quiet || echo "warm tests: some variants failed to compile"
+  fi
+  for s in $WARM_SUITES; do
+    $PY -m fused_resnet kernels --arch "$KARCH" --suite "$s" --jobs "${WARM_JOBS:-12}" --quiet \
+      --json "$LOGS/kernels-$s.json" || echo "warm $s: some variants failed to compile"
+  done
+  wait $build_pid
+  grep -E "error|Error" "$LOGS/build-full.log" | head -n 20
+  grep -E "spill|stack frame" "$LOGS/build-full.log" | sort | uniq -c | sort -rn | head -n 5
+  $PY -c "from fused_resnet.backends import extension as e; import sys; \
+print('extension:', 'CPU' if e.has_kernel('bn_act', 'CPU') else 'none', '+ CUDA' if e.has_kernel('bn_act', 'CUDA') \
+else '(no CUDA kernels)'); sys.exit(0 if e.has_ops() else 1)"
+}
+export ARCH KARCH WARM_SUITES WARM_TESTS
+export -f build_and_warm
+run_step build $([ "$SHORT" = 1 ] && echo 150 || echo 240) build_and_warm
+
+# ------------------------------------------------------------------------------------------------- tests
+PYTEST=($PY -m pytest -q -rfE --maxfail=25 -p no:cacheprovider)
+A_FILES="tests/test_ops.py tests/test_primitives.py tests/test_block.py"
+A_EXPR="cuda and (test_ops or test_primitives or test_block)"
+run_step tests-a 150 "${PYTEST[@]}" tests -k "$A_EXPR" --junitxml="$LOGS/tests-a.xml"
+skip() { say "=== $1: skipped ($2)"; printf '%s\tskipped (%s)\t0\t0\n' "$1" "$2" >> "$STATUS"; }
+if [ "$SHORT" = 1 ]; then skip tests-b "short budget"; else
+  run_step tests-b 150 "${PYTEST[@]}" tests -k "not ($A_EXPR)" --junitxml="$LOGS/tests-b.xml"
 fi
 
-step "benchmarks"
-# Rows are appended to results.jsonl as they are measured: a run cut short by the time limit keeps them.
-timeout "$(limit 330 25)" $PY -m pytest -q -p no:cacheprovider benchmarks --bench-device cuda --bench-suite default \
-  --bench-rows "$OUT/results.jsonl" --benchmark-json "$OUT/pytest-benchmark.json" \
-  --benchmark-columns=median,iqr 2>&1 | tail -n 5 | tee -a "$LOG"
-if [ -s "$OUT/results.jsonl" ]; then
-  $PY -m fused_resnet report "$OUT/results.jsonl" 2>&1 | tail -n 60 | tee -a "$LOG"
-else
-  echo "no benchmark results" | tee -a "$LOG"; status=1
+# ------------------------------------------------------------------------------------------- benchmarks
+if [ "$DRY" = 1 ]; then BENCH=(--bench-device cpu --bench-suite quick --bench-iters 3); \
+  FUSED="eager,fused-cpp,fused-torch"; else BENCH=(--bench-device cuda --bench-suite "${WARM_SUITES}"); \
+  FUSED="eager,fused-triton,fused-cuda"; fi
+bench() {  # bench NAME PROVIDERS: rows append to results.jsonl as they are measured
+  $PYTEST_ARGS benchmarks $BENCH_ARGS --bench-providers "$2" --bench-rows "$OUT/results.jsonl" \
+    --benchmark-json "$LOGS/pytest-benchmark-$1.json" --benchmark-columns=median,iqr --junitxml="$LOGS/$1.xml"
+}
+export BENCH_ARGS="${BENCH[*]}" PYTEST_ARGS="${PYTEST[*]}"
+export -f bench
+run_step bench 200 bench bench "$FUSED"
+
+sanitize() {
+  PYTORCH_NO_CUDA_MEMORY_CACHING=0 $PY benchmarks/sanitize_case.py --backends cuda,triton  # warm the Triton cache
+  echo "--- memcheck: fused forward+backward, cuda and triton backends"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    $PY benchmarks/sanitize_case.py --backends cuda,triton
+  local mem=$?
+  [ $mem -eq 124 ] && echo "memcheck: TIMED OUT after 100 s"
+  echo "--- racecheck: one CUDA conv launch"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT 60 compute-sanitizer --tool racecheck --error-exitcode 3 \
+    $PY benchmarks/sanitize_case.py --backends cuda --one-conv
+  local race=$?
+  [ $race -eq 124 ] && echo "racecheck: TIMED OUT after 60 s"
+  echo "memcheck exit $mem, racecheck exit $race"
+  [ $mem -eq 0 ] && [ $race -eq 0 ]
+}
+export -f sanitize
+if [ "$DRY" = 1 ]; then skip sanitize "dry run: no GPU"
+elif [ "$SHORT" = 1 ]; then skip sanitize "short budget"
+elif ! command -v compute-sanitizer >/dev/null; then skip sanitize "compute-sanitizer not found"
+else run_step sanitize 180 sanitize
 fi
 
-step "done: status $status"
-exit $status
+if [ "$SHORT" = 1 ]; then skip compile "short budget"; else run_step compile 200 bench compile "eager,compile"; fi
+if [ "$DRY" = 1 ]; then skip autotune "dry run: max-autotune is a GPU provider"
+elif [ "$SHORT" = 1 ]; then skip autotune "short budget"
+else run_step autotune 240 bench autotune "eager,compile-max-autotune"
+fi
+
+# ----------------------------------------------------------------------------------------------- report
+RESERVE=0 MIN_STEP=5 TAIL_LINES=3 run_step report 60 \
+  $PY -m fused_resnet report "$OUT/results.jsonl" --out "$OUT/results"
+# kernels.md: what the sm_<arch> compiler made of the benchmark suite's Triton variants (the warm step)
+$PY benchmarks/gpu_run_summary.py "$OUT" --kernels "$LOGS/kernels-${WARM_SUITES%% *}.json" > "$OUT/kernels.md" \
+  2>/dev/null || rm -f "$OUT/kernels.md"
+$PY benchmarks/gpu_run_summary.py "$OUT" --status "$STATUS" --junit "$LOGS" >> "$LOG" 2>&1 || say "summary FAILED"
+bad=$(awk -F'\t' '$2 != "ok" && $2 !~ /^skipped/' "$STATUS" | wc -l)
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$LOGS"
+say "done in $(elapsed) s: $bad steps failed or timed out; files: $(cd "$OUT" && ls | tr '\n' ' ')"
+[ "$bad" -eq 0 ]

@@ -2,17 +2,20 @@
 
 Every figure lands in the pytest-benchmark JSON with extra_info: CUDA-event median and p20/p80 over
 rotating inputs, peak memory, speedup over eager from the same run, the roofline floor and the
-fraction of it reached, and the device, versions and date.
+fraction of it reached, the device, versions and date, and whether the provider's result agreed with
+the float64 reference when checked before timing.
 """
 
 import torch
 
-from fused_resnet.bench import as_row, measure, prepare
+from fused_resnet.bench import as_row, check_case, measure, prepare
 
 
 def test_block(benchmark, bench_case, provider, bench_device, eager_times, record_row, pytestconfig):
     disabled = pytestconfig.getoption("benchmark_disable", False)
     iters = 2 if disabled else pytestconfig.getoption("--bench-iters")
+    # Checked against the float64 reference once before it is timed: a wrong result's speed is no figure.
+    failures = check_case(provider, bench_case, bench_device) if provider != "eager" else []
     if bench_case.id not in eager_times and provider != "eager":
         eager_times[bench_case.id] = measure("eager", bench_case, bench_device, iters=iters).median_ms
     step, inputs = prepare(provider, bench_case, bench_device)
@@ -21,8 +24,10 @@ def test_block(benchmark, bench_case, provider, bench_device, eager_times, recor
     if provider == "eager":
         eager_times[bench_case.id] = timing.median_ms
     row = as_row(provider, bench_case, timing, eager_times.get(bench_case.id))
+    row["check"] = "; ".join(failures) or "ok"
     benchmark.extra_info.update(row)
     record_row(row)
+    assert not failures, f"{provider} on {bench_case.id} disagrees with the reference: {failures}"
     assert timing.median_ms > 0 and timing.samples == iters
 
     # pytest-benchmark's own statistics: a few synchronised calls of the same step.

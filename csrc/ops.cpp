@@ -33,7 +33,8 @@ TORCH_LIBRARY(fused_resnet, m) {
   // updates the running statistics in place (unbiased variance) when they are given.
   m.def("bn_finalize(Tensor part_mean, Tensor part_m2, Tensor part_count, Tensor gamma, Tensor beta, float eps, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Per-channel sum(gm) and sum(gm * xhat), gm = where(mask_src > 0, grad, 0), xhat = (z - mean) * invstd.
+  // Per-channel sum(gm) and sum(gm * xhat), gm = where(mask_src <= 0, 0, grad) (ReLU's backward, as aten's
+  // threshold_backward: a NaN mask_src passes its gradient), xhat = (z - mean) * invstd.
   m.def("bn_backward_reduce(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd) -> (Tensor, Tensor)");
   // dz = scale * (gm - sum_g / count - xhat * sum_gx / count) (batch statistics) or scale * gm, and gm.
   m.def("bn_backward_apply(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "

@@ -320,6 +320,41 @@ def roofline(case: BenchCase, device: str, median_ms: float) -> dict:
             "floor_fraction": floor_ms / median_ms if median_ms > 0 else float("nan")}
 
 
+def check_case(provider: str, case: BenchCase, device: str) -> list[str]:
+    """Check ``provider`` on ``case`` once, before it is timed: its output (and, for train-fwdbwd, the
+    input gradient) against the seed model in float64 on the same device, with the tests' rule
+    (DESIGN.md section 5: at most max(2 x eager's error, the dtype's floor)). Returns the failures."""
+    from .testing import floor_for, rel_err
+
+    b = case.block
+    shape = (b.batch, 1, b.size, b.size) if case.resnet18 else b.input_shape
+    torch.manual_seed(1)
+    x = torch.randn(shape, device=device, dtype=torch.float64)
+    results = []
+    for name, dtype in (("ref64", torch.float64), ("eager", DTYPES[case.dtype]), (provider, DTYPES[case.dtype])):
+        model = build_model("eager" if name == "ref64" else name, case, device)
+        if name == "ref64":
+            model = model.to(torch.float64)
+        xi = x.to(dtype).contiguous(memory_format=FORMATS[case.fmt]).requires_grad_(case.mode == "train-fwdbwd")
+        with torch.set_grad_enabled(case.mode != "eval"):
+            out = model(xi)
+        got = {"output": out.detach()}
+        if case.mode == "train-fwdbwd":
+            torch.manual_seed(2)
+            g = torch.randn(out.shape, device=device, dtype=torch.float64)
+            out.backward(g.to(out.dtype))
+            got["grad input"] = xi.grad
+        results.append(got)
+    ref, eager, fused = results
+    floor = floor_for(DTYPES[case.dtype], torch.device(device))
+    failures = []
+    for key in ref:
+        e, f = rel_err(eager[key], ref[key]), rel_err(fused[key], ref[key])
+        if not f <= max(2 * e, floor):
+            failures.append(f"{key}: error {f:.2e} > bound {max(2 * e, floor):.2e} (eager {e:.2e})")
+    return failures
+
+
 def prepare(provider: str, case: BenchCase, device: str) -> tuple[Callable, list]:
     """(step, inputs) of ``provider`` on ``case``: build the model once, time it as often as needed."""
     return make_step(build_model(provider, case, device), case, device)

@@ -74,7 +74,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import as_row, measure_interleaved, prepare, providers, suite
+    from .bench import as_row, check_case, measure_interleaved, prepare, providers, suite
 
     device = args.device
     cases = suite(args.suite, device)
@@ -83,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for i, case in enumerate(cases, 1):
         # Build every provider first, then time them in interleaved rounds (eager's speedup is taken
         # from the same rounds).
-        prepared = {}
+        prepared, checked = {}, {}
         for provider in providers(device, case, args.suite):
             if args.providers and provider not in args.providers.split(",") and provider != "eager":
                 continue
@@ -91,15 +91,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             try:
                 prepared[provider] = prepare(provider, case, device)
                 prepared[provider][0](prepared[provider][1][0])  # compiles now, not inside a round
+                checked[provider] = check_case(provider, case, device) if provider != "eager" else []
             except Exception as exc:  # a provider that cannot compile here is reported, not fatal
                 print(f" failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
                 prepared.pop(provider, None)
                 continue
-            print(" ok")
+            print(" ok" if not checked[provider] else f" WRONG RESULT: {'; '.join(checked[provider])}")
         timings = measure_interleaved(prepared, case, device, iters=args.iters, rounds=args.rounds)
         eager_ms = timings["eager"].median_ms if "eager" in timings else None
         for provider, timing in timings.items():
             rows.append(as_row(provider, case, timing, eager_ms))
+            rows[-1]["check"] = "; ".join(checked[provider]) or "ok"
             print(f"  [{i}/{len(cases)}] {case.id} {provider}: {timing.median_ms:.3f} ms")
     print()
     print(markdown_table(rows))
@@ -108,7 +110,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f, indent=1)
         print(f"\nwrote {args.json}")
-    return 0
+    wrong = sorted({f"{r['case']} {r['mode']} {r['provider']}" for r in rows if r["check"] != "ok"})
+    if wrong:
+        print(f"\n{len(wrong)} providers disagreed with the reference: " + ", ".join(wrong))
+    return 1 if wrong else 0
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -116,7 +121,8 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| case | mode | dtype | format | provider | median ms (p20-p80) | speedup vs eager | floor ms | "
              "of floor |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['mode']} | {r['dtype']} | {r['format']} | {r['provider']} | "
+        provider = r["provider"] + (" (WRONG RESULT)" if r.get("check", "ok") != "ok" else "")
+        lines.append(f"| {r['case']} | {r['mode']} | {r['dtype']} | {r['format']} | {provider} | "
                      f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | "
                      f"{r['speedup_vs_eager']:.2f}x | {r['floor_ms']:.3f} | {100 * r['floor_fraction']:.0f}% |")
     return "\n".join(lines)

@@ -155,7 +155,7 @@ class _ResidualFunction(torch.autograd.Function):
         stride, (bs1, bs2) = ctx.stride, ctx.stats
         grad = grad.contiguous(memory_format=_memory_format(out))
 
-        # BN2 (+ the ReLU after the add): dZ2, and gm = grad * [out > 0] for the shortcut.
+        # BN2 (+ the ReLU after the add): dZ2, and gm = ReLU's backward of grad for the shortcut.
         count2 = z2.shape[0] * z2.shape[2] * z2.shape[3]
         with stage("B2 relu+bn backward"):
             sg2, sgx2 = be.bn_backward_reduce(grad, out, z2, mean2, invstd2)

@@ -208,10 +208,14 @@ class Launch:
 
 def kernel_suite(name: str):
     """The cases the report covers: ``kernels`` is the seed stage shapes at batch 32 in bf16 and fp32,
-    channels_last, eval and training (forward and backward); any benchmark suite name works too."""
-    from .bench import BenchCase, suite
-    from .cases import seed_block_cases
+    channels_last, eval and training (forward and backward); ``tests`` the block tests' small shapes;
+    any benchmark suite name works too."""
+    from .bench import DTYPES, FORMATS, BenchCase, suite
+    from .cases import SMALL_BLOCK_CASES, seed_block_cases
 
+    if name == "tests":  # the block tests' shapes in every dtype and layout: what a GPU test run launches most
+        return [BenchCase(b, mode, dtype, fmt) for b in SMALL_BLOCK_CASES for mode in ("eval", "train-fwdbwd")
+                for dtype in DTYPES for fmt in FORMATS]
     if name == "kernels":
         return [BenchCase(b, mode, dtype, "nhwc") for b in seed_block_cases(batches=(32,))
                 for dtype in ("bfloat16", "float32") for mode in ("eval", "train-fwdbwd")]
@@ -384,7 +388,7 @@ def main(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(markdown(rows))
     ext = [] if args.variants else extension_rows(arch)
-    if ext:
+    if ext and not args.quiet:
         print(f"\nCUDA extension ({extension_library()}), sm_{arch}:")
         print(markdown(ext, EXTENSION_COLUMNS))
     if args.json:

@@ -13,8 +13,33 @@ import pytest  # noqa: E402
 import fused_resnet  # noqa: E402
 from fused_resnet.backends import base  # noqa: E402
 
-# Kernels' outputs start as NaN, so an element a kernel forgot to write fails every comparison.
+# Kernels' outputs start as NaN, so an element a kernel forgot to write fails every comparison. A test
+# device only: tests that count what a user's run launches turn it off (the fills are launches too).
 base.POISON_OUTPUTS = True
+
+# FUSED_RESNET_RECORD_LAUNCHES=path: every distinct Triton kernel variant the session launches is written
+# there as LaunchSpec lines, for the ahead-of-time compile check (`python -m fused_resnet kernels
+# --variants path`, run by CI with the GPU machine's Triton release as well). With FUSED_RESNET_DRY_LAUNCHES=1
+# the kernels are listed and not run: results are garbage and failures expected -- how the GPU run lists
+# the variants its test steps will need and compiles them ahead, in parallel, before they run.
+_RECORD_PATH = os.environ.get("FUSED_RESNET_RECORD_LAUNCHES")
+_SESSION_RECORDER = None
+
+
+def pytest_sessionstart(session):
+    global _SESSION_RECORDER
+    if _RECORD_PATH and "triton" in fused_resnet.available_backends():
+        from fused_resnet.backends.triton import launch
+        _SESSION_RECORDER = launch.Recorder(execute=os.environ.get("FUSED_RESNET_DRY_LAUNCHES") != "1")
+        launch._RECORDERS.append(_SESSION_RECORDER)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_RECORDER is not None:
+        import json
+        with open(_RECORD_PATH, "w") as f:
+            for spec in _SESSION_RECORDER.specs:
+                f.write(json.dumps(spec.to_json()) + "\n")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -24,6 +49,27 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def unpoisoned(monkeypatch):
+    """Outputs allocated as a user's run allocates them: no NaN fill (which is a kernel launch too)."""
+    monkeypatch.setattr(base, "POISON_OUTPUTS", False)
+
+
+@pytest.fixture
+def deterministic():
+    """Bit-for-bit tests must ask for deterministic algorithms: the convolution gradients come from cuDNN,
+    whose default algorithms may accumulate with atomics on a GPU."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
 def device_dtype_params(cpu_dtypes=(torch.float32, torch.float16),

@@ -101,6 +101,37 @@ def test_nan_in_one_sample_stays_in_that_sample(device, dtype, backend):
     torch.testing.assert_close(dirty[[0, 2]], clean[[0, 2]], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["batch-stats", "frozen-bn"])
+@pytest.mark.parametrize("device,dtype,backend", _params(True))
+def test_nan_in_training_propagates_as_in_eager(device, dtype, backend, frozen):
+    """The training path's BN + add + ReLU (K3) and the backward's recompute of Y1 keep NaN as torch.relu
+    does, so the output and every gradient are NaN exactly where eager's are. With batch statistics one
+    NaN reaches every channel's statistics; with frozen BN (running statistics) it stays in its sample,
+    and a ReLU that turned NaN into 0 would show as finite outputs and a finite conv2 weight gradient."""
+    fused, ref = _pair(SMALL_BLOCK_CASES[1], backend)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(SMALL_BLOCK_CASES[1].input_shape)
+    x[1, 0, 2, 3] = float("nan")
+    masks = []
+    for model in (ref, fused):
+        model = model.to(device=device, dtype=dtype).train()
+        if frozen:
+            model.bn1.eval(), model.bn2.eval()
+        xi = x.to(device=device, dtype=dtype).requires_grad_()
+        out = model(xi)
+        out.backward(torch.ones_like(out))
+        masks.append([torch.isnan(out), torch.isnan(xi.grad)] + [torch.isnan(p.grad) for p in model.parameters()])
+    names = ["output", "grad input"] + [f"grad {n}" for n, _ in fused.named_parameters()]
+    assert masks[0][0].any()
+    for name, want, got in zip(names, *masks):
+        if not frozen and name in ("grad conv1.bias", "grad conv2.bias"):
+            # A bias before a batch-statistics BN has an exactly zero gradient, which the fused backward
+            # returns without summing (NaN or not); the other gradients carry the NaN.
+            assert not got.any()
+            continue
+        assert torch.equal(got, want), f"{name}: NaN at {int(got.sum())} places, eager {int(want.sum())}"
+
+
 @pytest.mark.parametrize("device,dtype,backend", _params(True))
 def test_frozen_batch_norm_in_a_training_block(device, dtype, backend):
     """Fine-tuning with BN frozen (block.train(), bn.eval()): running statistics, not batch ones."""

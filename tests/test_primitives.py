@@ -51,11 +51,17 @@ SHAPES = [(2, 5, 7, 7, 5), (2, 3, 9, 11, 24), (3, 13, 5, 5, 16), (2, 8, 6, 7, 16
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_conv_fused_matches_torch(backend, device, dtype, variant, shape, fmt):
-    _, kernel, stride, opt = variant
-    n, c, h, w, k = shape
     be = get_backend(backend)
     if be.supports(device, dtype, False) is not None:
         pytest.skip(be.supports(device, dtype, False))
+    check_conv_variant(be, device, dtype, variant, shape, fmt)
+
+
+def check_conv_variant(be, device, dtype, variant, shape, fmt):
+    """One fused path of ``be.conv_fused`` (a VARIANTS row) on an (n, c, h, w, k) problem against the
+    torch primitive: output, separate shortcut, merged statistics, memory format and dtype."""
+    _, kernel, stride, opt = variant
+    n, c, h, w, k = shape
     x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=FMT[fmt])
     weight = (torch.randn(k, c, kernel, kernel, device=device) / (c * kernel * kernel) ** 0.5).to(dtype)
     weight = weight.contiguous(memory_format=FMT[fmt])  # as model.to(memory_format=...) lays them out
@@ -92,5 +98,3 @@ def test_conv_fused_matches_torch(backend, device, dtype, variant, shape, fmt):
         mean_ref, m2_ref, count_ref = merge_stats(want.part_mean, want.part_m2, want.part_count)
         assert count.item() == count_ref.item() == n * p * q
         assert rel_err(mean, mean_ref) <= tol and rel_err(m2, m2_ref) <= tol
-
-

@@ -75,12 +75,14 @@ def test_bn_elementwise_and_backward_primitives_match_torch(backend, fmt, device
 @pytest.mark.parametrize("backend", TRAIN_BACKENDS)
 @pytest.mark.parametrize("fmt", list(FMT))
 def test_relu_backward_is_a_select(backend, fmt):
-    """gm = where(mask_src > 0, grad, 0), as aten's threshold_backward: a non-finite gradient where the
-    ReLU was off contributes nothing. Shape with more positions than one channels_last reduction chunk
-    (256 rows) and a ragged lane tail (HW = 90)."""
+    """gm = where(mask_src <= 0, 0, grad), as aten's threshold_backward: a non-finite gradient where the
+    ReLU was off contributes nothing, and a NaN forward value passes its gradient. Shape with more
+    positions than one channels_last reduction chunk (256 rows) and a ragged lane tail (HW = 90)."""
     be = get_backend(backend)
     c, shape = 6, (4, 6, 9, 10)
-    mask_src = torch.randn(shape, device=DEVICE).contiguous(memory_format=FMT[fmt])
+    mask_src = torch.randn(shape, device=DEVICE)
+    mask_src[torch.rand(shape, device=DEVICE) < 0.05] = float("nan")
+    mask_src = mask_src.contiguous(memory_format=FMT[fmt])
     z = (1.0 + torch.randn(shape, device=DEVICE)).contiguous(memory_format=FMT[fmt])
     grad = torch.randn(shape, device=DEVICE)
     off = mask_src <= 0
@@ -117,7 +119,7 @@ def test_large_conv_bias_does_not_cancel(backend):
 
 
 @pytest.mark.parametrize("backend", TRAIN_BACKENDS)
-def test_training_is_bitwise_repeatable(backend):
+def test_training_is_bitwise_repeatable(backend, deterministic):
     ref = randomize_(reference.Residual(5, 10, True, 2))
     x = torch.randn(3, 5, 9, 9, device=DEVICE)
     g = torch.randn(3, 10, 5, 5, device=DEVICE)

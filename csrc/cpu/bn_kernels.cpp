@@ -52,8 +52,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
   return {scale, shift, mean, invstd};
 }
 
-// gm = where(mask_src > 0, grad, 0), as aten's threshold_backward. The backward ops make grad, mask_src and z
-// dense in z's layout (as the CUDA kernels do), so one offset addresses all of them and the inner loops are
+// gm = relu_grad(grad, mask_src) (activation.h), as aten's threshold_backward. The backward ops make
+// grad, mask_src and z dense in z's layout (as the CUDA kernels do), so one offset addresses all of them and the inner loops are
 // unit-stride: over positions of one channel (NCHW) or over the channels of one position (channels_last).
 struct Dense {
   at::Tensor grad, mask, z;
@@ -142,17 +142,19 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cpu(const at::Tensor& grad
   return {sum, sumx};
 }
 
-// dz = a * gm + k0 + k1 * z over one unit-stride span: channel constants per element (PER, the channels of
-// one channels_last row) or one set for the span (the positions of one NCHW channel).
-template <bool PER, typename z_t, typename g_t, typename m_t>
+// dz = a * gm + k0 + k1 * z over one unit-stride span (BATCH: batch statistics; without them dz = a * gm,
+// and z is not read: a NaN in z must not reach dz through 0 * z). Channel constants per element (PER, the
+// channels of one channels_last row) or one set for the span (the positions of one NCHW channel).
+template <bool PER, bool BATCH, typename z_t, typename g_t, typename m_t>
 void bn_apply_span(const g_t* __restrict g, const m_t* __restrict m, const z_t* __restrict z, z_t* __restrict o,
                    g_t* __restrict q, const float* __restrict a, const float* __restrict k0,
                    const float* __restrict k1, int64_t len) {
   const float as = a[0], k0s = k0[0], k1s = k1[0];
   for (int64_t i = 0; i < len; ++i) {
     const float gv = cpu::relu_grad(cpu::ld(g, i), cpu::ld(m, i));
-    const float zi = cpu::ld(z, i);
-    o[i] = static_cast<z_t>(PER ? a[i] * gv + k0[i] + k1[i] * zi : as * gv + k0s + k1s * zi);
+    float d = PER ? a[i] * gv : as * gv;
+    if constexpr (BATCH) d += PER ? k0[i] + k1[i] * cpu::ld(z, i) : k0s + k1s * cpu::ld(z, i);
+    o[i] = static_cast<z_t>(d);
   }
   if (q)
     for (int64_t i = 0; i < len; ++i) q[i] = static_cast<g_t>(cpu::relu_grad(cpu::ld(g, i), cpu::ld(m, i)));
@@ -193,21 +195,26 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& grad_
         const z_t* zp = d.z.const_data_ptr<z_t>();
         z_t* dp = dz.mutable_data_ptr<z_t>();
         g_t* gmp = want_gm ? gm.mutable_data_ptr<g_t>() : nullptr;
-        if (d.channels_last) {
-          at::parallel_for(0, N * HW, 64, [&](int64_t begin, int64_t end) {
-            for (int64_t r = begin; r < end; ++r)
-              bn_apply_span<true>(gp + r * C, mp + r * C, zp + r * C, dp + r * C, gmp ? gmp + r * C : nullptr,
-                                  a.data(), k0.data(), k1.data(), C);
-          });
-        } else {
-          at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t nc = begin; nc < end; ++nc) {
-              const int64_t c = nc % C, base = nc * HW;
-              bn_apply_span<false>(gp + base, mp + base, zp + base, dp + base, gmp ? gmp + base : nullptr,
-                                   a.data() + c, k0.data() + c, k1.data() + c, HW);
-            }
-          });
-        }
+        auto run = [&](auto batch) {
+          constexpr bool B = decltype(batch)::value;
+          if (d.channels_last) {
+            at::parallel_for(0, N * HW, 64, [&](int64_t begin, int64_t end) {
+              for (int64_t r = begin; r < end; ++r)
+                bn_apply_span<true, B>(gp + r * C, mp + r * C, zp + r * C, dp + r * C, gmp ? gmp + r * C : nullptr,
+                                       a.data(), k0.data(), k1.data(), C);
+            });
+          } else {
+            at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+              for (int64_t nc = begin; nc < end; ++nc) {
+                const int64_t c = nc % C, base = nc * HW;
+                bn_apply_span<false, B>(gp + base, mp + base, zp + base, dp + base, gmp ? gmp + base : nullptr,
+                                        a.data() + c, k0.data() + c, k1.data() + c, HW);
+              }
+            });
+          }
+        };
+        if (batch_stats) run(std::true_type{});
+        else run(std::false_type{});
       });
     });
   });

@@ -9,8 +9,13 @@
 
 #include <cstdint>
 
+#include "../activation.h"
+
 namespace fused_resnet {
 namespace cpu {
+
+using fused_resnet::relu_grad;
+using fused_resnet::relu_keep_nan;
 
 constexpr int64_t kLanes = 16;
 
@@ -18,12 +23,6 @@ template <typename T>
 inline float ld(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
-
-inline float relu_keep_nan(float v) { return v < 0.0f ? 0.0f : v; }  // NaN stays NaN, as torch.relu
-
-// ReLU's backward as a select, as aten's threshold_backward computes it: where the forward's input was not
-// positive the gradient is zero, whatever it was.
-inline float relu_grad(float g, float src) { return src > 0.0f ? g : 0.0f; }
 
 // Per-lane partial sums of NS quantities over [0, len): f(i, v) writes the NS terms of element i into v.
 // Element i always lands in lane i % kLanes, so the sums depend on len alone.

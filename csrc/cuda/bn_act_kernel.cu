@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../activation.h"
 #include "../bn_act_common.h"
 #include "../dispatch.h"
 
@@ -23,7 +24,7 @@ __global__ void bn_act_kernel(const in_t* __restrict__ z, const float* __restric
     const int64_t c = channel_of(i, channels, hw, layout);
     float v = (static_cast<float>(z[i]) - mean[c]) * scale[c] + shift[c];
     if (res) v += static_cast<float>(res[i]);
-    out[i] = static_cast<out_t>(relu ? fmaxf(v, 0.0f) : v);
+    out[i] = static_cast<out_t>(relu ? relu_keep_nan(v) : v);
   }
 }
 

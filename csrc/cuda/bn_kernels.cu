@@ -10,6 +10,7 @@
 
 #include <tuple>
 
+#include "../activation.h"
 #include "../bn_backward_common.h"
 #include "../bn_stats.h"
 #include "../dispatch.h"
@@ -61,7 +62,7 @@ __global__ void bn_backward_reduce_kernel(const g_t* __restrict__ g, const m_t* 
     const float mu = mean[c], is = invstd[c];
     for (int64_t r = r0 + threadIdx.y; r < min(M, r0 + kRowsPerTile); r += kRowLanes) {
       const int64_t i = (r / HW) * ps.n + c * ps.c + (r % HW) * ps.hw;
-      const float gm = ld(msk, i) > 0.f ? ld(g, i) : 0.f;
+      const float gm = relu_grad(ld(g, i), ld(msk, i));
       s += gm;
       sx += gm * (ld(z, i) - mu) * is;
     }
@@ -96,7 +97,7 @@ __global__ void bn_backward_apply_kernel(const g_t* __restrict__ g, const m_t* _
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
     const int64_t c = channel_of(i, C, HW, layout);
-    const float gm = ld(msk, i) > 0.f ? ld(g, i) : 0.f;
+    const float gm = relu_grad(ld(g, i), ld(msk, i));
     float d = scale[c] * gm;
     if (batch_stats) {
       const float xhat = (ld(z, i) - mean[c]) * invstd[c];

@@ -30,6 +30,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../activation.h"
 #include "../conv_fused_common.h"
 #include "../dispatch.h"
 
@@ -85,8 +86,7 @@ __device__ __forceinline__ float load_f(const void* p, int64_t i) {
 }
 
 __device__ __forceinline__ float prologue_f(float v, const Params& p, int64_t c) {
-  v = (v - p.in_mean[c]) * p.in_scale[c] + p.in_shift[c];
-  return v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
+  return relu_keep_nan((v - p.in_mean[c]) * p.in_scale[c] + p.in_shift[c]);
 }
 
 // ------------------------------------------------------------------------------------------- SIMT loop
@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
         else v += s;
       }
       if (p.res) v += load_f<out_t>(p.res, n * p.rs.n + k * p.rs.c + ph * p.rs.h + qw * p.rs.w);
-      if (p.relu) v = v < 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
+      if (p.relu) v = relu_keep_nan(v);
       static_cast<out_t*>(p.out)[o] = static_cast<out_t>(v);
     }
   }

@@ -113,15 +113,16 @@ class Backend:
 
     def bn_backward_reduce(self, grad: Tensor, mask_src: Tensor, z: Tensor, mean: Tensor,
                            invstd: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-channel ``sum(gm)`` and ``sum(gm * xhat)`` with ``gm = where(mask_src > 0, grad, 0)`` and
-        ``xhat = (z - mean) * invstd``; float32. ``gm`` is a select, as ReLU's own backward: a masked-out
-        gradient is zero even when it is not finite."""
+        """Per-channel ``sum(gm)`` and ``sum(gm * xhat)`` with ``gm = where(mask_src <= 0, 0, grad)`` and
+        ``xhat = (z - mean) * invstd``; float32. ``gm`` is a select, as ReLU's own backward (aten's
+        threshold_backward): a masked-out gradient is zero even when it is not finite, and a NaN
+        ``mask_src`` passes its gradient."""
         raise NotImplementedError
 
     def bn_backward_apply(self, grad: Tensor, mask_src: Tensor, z: Tensor, mean: Tensor, invstd: Tensor,
                           scale: Tensor, sum_g: Tensor, sum_gx: Tensor, count: int, batch_stats: bool,
                           want_gm: bool) -> tuple[Tensor, Tensor]:
-        """``dz`` of ReLU after BN, and ``gm = where(mask_src > 0, grad, 0)`` when ``want_gm`` (else empty).
+        """``dz`` of ReLU after BN, and ``gm = where(mask_src <= 0, 0, grad)`` when ``want_gm`` (else empty).
 
         With batch statistics ``dz = scale * (gm - sum_g / count - xhat * sum_gx / count)``; with fixed
         (running) statistics ``dz = scale * gm``."""

@@ -8,19 +8,23 @@ backend is available.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .base import BNFold, ConvOut
-from .torch_ref import TorchBackend
+from .torch_ref import TorchBackend, relu_grad
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers the ops)
-    _LOAD_ERROR: Optional[str] = None
-except ImportError as exc:  # nothing compiled, or built against another torch
-    _LOAD_ERROR = str(exc)
+if os.environ.get("FUSED_RESNET_NO_EXTENSION", "").lower() in ("1", "true", "yes", "on"):
+    _LOAD_ERROR: Optional[str] = "FUSED_RESNET_NO_EXTENSION is set"
+else:
+    try:
+        from .. import _C  # noqa: F401  (loading the library registers the ops)
+        _LOAD_ERROR = None
+    except ImportError as exc:  # nothing compiled, or built against another torch
+        _LOAD_ERROR = str(exc)
 
 
 def has_ops() -> bool:
@@ -67,7 +71,7 @@ if has_ops():
 
     def _bn_act_backward(ctx, grad):
         z, mean, scale, out = ctx.saved_tensors
-        gm = grad.float() * (out > 0) if ctx.relu else grad.float()
+        gm = relu_grad(grad.float(), out) if ctx.relu else grad.float()
         dz = (gm * scale.view(1, -1, 1, 1)).to(z.dtype)
         dshift = gm.sum(dim=(0, 2, 3))
         dscale = (gm * (z.float() - mean.view(1, -1, 1, 1))).sum(dim=(0, 2, 3))

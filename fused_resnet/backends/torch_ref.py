@@ -41,6 +41,12 @@ def tile_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return mean.t().contiguous(), m2.t().contiguous(), count
 
 
+def relu_grad(grad: Tensor, forward_value: Tensor) -> Tensor:
+    """ReLU's backward as aten's threshold_backward: zero where the forward value is <= 0, the gradient
+    elsewhere (a NaN forward value passes it; a non-finite gradient where the ReLU was off is dropped)."""
+    return torch.where(forward_value <= 0, 0.0, grad)
+
+
 def merge_stats(part_mean: Tensor, part_m2: Tensor, part_count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Chan's parallel merge of per-tile (mean, M2, count) into per-channel (mean, M2), plus the count."""
     w = part_count.unsqueeze(1)
@@ -100,13 +106,13 @@ class TorchBackend(Backend):
         return y.to(out_dtype or z.dtype)
 
     def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
-        gm = torch.where(mask_src > 0, _acc(grad), 0.0)
+        gm = relu_grad(_acc(grad), mask_src)
         xhat = (_acc(z) - _ch(mean)) * _ch(invstd)
         return gm.sum(dim=(0, 2, 3)), (gm * xhat).sum(dim=(0, 2, 3))
 
     def bn_backward_apply(self, grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats,
                           want_gm):
-        gm = torch.where(mask_src > 0, _acc(grad), 0.0)
+        gm = relu_grad(_acc(grad), mask_src)
         if batch_stats:
             xhat = (_acc(z) - _ch(mean)) * _ch(invstd)
             dz = _ch(scale) * (gm - _ch(sum_g / count) - xhat * _ch(sum_gx / count))

@@ -143,7 +143,7 @@ def bn_relu_backward_reduce_kernel(
         _, mask, n, hw = _tile(rows, tl.program_id(1), M, C, HW, BLOCK_C)
         g = tl.load(g_ptr + _offsets(n, hw, cols, sgn, sgc, sghw), mask=mask, other=0.0).to(tl.float32)
         src = tl.load(mask_ptr + _offsets(n, hw, cols, smn, smc, smhw), mask=mask, other=0.0)
-        gm = tl.where(src > 0, g, 0.0)
+        gm = tl.where(src <= 0, 0.0, g)  # ReLU's backward as threshold_backward: NaN passes
         z = tl.load(z_ptr + _offsets(n, hw, cols, szn, szc, szhw), mask=mask, other=0.0).to(tl.float32)
         acc += gm
         accx += gm * ((z - mean[None, :]) * invstd[None, :])
@@ -181,7 +181,7 @@ def bn_relu_backward_apply_kernel(
     col_ok = cols < C
     g = tl.load(g_ptr + _offsets(n, hw, cols, sgn, sgc, sghw), mask=mask, other=0.0).to(tl.float32)
     src = tl.load(mask_ptr + _offsets(n, hw, cols, smn, smc, smhw), mask=mask, other=0.0)
-    gm = tl.where(src > 0, g, 0.0)
+    gm = tl.where(src <= 0, 0.0, g)  # ReLU's backward as threshold_backward: NaN passes
     scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     if BATCH_STATS:
         z = tl.load(z_ptr + _offsets(n, hw, cols, szn, szc, szhw), mask=mask, other=0.0).to(tl.float32)
