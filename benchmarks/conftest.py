@@ -19,7 +19,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("fused_resnet")
     group.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu",
                     choices=["cpu", "cuda"])
-    group.addoption("--bench-suite", default="quick", choices=["quick", "short", "default", "full"])
+    group.addoption("--bench-suite", default="quick", choices=["quick", "short", "default", "full", "host"])
     group.addoption("--bench-providers", default="", help="comma-separated subset (default: every one)")
     group.addoption("--bench-iters", type=int, default=50)
     group.addoption("--bench-rows", default=None,

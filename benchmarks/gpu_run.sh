@@ -214,10 +214,11 @@ else run_step autotune 240 bench autotune "eager,compile-max-autotune"
 fi
 
 # ----------------------------------------------------------------------------------------------- report
+KJSON="$LOGS/kernels-${WARM_SUITES%% *}.json"
 RESERVE=0 MIN_STEP=5 TAIL_LINES=3 run_step report 60 \
-  $PY -m fused_resnet report "$OUT/results.jsonl" --out "$OUT/results"
+  $PY -m fused_resnet report "$OUT/results.jsonl" --out "$OUT/results" $([ -s "$KJSON" ] && echo --kernels "$KJSON")
 # kernels.md: what the sm_<arch> compiler made of the benchmark suite's Triton variants (the warm step)
-$PY benchmarks/gpu_run_summary.py "$OUT" --kernels "$LOGS/kernels-${WARM_SUITES%% *}.json" > "$OUT/kernels.md" \
+$PY benchmarks/gpu_run_summary.py "$OUT" --kernels "$KJSON" > "$OUT/kernels.md" \
   2>/dev/null || rm -f "$OUT/kernels.md"
 $PY benchmarks/gpu_run_summary.py "$OUT" --status "$STATUS" --junit "$LOGS" >> "$LOG" 2>&1 || say "summary FAILED"
 bad=$(awk -F'\t' '$2 != "ok" && $2 !~ /^skipped/' "$STATUS" | wc -l)

@@ -24,6 +24,12 @@ inline void check_channel_vector(const c10::optional<at::Tensor>& v, int64_t c, 
               v->scalar_type());
 }
 
+// `v` as contiguous float32: itself when it already is (no operator dispatched, nothing copied: this runs
+// on every call of every op, and a no-op `to()` still costs a dispatch), else a converted copy.
+inline at::Tensor as_f32(const at::Tensor& v) {
+  return v.scalar_type() == at::kFloat && v.is_contiguous() ? v : v.to(at::kFloat).contiguous();
+}
+
 inline at::MemoryFormat conv_output_format(const at::Tensor& x) {
   return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
                                                                                : at::MemoryFormat::Contiguous;

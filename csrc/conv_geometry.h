@@ -15,10 +15,21 @@ namespace fused_resnet {
 // Memory layouts of a 4-D activation that the kernels accept, dense in either order.
 enum class Layout : int { NCHW = 0, NHWC = 1 };
 
-// Channel of the element at linear offset `i` of a dense (N, C, H, W) tensor stored in `layout`.
-// `hw` is H * W. int64 throughout: activations can exceed 2^31 elements.
-FR_HOST_DEVICE int64_t channel_of(int64_t i, int64_t channels, int64_t hw, Layout layout) {
-  return layout == Layout::NHWC ? i % channels : (i / hw) % channels;
+// A dense (N, C, H, W) activation as `outer` runs of `inner` contiguous elements: positions x channels
+// (NHWC) or (n, c) planes x positions (NCHW). Element (o, i) sits at o * inner + i and belongs to channel
+// i (NHWC) or o % C (NCHW): kernels take the channel once per run, never divide per element. int64
+// throughout: activations can exceed 2^31 elements.
+struct Runs {
+  int64_t outer, inner;
+};
+
+FR_HOST_DEVICE Runs runs_of(int64_t N, int64_t C, int64_t HW, Layout layout) {
+  return layout == Layout::NHWC ? Runs{N * HW, C} : Runs{N * C, HW};
+}
+
+// The channel shared by run `o` (NCHW), or -1 when it varies along the run (NHWC: the channel is i).
+FR_HOST_DEVICE int64_t run_channel(int64_t o, int64_t C, Layout layout) {
+  return layout == Layout::NHWC ? -1 : o % C;
 }
 
 // Output extent of a convolution along one spatial dimension.
@@ -26,8 +37,25 @@ FR_HOST_DEVICE int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride,
   return (in + 2 * padding - kernel) / stride + 1;
 }
 
-// Implicit-GEMM addressing: output row m = (n, p, q) of a P x Q output, read through tap (r, s) of a
-// convolution with `stride` and `pad`, lands on input pixel (n, h, w); `inside` is false in the zero padding.
+// Implicit-GEMM addressing: output row m = (n, p, q) of a P x Q output reads, through tap (r, s) of a
+// convolution with `stride` and `pad`, input pixel (n, h0 + r, w0 + s), where (h0, w0) is the pixel under
+// tap (0, 0) -- the row's origin. A kernel decomposes each of its rows once (the only divisions) and then
+// steps through taps and channel slices by addition.
+struct RowOrigin {
+  int64_t n, h0, w0;
+};
+
+FR_HOST_DEVICE RowOrigin row_origin(int64_t m, int64_t P, int64_t Q, int64_t stride, int64_t pad) {
+  const int64_t n = m / (P * Q), pq = m - n * (P * Q);
+  const int64_t p = pq / Q, q = pq - p * Q;
+  return {n, p * stride - pad, q * stride - pad};
+}
+
+// Whether tap (r, s) of a row lands inside the H x W image (outside is the zero padding).
+FR_HOST_DEVICE bool tap_inside(RowOrigin o, int64_t r, int64_t s, int64_t H, int64_t W) {
+  return o.h0 + r >= 0 && o.h0 + r < H && o.w0 + s >= 0 && o.w0 + s < W;
+}
+
 struct InputTap {
   int64_t n, h, w;
   bool inside;
@@ -35,10 +63,23 @@ struct InputTap {
 
 FR_HOST_DEVICE InputTap input_tap(int64_t m, int64_t P, int64_t Q, int64_t H, int64_t W, int64_t stride, int64_t pad,
                                   int64_t r, int64_t s) {
-  const int64_t n = m / (P * Q), pq = m % (P * Q);
-  const int64_t h = (pq / Q) * stride - pad + r, w = (pq % Q) * stride - pad + s;
-  return {n, h, w, h >= 0 && h < H && w >= 0 && w < W};
+  const RowOrigin o = row_origin(m, P, Q, stride, pad);
+  return {o.n, o.h0 + r, o.w0 + s, tap_inside(o, r, s, H, W)};
 }
+
+// The reduction of an implicit GEMM in slices of `bk` channels, tap by tap: (r, s, c0) of the current
+// slice, advanced by additions only (the order a flattened loop over taps x channel chunks visits).
+struct SliceCursor {
+  int r = 0, s = 0, c0 = 0;
+
+  FR_HOST_DEVICE void next(int kw, int channels, int bk) {
+    c0 += bk;
+    if (c0 >= channels) {
+      c0 = 0;
+      if (++s == kw) s = 0, ++r;
+    }
+  }
+};
 
 // Element strides of a 4-D (N, C, H, W) tensor in any layout.
 struct Strides4 {

@@ -46,7 +46,7 @@ class BenchCase:
         return f"{self.what}-{self.mode}-{self.dtype}-{self.fmt}"
 
 
-SUITES = ("quick", "short", "default", "full")
+SUITES = ("quick", "short", "default", "full", "host")
 
 
 def suite(name: str, device: str) -> list[BenchCase]:
@@ -56,6 +56,10 @@ def suite(name: str, device: str) -> list[BenchCase]:
     whole ResNet-18), ``full`` (every combination of DESIGN.md section 6)."""
     from .cases import SEED_BATCHES, seed_block_cases
 
+    if name == "host":  # tiny blocks: the time of a call is its host time (run it on one thread)
+        return [BenchCase(b, m, "float32", f) for b in (BlockCase(8, 8, 4, 2),
+                                                        BlockCase(8, 16, 4, 2, use_1x1conv=True, stride=2))
+                for m in ("eval", "train-fwdbwd") for f in ("nchw",)]
     if name == "quick":
         tiny = BlockCase(8, 8, 8, 2)
         return [BenchCase(tiny, m, "float32", "nhwc") for m in MODES] + [
@@ -92,6 +96,7 @@ def environment(device: str) -> dict:
             "cuda": torch.version.cuda, "date": datetime.date.today().isoformat()}
     if device == "cuda":
         info["device"] = torch.cuda.get_device_name()
+        info["sms"] = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     else:
         import platform
         info["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -183,6 +188,7 @@ class Timing:
     p80_ms: float
     peak_mem_mb: float
     samples: int
+    host_us: float = float("nan")  # median host time per call (enqueue time on CUDA)
     extra: dict = field(default_factory=dict)
 
 
@@ -191,8 +197,12 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
-def _samples(step: Callable, inputs: list, device: str, iters: int, offset: int = 0) -> tuple[list[float], float]:
-    """``iters`` timed calls of ``step`` (ms each) and the peak memory they added (MiB; NaN on the CPU)."""
+def _samples(step: Callable, inputs: list, device: str, iters: int,
+             offset: int = 0) -> tuple[list[float], float, list[float]]:
+    """``iters`` timed calls of ``step``: their times (ms each), the peak memory they added (MiB; NaN on the
+    CPU), and their host times (us each: on CUDA the time the call takes to enqueue its work, measured
+    without synchronising inside it; on the CPU the whole call, where a tiny case makes it host time)."""
+    host = []
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -200,20 +210,23 @@ def _samples(step: Callable, inputs: list, device: str, iters: int, offset: int 
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         for i, (start, end) in enumerate(events):
             start.record()
+            t0 = time.perf_counter()
             step(inputs[(offset + i) % len(inputs)])
+            host.append((time.perf_counter() - t0) * 1e6)
             end.record()
         torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in events], (torch.cuda.max_memory_allocated() - base) / 2**20
+        return ([s.elapsed_time(e) for s, e in events], (torch.cuda.max_memory_allocated() - base) / 2**20, host)
     times = []
     for i in range(iters):
         t0 = time.perf_counter()
         step(inputs[(offset + i) % len(inputs)])
         times.append((time.perf_counter() - t0) * 1e3)
-    return times, float("nan")
+    return times, float("nan"), [t * 1e3 for t in times]
 
 
-def _timing(times: list[float], peak: float) -> Timing:
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, len(times))
+def _timing(times: list[float], peak: float, host: list[float]) -> Timing:
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), peak, len(times),
+                  statistics.median(host))
 
 
 def time_step(step: Callable, inputs: list, device: str, warmup: int = 5, iters: int = 50) -> Timing:
@@ -233,14 +246,16 @@ def time_interleaved(prepared: dict[str, tuple[Callable, list]], device: str, wa
             step(inputs[i % len(inputs)])
     rounds = max(1, min(rounds, iters))
     times: dict[str, list[float]] = {name: [] for name in prepared}
+    hosts: dict[str, list[float]] = {name: [] for name in prepared}
     peaks: dict[str, float] = {name: float("nan") for name in prepared}
     for r in range(rounds):
         n = iters // rounds + (1 if r < iters % rounds else 0)
         for name, (step, inputs) in prepared.items():
-            got, peak = _samples(step, inputs, device, n, offset=len(times[name]))
+            got, peak, host = _samples(step, inputs, device, n, offset=len(times[name]))
             times[name] += got
+            hosts[name] += host
             peaks[name] = peak if peaks[name] != peaks[name] else max(peaks[name], peak)
-    return {name: _timing(times[name], peaks[name]) for name in prepared}
+    return {name: _timing(times[name], peaks[name], hosts[name]) for name in prepared}
 
 
 # -------------------------------------------------------------------------------------------- roofline
@@ -291,32 +306,61 @@ def case_bytes(case: BenchCase) -> float:
     return float(total * size)
 
 
+CEILINGS_HOW = (
+    "Floors come from ceilings measured once per run and device so that no provider can beat them: the "
+    "bandwidth is the best of device copies (bytes read plus written) and read-only reductions at several "
+    "sizes; the matrix rate is the best of square matrix products at several sizes (A B and A B^T) and of "
+    "large 3x3 convolutions in both layouts, counted at their direct-convolution FLOPs (so an algorithm "
+    "that does fewer, such as Winograd, raises the ceiling instead of beating it). A case's floor is the "
+    "larger of its FLOPs over the rate and its fewest bytes over the bandwidth.")
+
+
 @lru_cache(maxsize=None)
-def device_ceilings(device: str, dtype: str) -> tuple[float, float]:
-    """(copy bandwidth in bytes/s, matrix rate in FLOP/s) of this device, measured once per run: the
-    fastest of several timed copies and square matmuls (a ceiling, so the best sample, not the median)."""
+def device_ceilings(device: str, dtype: str) -> tuple[float, float, float]:
+    """(bandwidth in bytes/s, matrix rate in FLOP/s, one launch in us) of this device: see CEILINGS_HOW.
+    Each is the best sample of several (a ceiling, not a median)."""
     t = DTYPES[dtype] if device == "cuda" else torch.float32
-    nbytes, n, iters = ((1 << 28, 8192, 20) if device == "cuda" else (1 << 26, 2048, 8))
-    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    b_ = torch.empty_like(a)
-    x = torch.randn(n, n, device=device, dtype=t)
+    cuda = device == "cuda"
+    iters = 10 if cuda else 3
 
     def best_ms(fn) -> float:
-        for _ in range(3):
+        for _ in range(2):
             fn(None)
         return min(_samples(fn, [None], device, iters)[0])
 
-    copy_ms = best_ms(lambda _: b_.copy_(a))
-    mm_ms = best_ms(lambda _: torch.mm(x, x))
-    return 2 * a.numel() / (copy_ms / 1e3), 2 * n**3 / (mm_ms / 1e3)
+    bandwidth = 0.0
+    for nbytes in ((1 << 26, 1 << 28, 1 << 30) if cuda else (1 << 24, 1 << 26)):
+        a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        b_ = torch.empty_like(a)
+        bandwidth = max(bandwidth, 2 * nbytes / (best_ms(lambda _: b_.copy_(a)) / 1e3))
+        f = a.view(torch.float32)
+        bandwidth = max(bandwidth, nbytes / (best_ms(lambda _: f.sum()) / 1e3))
+        del a, b_, f
+    rate = 0.0
+    for n in ((2048, 4096, 8192) if cuda else (256, 512, 1024)):
+        x = torch.randn(n, n, device=device, dtype=t)
+        rate = max(rate, 2 * n**3 / (best_ms(lambda _: torch.mm(x, x)) / 1e3),
+                   2 * n**3 / (best_ms(lambda _: torch.mm(x, x.t())) / 1e3))
+    batch, c, size = (64, 256, 28) if cuda else (4, 64, 24)
+    w = torch.randn(c, c, 3, 3, device=device, dtype=t)
+    for fmt in FORMATS.values():
+        xi = torch.randn(batch, c, size, size, device=device, dtype=t).contiguous(memory_format=fmt)
+        wi = w.contiguous(memory_format=fmt)
+        with torch.no_grad():
+            ms = best_ms(lambda _: torch.nn.functional.conv2d(xi, wi, padding=1))
+        rate = max(rate, 2 * batch * size * size * c * c * 9 / (ms / 1e3))
+    one = torch.zeros(1, device=device)
+    launch_us = best_ms(lambda _: [one.add_(1) for _ in range(100)]) * 10  # ms per 100 launches -> us per launch
+    return bandwidth, rate, launch_us
 
 
 def roofline(case: BenchCase, device: str, median_ms: float) -> dict:
-    bandwidth, rate = device_ceilings(device, case.dtype)
+    bandwidth, rate, launch_us = device_ceilings(device, case.dtype)
     flops, nbytes = case_flops(case), case_bytes(case)
     floor_ms = max(flops / rate, nbytes / bandwidth) * 1e3
     return {"flops": flops, "bytes": nbytes, "copy_GBps": bandwidth / 1e9, "matmul_TFLOPs": rate / 1e12,
-            "floor_ms": floor_ms, "bound": "compute" if flops / rate > nbytes / bandwidth else "memory",
+            "launch_us": launch_us, "floor_ms": floor_ms,
+            "bound": "compute" if flops / rate > nbytes / bandwidth else "memory",
             "floor_fraction": floor_ms / median_ms if median_ms > 0 else float("nan")}
 
 

@@ -77,6 +77,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import as_row, check_case, measure_interleaved, prepare, providers, suite
 
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = suite(args.suite, device)
     print(f"fused_resnet bench: device={device} suite={args.suite} ({len(cases)} cases) torch={torch.__version__}")
     rows = []
@@ -116,15 +118,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if wrong else 0
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Speedup table: one line per case and provider."""
-    lines = ["| case | mode | dtype | format | provider | median ms (p20-p80) | speedup vs eager | floor ms | "
-             "of floor |", "|---|---|---|---|---|---|---|---|---|"]
+def markdown_table(rows: list[dict], predicted: Optional[dict] = None) -> str:
+    """Speedup table: one line per case and provider. ``host us`` is the host time of one call (on CUDA
+    the time to enqueue it); ``predicted ms`` the model of ``fused_resnet.predict`` (GPU runs, Triton)."""
+    predicted = predicted or {}
+    lines = ["| case | mode | dtype | format | provider | median ms (p20-p80) | speedup vs eager | host us | "
+             "floor ms | of floor | predicted ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         provider = r["provider"] + (" (WRONG RESULT)" if r.get("check", "ok") != "ok" else "")
+        host = r.get("host_us", float("nan"))
+        pred = predicted.get((r["case"], r["mode"], r["dtype"], r["format"])) if r["provider"] == "fused-triton" \
+            else None
         lines.append(f"| {r['case']} | {r['mode']} | {r['dtype']} | {r['format']} | {provider} | "
                      f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | "
-                     f"{r['speedup_vs_eager']:.2f}x | {r['floor_ms']:.3f} | {100 * r['floor_fraction']:.0f}% |")
+                     f"{r['speedup_vs_eager']:.2f}x | {host:.0f} | {r['floor_ms']:.3f} | "
+                     f"{100 * r['floor_fraction']:.0f}% | {'' if pred is None else f'{pred:.3f}'} |")
     return "\n".join(lines)
 
 
@@ -230,7 +238,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     env = rows[0]
     title = (f"{env.get('device')} - torch {env.get('torch')} - triton {env.get('triton')} - "
              f"CUDA {env.get('cuda')} - {env.get('date')}")
-    table = f"Measured on {title}.\n\n" + markdown_table(rows) + "\n"
+    predicted = {}
+    if args.kernels:
+        import json
+
+        from .predict import predictions
+        with open(args.kernels) as f:
+            predicted = predictions(json.load(f), rows)
+    from .bench import CEILINGS_HOW
+    table = (f"Measured on {title}.\n\n" + markdown_table(rows, predicted) + "\n\n" + CEILINGS_HOW +
+             " Host us: the host time of one call (on a GPU, the time it takes to enqueue its work)." +
+             (" Predicted: the launch-by-launch model of `fused_resnet/predict.py` from the compiled kernels' "
+              "occupancy (`--kernels`)." if predicted else "") + "\n")
     side_by_side = backend_comparison(rows)
     if side_by_side:
         table += "\nFused backends side by side (time ratio; below 1 is faster):\n\n" + side_by_side + "\n"
@@ -345,18 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time eager, torch.compile and the fused backends; print speedups")
     bench.add_argument("--device", default=_default_device(), choices=["cpu", "cuda"])
-    bench.add_argument("--suite", default="short", choices=["quick", "short", "default", "full"])
+    bench.add_argument("--suite", default="short", choices=["quick", "short", "default", "full", "host"],
+                       help="host: tiny blocks whose time is host time (with --threads 1 on the CPU)")
     bench.add_argument("--providers", default="", help="comma-separated subset (eager always runs)")
     bench.add_argument("--iters", type=int, default=30)
     bench.add_argument("--rounds", type=int, default=5,
                        help="interleaved rounds the iterations are split into (each round times every provider)")
     bench.add_argument("--json", default=None, help="also write the rows here")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch.set_num_threads first (the host suite runs on one thread)")
     bench.set_defaults(func=cmd_bench)
 
     report = sub.add_parser("report", help="markdown table and PNG plot from benchmark JSON")
     report.add_argument("results", help="pytest-benchmark JSON (--benchmark-json), --bench-rows JSON lines, "
                                         "or bench --json output")
     report.add_argument("--out", default=None, help="output stem (default: beside the results)")
+    report.add_argument("--kernels", default=None,
+                        help="a `kernels --json` report of the same cases: adds the predicted column")
     report.add_argument("--readme", default=None, help="also regenerate this README's results section")
     report.add_argument("--auto-table", default=None,
                         help="also rewrite auto's per-shape choices (fused_resnet/backends/auto_table.py) "

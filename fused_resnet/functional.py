@@ -11,6 +11,7 @@ Autograd lives here, once, for every backend:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -205,7 +206,8 @@ def residual_forward(block: nn.Module, x: Tensor) -> Tensor:
     device_type = x.device.type
     w1, w2, w3 = conv1.weight, conv2.weight, conv3.weight if conv3 is not None else None
     x_res = x if conv3 is None else None
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
         # As eager under autocast: convolutions in the autocast dtype, batch norm parameters as they are,
         # and the identity shortcut added in its own dtype (type promotion picks the output's).
         dtype = torch.get_autocast_dtype(device_type)
@@ -220,7 +222,8 @@ def residual_forward(block: nn.Module, x: Tensor) -> Tensor:
     b3 = conv3.bias if conv3 is not None else None
     params = (w1, conv1.bias, bn1.weight, bn1.bias, w2, conv2.bias, bn2.weight, bn2.bias, w3, b3)
 
-    with torch.autocast(device_type, enabled=False):
+    # The primitives run in the dtypes chosen above; autocast (when on) must not re-cast inside them.
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if not (bs1 or bs2) and not (torch.is_grad_enabled() and
                                      any(t is not None and t.requires_grad for t in (x, *params))):
             return _inference(backend, block, x, x_res, w1, w2, w3)

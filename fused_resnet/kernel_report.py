@@ -94,7 +94,10 @@ def sass_stats(binary: str, arch: int) -> dict[str, SassStats]:
         s.spills = sum(op in ("LDL", "STL") for op in ops)
         s.mma = sum(op in MMA_OPS for op in ops)
         s.async_copies = sum(op in ASYNC_OPS for op in ops)
-        s.calls = sum(op == "CALL" for op in ops)
+        # Subroutine calls (64-bit integer division, slow-path float division). A CALL to the instruction
+        # just past the next one is not a subroutine: it is how the compiler leaves a loop.
+        calls = {a for a, o, rest in insns if o.split(".")[0] == "CALL" and not _call_is_loop_exit(a, rest)}
+        s.calls = len(calls)
         # A loop is a branch back to an earlier address: its body is [target, branch].
         for addr, op, operands in insns:
             if op.split(".")[0] != "BRA":
@@ -103,11 +106,11 @@ def sass_stats(binary: str, arch: int) -> dict[str, SassStats]:
             if target is None or int(target.group(1), 16) >= addr:
                 continue
             lo = int(target.group(1), 16)
-            body = [o.split(".")[0] for a, o, _ in insns if lo <= a <= addr]
+            body = [(a, o.split(".")[0]) for a, o, _ in insns if lo <= a <= addr]
             s.loops += 1
-            if any(o in MMA_OPS for o in body):
+            if any(o in MMA_OPS for _, o in body):
                 s.mma_loops += 1
-                s.calls_in_mma_loops += sum(o == "CALL" for o in body)
+                s.calls_in_mma_loops += sum(a in calls for a, _ in body)
         stats[name] = s
     res = _cuobjdump(["-res-usage", "-arch", f"sm_{arch}", binary])
     for m in _RES.finditer(res):
@@ -115,6 +118,11 @@ def sass_stats(binary: str, arch: int) -> dict[str, SassStats]:
             st = stats[m.group(1)]
             st.registers, st.stack, st.static_shared = int(m.group(2)), int(m.group(3)), int(m.group(4))
     return stats
+
+
+def _call_is_loop_exit(addr: int, operands: str) -> bool:
+    target = re.search(r"0x([0-9a-f]+)", operands)
+    return target is not None and addr < int(target.group(1), 16) <= addr + 0x40
 
 
 def ctas_per_sm(registers: int, threads: int, shared: int, arch: int) -> int:
@@ -188,12 +196,19 @@ def compile_all(specs: list[dict], arch: int, jobs: int) -> list[dict]:
     """Compile ``specs`` in ``jobs`` processes with the interpreter off."""
     import multiprocessing
 
-    os.environ["TRITON_INTERPRET"] = "0"  # inherited by the workers: compile, do not interpret
-    if jobs <= 1:
+    if jobs <= 1 and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return [compile_variant(s, arch) for s in specs]
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        return list(pool.map(_compile_worker, [(s, arch) for s in specs]))
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # inherited by the workers: compile, do not interpret
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
+            return list(pool.map(_compile_worker, [(s, arch) for s in specs]))
+    finally:  # this process may be interpreting (tests): leave it so
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 # ------------------------------------------------------------------------------- listing a workload's variants
@@ -201,9 +216,10 @@ def compile_all(specs: list[dict], arch: int, jobs: int) -> list[dict]:
 class Launch:
     case: str
     kernel: str
-    spec: dict
+    spec: dict       # this launch's own arguments (sizes included)
     grid: list
     config: str = ""
+    variant: str = ""  # what its compilation depends on: launches with one variant share one binary
 
 
 def kernel_suite(name: str):
@@ -234,14 +250,19 @@ def record_cases(cases, arch: int) -> list[Launch]:
         raise RuntimeError("recording runs in interpreter mode (TRITON_INTERPRET=1): CPU tensors")
     model = configs.H100 if arch >= 90 else configs.A100
     launches: list[Launch] = []
+    tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True  # as on the GPU by default: fp32 runs as TF32
-    for case in cases:
-        with configs.modelled_device(model), launch.recording(execute=False) as rec:
-            net = build_model("fused-triton", case, "cpu")
-            step, inputs = make_step(net, case, "cpu")
-            step(inputs[0])
-        for spec, grid in rec.launches:
-            launches.append(Launch(case.id, spec.short_name, spec.to_json(), list(grid), _config_label(spec)))
+    try:
+        for case in cases:
+            with configs.modelled_device(model), launch.recording(execute=False) as rec:
+                net = build_model("fused-triton", case, "cpu")
+                step, inputs = make_step(net, case, "cpu")
+                step(inputs[0])
+            for spec, grid, key in rec.launches:
+                launches.append(Launch(case.id, spec.short_name, spec.to_json(), list(grid), _config_label(spec),
+                                       repr(key)))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     return launches
 
 
@@ -343,16 +364,18 @@ def markdown(rows: list[list[str]], columns: Iterable[str] = COLUMNS) -> str:
 def report(launches: list[Launch], arch: int, jobs: int) -> tuple[list[list[str]], dict[str, dict]]:
     """Compile the distinct variants of ``launches`` and return the table rows (one per case and
     distinct kernel variant) and the metrics per variant."""
-    unique = {spec_key(l.spec): l.spec for l in launches}
+    unique = {}
+    for l in launches:
+        unique.setdefault(l.variant or spec_key(l.spec), l.spec)
     keys = list(unique)
     metrics = dict(zip(keys, compile_all([unique[k] for k in keys], arch, jobs)))
     rows, seen = [], set()
     for l in launches:
-        k = (l.case, spec_key(l.spec), tuple(l.grid))
-        if k in seen:
-            continue
-        seen.add(k)
-        rows.append(_row(l, metrics[spec_key(l.spec)]))
+        m = metrics[l.variant or spec_key(l.spec)]
+        k = (l.case, l.variant or spec_key(l.spec), tuple(l.grid))
+        if k not in seen:
+            seen.add(k)
+            rows.append(_row(l, m))
     return rows, metrics
 
 
@@ -392,9 +415,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nCUDA extension ({extension_library()}), sm_{arch}:")
         print(markdown(ext, EXTENSION_COLUMNS))
     if args.json:
+        structured = [{"case": l.case, "kernel": l.kernel, "grid": l.grid, "spec": l.spec,
+                       "metrics": metrics[l.variant or spec_key(l.spec)]} for l in launches]
         with open(args.json, "w") as f:
             json.dump({"arch": arch, "triton": triton.__version__, "columns": COLUMNS, "rows": rows,
-                       "extension_columns": EXTENSION_COLUMNS, "extension_rows": ext}, f, indent=1)
+                       "extension_columns": EXTENSION_COLUMNS, "extension_rows": ext, "launches": structured}, f)
     for k, e in list(errors.items())[:20]:
         print(f"FAILED {json.loads(k)['kernel']}: {e}")
     return 1 if errors else 0

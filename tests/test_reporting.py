@@ -74,25 +74,25 @@ def test_auto_table_module_round_trip_keeps_other_devices(tmp_path):
     assert module.SOURCES == {"cpu": "cpu2.json", "cuda": "gpu.json"}
 
 
-def test_auto_follows_the_measured_choice_per_shape(monkeypatch):
+def test_auto_follows_the_measured_choice_per_shape():
     import torch
 
     import fused_resnet
     from fused_resnet import backends
-    monkeypatch.setattr(backends, "_MEASURED", {
+    with backends.measured_table({
         ("cpu", "eval", "float32", "nchw", 4, 4, 1, 6, 6): [(2, "seed"), (64, "torch")],
         ("cpu", "eval", "float32", "nchw", 4, 4, 1, 9, 9): [(2, "no-such-backend")],
-    })
-    blk = fused_resnet.Residual(4, 4).eval()
-    assert backends.resolve_backend("auto", torch.randn(2, 4, 6, 6), False, blk) is None  # seed route
-    assert backends.resolve_backend("auto", torch.randn(32, 4, 6, 6), False, blk).name == "torch"  # nearer 64
-    fallback = backends.AUTO_ORDER[("cpu", "eval")][0]
-    assert backends.resolve_backend("auto", torch.randn(2, 4, 9, 9), False, blk).name == fallback
-    assert backends.resolve_backend("auto", torch.randn(2, 4, 7, 7), False, blk).name == fallback  # unmeasured
-    assert backends.resolve_backend("torch", torch.randn(2, 4, 6, 6), False, blk).name == "torch"  # named wins
-    x = torch.randn(2, 4, 6, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(blk(x), fused_resnet.reference.Residual.forward(blk, x))
+    }):
+        blk = fused_resnet.Residual(4, 4).eval()
+        assert backends.resolve_backend("auto", torch.randn(2, 4, 6, 6), False, blk) is None  # seed route
+        assert backends.resolve_backend("auto", torch.randn(32, 4, 6, 6), False, blk).name == "torch"  # nearer 64
+        fallback = backends.AUTO_ORDER[("cpu", "eval")][0]
+        assert backends.resolve_backend("auto", torch.randn(2, 4, 9, 9), False, blk).name == fallback
+        assert backends.resolve_backend("auto", torch.randn(2, 4, 7, 7), False, blk).name == fallback  # unmeasured
+        assert backends.resolve_backend("torch", torch.randn(2, 4, 6, 6), False, blk).name == "torch"  # named wins
+        x = torch.randn(2, 4, 6, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(blk(x), fused_resnet.reference.Residual.forward(blk, x))
 
 
 def test_auto_under_compile_with_dynamic_batch_sizes():

@@ -31,18 +31,16 @@ void bn_act_span(const in_t* __restrict z, const out_t* __restrict res, out_t* _
 template <bool RES, bool RELU, typename in_t, typename out_t>
 void bn_act_cpu_impl(const in_t* z, const float* mean, const float* scale, const float* shift, const out_t* res,
                      out_t* out, int64_t numel, int64_t channels, int64_t hw, Layout layout) {
-  // Rows of C contiguous channels (NHWC) or planes of HW positions of one channel (NCHW).
-  const bool nhwc = layout == Layout::NHWC;
-  const int64_t inner = nhwc ? channels : hw;
-  const int64_t outer = numel / inner;
-  at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
+  // Runs of C contiguous channels (NHWC) or of HW positions of one channel (NCHW): conv_geometry.h.
+  const Runs runs = runs_of(numel / (channels * hw), channels, hw, layout);
+  const int64_t inner = runs.inner;
+  at::parallel_for(0, runs.outer, std::max<int64_t>(1, 16384 / inner), [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
-      const int64_t base = o * inner;
+      const int64_t base = o * inner, c = run_channel(o, channels, layout);
       const out_t* r = RES ? res + base : nullptr;
-      if (nhwc) {
+      if (c < 0) {
         bn_act_span<true, RES, RELU>(z + base, r, out + base, mean, scale, shift, inner);
       } else {
-        const int64_t c = channel_of(base, channels, hw, layout);
         bn_act_span<false, RES, RELU>(z + base, r, out + base, mean + c, scale + c, shift + c, inner);
       }
     }
@@ -57,6 +55,7 @@ at::Tensor bn_act_cpu(const at::Tensor& z_in, const at::Tensor& mean_in, const a
   const at::Tensor& out = ops.out;
   const Layout layout = ops.layout;
   const int64_t channels = z.size(1), hw = z.size(2) * z.size(3);
+  if (z.numel() == 0) return out;
   FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_act_cpu", [&] {
     using in_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "bn_act_cpu_out", [&] {

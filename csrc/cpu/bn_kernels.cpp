@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
   const auto [T, C] = check_bn_finalize(part_mean, part_m2, part_count, gamma, beta, running_mean, running_var,
                                         c10::DeviceType::CPU);
   const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
-  const at::Tensor g = gamma.to(at::kFloat).contiguous(), b = beta.to(at::kFloat).contiguous();
+  const at::Tensor g = as_f32(gamma), b = as_f32(beta);
   auto opts = part_mean.options();
   at::Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts), mean = at::empty({C}, opts),
              invstd = at::empty({C}, opts), unbiased = at::empty({C}, opts);
@@ -44,10 +44,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
       unbiased.mutable_data_ptr<float>()[c] = f.unbiased_var;
     }
   });
-  if (running_mean.has_value()) {  // in the buffers' own dtype, as BatchNorm2d
-    at::Tensor rm = *running_mean, rv = *running_var;
-    rm.copy_(rm.to(at::kFloat).mul(1.0 - momentum).add_(mean, momentum));
-    rv.copy_(rv.to(at::kFloat).mul(1.0 - momentum).add_(unbiased, momentum));
+  if (running_mean.has_value()) {  // in the buffers' own dtype, as BatchNorm2d (one loop, no dispatches)
+    const float mo = static_cast<float>(momentum);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean->scalar_type(), "bn_finalize_running", [&] {
+      scalar_t* rm = running_mean->mutable_data_ptr<scalar_t>();
+      scalar_t* rv = running_var->mutable_data_ptr<scalar_t>();
+      const float* mp = mean.const_data_ptr<float>();
+      const float* up = unbiased.const_data_ptr<float>();
+      for (int64_t c = 0; c < C; ++c) {
+        rm[c] = static_cast<scalar_t>(static_cast<float>(rm[c]) * (1.0f - mo) + mp[c] * mo);
+        rv[c] = static_cast<scalar_t>(static_cast<float>(rv[c]) * (1.0f - mo) + up[c] * mo);
+      }
+    });
   }
   return {scale, shift, mean, invstd};
 }

@@ -19,7 +19,7 @@ namespace {
 
 std::vector<float> floats(const c10::optional<at::Tensor>& v) {
   if (!v.has_value()) return {};
-  const at::Tensor t = v->to(at::kFloat).contiguous();
+  const at::Tensor t = as_f32(*v);
   return std::vector<float>(t.const_data_ptr<float>(), t.const_data_ptr<float>() + t.numel());
 }
 
@@ -274,15 +274,27 @@ at::Tensor im2col_cpu(const at::Tensor& x, int64_t kernel, int64_t stride, int64
   const int64_t rows = pb.N * pb.P * pb.Q, cols = pb.C * kernel * kernel;
   at::Tensor out = at::empty({rows, cols}, x.options());
   const Strides4 xs = strides4(x);
+  // Each row walks the reduction as the CUDA kernel's main loop does (row_origin once, then a SliceCursor
+  // over taps x channel slices, here of 3 channels so the last slice of a tap is ragged), so the tests
+  // that compare this op with F.unfold check that traversal too.
+  constexpr int kSlice = 3;
+  const int channels = static_cast<int>(pb.C);
+  const int slices = static_cast<int>(kernel * kernel) * ((channels + kSlice - 1) / kSlice);
   FR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "im2col_cpu", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        for (int64_t col = 0; col < cols; ++col) {
-          const int64_t o = im2col_source(m, col, kernel, pb.P, pb.Q, pb.H, pb.W, stride, padding, xs);
-          dst[m * cols + col] = o < 0 ? scalar_t(0.0f) : src[o];
+      for (int64_t m = begin; m < end; ++m) {
+        const RowOrigin o = row_origin(m, pb.P, pb.Q, stride, padding);
+        const int64_t base = o.n * xs.n + o.h0 * xs.h + o.w0 * xs.w;
+        SliceCursor cur;
+        for (int t = 0; t < slices; ++t, cur.next(static_cast<int>(kernel), channels, kSlice)) {
+          const bool inside = tap_inside(o, cur.r, cur.s, pb.H, pb.W);
+          for (int c = cur.c0; c < std::min(cur.c0 + kSlice, channels); ++c)
+            dst[m * cols + (c * kernel + cur.r) * kernel + cur.s] =
+                inside ? src[base + cur.r * xs.h + cur.s * xs.w + c * xs.c] : scalar_t(0.0f);
         }
+      }
     });
   });
   return out;

@@ -1,4 +1,4 @@
-// bn_act on CUDA: out = act(z * scale[c] + shift[c] (+ residual)), one thread per element, grid-stride.
+// bn_act on CUDA: out = act((z - mean[c]) * scale[c] + shift[c] (+ residual)), over runs of contiguous elements.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -8,23 +8,29 @@
 #include <torch/library.h>
 
 #include "../activation.h"
+#include "run_launch.cuh"
 #include "../bn_act_common.h"
 #include "../dispatch.h"
 
 namespace fused_resnet {
 namespace {
 
+// Over runs (conv_geometry.h): blockIdx.y / threadIdx.y walk the runs, blockIdx.x / threadIdx.x the
+// contiguous elements of a run, so the channel is known per run and no element divides.
 template <typename in_t, typename out_t>
 __global__ void bn_act_kernel(const in_t* __restrict__ z, const float* __restrict__ mean, const float* __restrict__ scale,
                               const float* __restrict__ shift, const out_t* __restrict__ res,
-                              out_t* __restrict__ out, int64_t numel, int64_t channels, int64_t hw,
-                              Layout layout, bool relu) {
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
-    const int64_t c = channel_of(i, channels, hw, layout);
-    float v = (static_cast<float>(z[i]) - mean[c]) * scale[c] + shift[c];
-    if (res) v += static_cast<float>(res[i]);
-    out[i] = static_cast<out_t>(relu ? relu_keep_nan(v) : v);
+                              out_t* __restrict__ out, Runs runs, int64_t channels, Layout layout, bool relu) {
+  for (int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; o < runs.outer;
+       o += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const int64_t run_c = run_channel(o, channels, layout), base = o * runs.inner;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < runs.inner;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t c = run_c < 0 ? i : run_c;
+      float v = (static_cast<float>(z[base + i]) - mean[c]) * scale[c] + shift[c];
+      if (res) v += static_cast<float>(res[base + i]);
+      out[base + i] = static_cast<out_t>(relu ? relu_keep_nan(v) : v);
+    }
   }
 }
 
@@ -38,16 +44,16 @@ at::Tensor bn_act_cuda(const at::Tensor& z_in, const at::Tensor& mean_in, const 
   const Layout layout = ops.layout;
   const int64_t numel = z.numel();
   if (numel == 0) return out;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((numel + threads - 1) / threads, 65535LL * 8);
+  const Runs runs = runs_of(z.size(0), z.size(1), z.size(2) * z.size(3), layout);
+  const dim3 block = run_block(runs), grid = run_grid(runs, block);
   auto stream = c10::cuda::getCurrentCUDAStream();
   FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_act_cuda", [&] {
     using in_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "bn_act_cuda_out", [&] {
-      bn_act_kernel<in_t, scalar_t><<<blocks, threads, 0, stream>>>(
+      bn_act_kernel<in_t, scalar_t><<<grid, block, 0, stream>>>(
           z.const_data_ptr<in_t>(), mean.const_data_ptr<float>(), scale.const_data_ptr<float>(), shift.const_data_ptr<float>(),
           residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
-          numel, z.size(1), z.size(2) * z.size(3), layout, relu);
+          runs, z.size(1), layout, relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

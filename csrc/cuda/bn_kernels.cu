@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "../activation.h"
+#include "run_launch.cuh"
 #include "../bn_backward_common.h"
 #include "../bn_stats.h"
 #include "../dispatch.h"
@@ -19,27 +20,45 @@ namespace fused_resnet {
 namespace {
 
 constexpr int kChannelsPerBlock = 32;  // threadIdx.x: one channel each
-constexpr int kRowLanes = 8;           // threadIdx.y: rows interleaved within a tile
+constexpr int kRowLanes = 8;           // threadIdx.y: rows interleaved within a tile (NHWC reduce)
 constexpr int kRowsPerTile = 256;      // rows one block reduces into one partial
+constexpr int kMergeLanes = 32;        // threadIdx.y of the merges: partial rows interleaved
 
 template <typename scalar_t>
 __device__ __forceinline__ float ld(const scalar_t* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
-// One thread per channel merges the T partials in tile order, relative to the first tile's mean.
+// Block (32 channels x 32 lanes): lane l merges partial rows l, l + 32, ... in order (Chan, relative to
+// the first row's mean), then the lanes merge pairwise in a fixed tree: parallel over the rows and still
+// the same result on every run. (One thread per channel serially over ~3,000 tiles was the bottleneck.)
 template <typename stat_t>
 __global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float* __restrict__ pm2,
                                    const float* __restrict__ pcount, const float* __restrict__ gamma,
                                    const float* __restrict__ beta, stat_t* running_mean, stat_t* running_var,
                                    float* scale, float* shift, float* mean, float* invstd, int64_t T, int64_t C,
                                    float eps, float momentum) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  const float base = pmean[c];
+  __shared__ float part[3][kMergeLanes][kChannelsPerBlock];  // a Moments per (lane, channel)
+  auto put = [&](int lane, Moments m) {
+    part[0][lane][threadIdx.x] = m.n, part[1][lane][threadIdx.x] = m.mean, part[2][lane][threadIdx.x] = m.m2;
+  };
+  auto get = [&](int lane) {
+    return Moments{part[0][lane][threadIdx.x], part[1][lane][threadIdx.x], part[2][lane][threadIdx.x]};
+  };
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + threadIdx.x;
+  const float base = c < C ? pmean[c] : 0.f;
   Moments acc;
-  for (int64_t t = 0; t < T; ++t) acc = merge(acc, Moments{pcount[t], pmean[t * C + c] - base, pm2[t * C + c]});
-  const BnFold f = fold(acc, base, gamma[c], beta[c], eps);
+  if (c < C)
+    for (int64_t t = threadIdx.y; t < T; t += kMergeLanes)
+      acc = merge(acc, Moments{pcount[t], pmean[t * C + c] - base, pm2[t * C + c]});
+  put(threadIdx.y, acc);
+  __syncthreads();
+  for (int width = kMergeLanes / 2; width > 0; width /= 2) {
+    if (threadIdx.y < width) put(threadIdx.y, merge(get(threadIdx.y), get(threadIdx.y + width)));
+    __syncthreads();
+  }
+  if (threadIdx.y != 0 || c >= C) return;
+  const BnFold f = fold(get(0), base, gamma[c], beta[c], eps);
   scale[c] = f.scale, shift[c] = f.shift, mean[c] = f.mean, invstd[c] = f.invstd;
   if (running_mean != nullptr) {  // as BatchNorm2d: unbiased variance, in the buffers' own dtype
     running_mean[c] = static_cast<stat_t>(static_cast<float>(running_mean[c]) * (1.0f - momentum) + f.mean * momentum);
@@ -48,12 +67,13 @@ __global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float*
   }
 }
 
-// Block (tile, channel group): partial sums of gm and gm * xhat over the tile's rows.
+// NHWC, block (tile, channel group): partial sums of gm and gm * xhat over the tile's rows; threadIdx.x
+// runs along the contiguous channels.
 template <typename g_t, typename m_t, typename z_t>
-__global__ void bn_backward_reduce_kernel(const g_t* __restrict__ g, const m_t* __restrict__ msk,
-                                          const z_t* __restrict__ z, const float* __restrict__ mean,
-                                          const float* __restrict__ invstd, float* psum, float* psumx, int64_t M,
-                                          int64_t C, int64_t HW, Plane ps) {
+__global__ void bn_backward_reduce_nhwc_kernel(const g_t* __restrict__ g, const m_t* __restrict__ msk,
+                                               const z_t* __restrict__ z, const float* __restrict__ mean,
+                                               const float* __restrict__ invstd, float* psum, float* psumx, int64_t M,
+                                               int64_t C) {
   __shared__ float sh[2][kRowLanes][kChannelsPerBlock];
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kChannelsPerBlock + threadIdx.x;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerTile;
@@ -61,7 +81,7 @@ __global__ void bn_backward_reduce_kernel(const g_t* __restrict__ g, const m_t* 
   if (c < C) {
     const float mu = mean[c], is = invstd[c];
     for (int64_t r = r0 + threadIdx.y; r < min(M, r0 + kRowsPerTile); r += kRowLanes) {
-      const int64_t i = (r / HW) * ps.n + c * ps.c + (r % HW) * ps.hw;
+      const int64_t i = r * C + c;
       const float gm = relu_grad(ld(g, i), ld(msk, i));
       s += gm;
       sx += gm * (ld(z, i) - mu) * is;
@@ -77,34 +97,77 @@ __global__ void bn_backward_reduce_kernel(const g_t* __restrict__ g, const m_t* 
   }
 }
 
-__global__ void sum_partials_kernel(const float* __restrict__ psum, const float* __restrict__ psumx, float* sum,
-                                    float* sumx, int64_t T, int64_t C) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+// NCHW, block (tile, channel): thread i takes row r0 + i of the tile, so a warp reads 32 contiguous
+// positions of one channel's plane (threads across channels would read HW apart); a fixed tree in shared
+// memory sums the block. Same tiles (kRowsPerTile rows) as the NHWC kernel.
+template <typename g_t, typename m_t, typename z_t>
+__global__ void __launch_bounds__(kRowsPerTile) bn_backward_reduce_nchw_kernel(
+    const g_t* __restrict__ g, const m_t* __restrict__ msk, const z_t* __restrict__ z, const float* __restrict__ mean,
+    const float* __restrict__ invstd, float* psum, float* psumx, int64_t M, int64_t C, int64_t HW) {
+  __shared__ float sh[2][kRowsPerTile];
+  const int64_t c = blockIdx.y;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerTile + threadIdx.x;
   float s = 0.f, sx = 0.f;
-  for (int64_t t = 0; t < T; ++t) s += psum[t * C + c], sx += psumx[t * C + c];
-  sum[c] = s, sumx[c] = sx;
+  if (r < M) {
+    const int64_t n = r / HW, i = (n * C + c) * HW + (r - n * HW);
+    const float gm = relu_grad(ld(g, i), ld(msk, i));
+    s = gm;
+    sx = gm * (ld(z, i) - mean[c]) * invstd[c];
+  }
+  sh[0][threadIdx.x] = s;
+  sh[1][threadIdx.x] = sx;
+  __syncthreads();
+  for (int width = kRowsPerTile / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) sh[0][threadIdx.x] += sh[0][threadIdx.x + width], sh[1][threadIdx.x] += sh[1][threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) psum[blockIdx.x * C + c] = sh[0][0], psumx[blockIdx.x * C + c] = sh[1][0];
 }
 
-// Elementwise over the dense tensors (all in z's layout): dz and, when asked, gm.
+// Block (32 channels x 32 lanes): column sums of the T partial rows, lanes strided then a fixed tree.
+__global__ void sum_partials_kernel(const float* __restrict__ psum, const float* __restrict__ psumx, float* sum,
+                                    float* sumx, int64_t T, int64_t C) {
+  __shared__ float sh[2][kMergeLanes][kChannelsPerBlock];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + threadIdx.x;
+  float s = 0.f, sx = 0.f;
+  if (c < C)
+    for (int64_t t = threadIdx.y; t < T; t += kMergeLanes) s += psum[t * C + c], sx += psumx[t * C + c];
+  sh[0][threadIdx.y][threadIdx.x] = s;
+  sh[1][threadIdx.y][threadIdx.x] = sx;
+  __syncthreads();
+  for (int width = kMergeLanes / 2; width > 0; width /= 2) {
+    if (threadIdx.y < width) {
+      sh[0][threadIdx.y][threadIdx.x] += sh[0][threadIdx.y + width][threadIdx.x];
+      sh[1][threadIdx.y][threadIdx.x] += sh[1][threadIdx.y + width][threadIdx.x];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < C) sum[c] = sh[0][0][threadIdx.x], sumx[c] = sh[1][0][threadIdx.x];
+}
+
+// Elementwise over the dense tensors (all in z's layout), by runs (conv_geometry.h): dz and, when asked, gm.
 template <typename g_t, typename m_t, typename z_t>
 __global__ void bn_backward_apply_kernel(const g_t* __restrict__ g, const m_t* __restrict__ msk,
                                          const z_t* __restrict__ z, const float* __restrict__ mean,
                                          const float* __restrict__ invstd, const float* __restrict__ scale,
                                          const float* __restrict__ sum_g, const float* __restrict__ sum_gx,
-                                         z_t* __restrict__ dz, g_t* __restrict__ gm_out, int64_t numel, int64_t C,
-                                         int64_t HW, Layout layout, float inv_count, bool batch_stats) {
-  const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += step) {
-    const int64_t c = channel_of(i, C, HW, layout);
-    const float gm = relu_grad(ld(g, i), ld(msk, i));
-    float d = scale[c] * gm;
-    if (batch_stats) {
-      const float xhat = (ld(z, i) - mean[c]) * invstd[c];
-      d = scale[c] * (gm - sum_g[c] * inv_count - xhat * sum_gx[c] * inv_count);
+                                         z_t* __restrict__ dz, g_t* __restrict__ gm_out, Runs runs, int64_t C,
+                                         Layout layout, float inv_count, bool batch_stats) {
+  for (int64_t o = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; o < runs.outer;
+       o += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    const int64_t run_c = run_channel(o, C, layout), base = o * runs.inner;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < runs.inner;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const int64_t c = run_c < 0 ? j : run_c, i = base + j;
+      const float gm = relu_grad(ld(g, i), ld(msk, i));
+      float d = scale[c] * gm;
+      if (batch_stats) {
+        const float xhat = (ld(z, i) - mean[c]) * invstd[c];
+        d = scale[c] * (gm - sum_g[c] * inv_count - xhat * sum_gx[c] * inv_count);
+      }
+      dz[i] = static_cast<z_t>(d);
+      if (gm_out != nullptr) gm_out[i] = static_cast<g_t>(gm);
     }
-    dz[i] = static_cast<z_t>(d);
-    if (gm_out != nullptr) gm_out[i] = static_cast<g_t>(gm);
   }
 }
 
@@ -116,16 +179,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
   const auto [T, C] = check_bn_finalize(part_mean, part_m2, part_count, gamma, beta, running_mean, running_var,
                                         c10::DeviceType::CUDA);
   const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
-  const at::Tensor g = gamma.to(at::kFloat).contiguous(), b = beta.to(at::kFloat).contiguous();
+  const at::Tensor g = as_f32(gamma), b = as_f32(beta);
   auto opts = part_mean.options();
   at::Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts), mean = at::empty({C}, opts),
              invstd = at::empty({C}, opts);
-  const int threads = 128;
-  const int blocks = static_cast<int>((C + threads - 1) / threads);
+  const dim3 block(kChannelsPerBlock, kMergeLanes);
+  const int blocks = static_cast<int>((C + kChannelsPerBlock - 1) / kChannelsPerBlock);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto stat_type = running_mean.has_value() ? running_mean->scalar_type() : at::kFloat;
   FR_DISPATCH_FLOAT_HALF_BF16(stat_type, "bn_finalize_cuda", [&] {
-    bn_finalize_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+    bn_finalize_kernel<scalar_t><<<blocks, block, 0, stream>>>(
         pm.const_data_ptr<float>(), pq.const_data_ptr<float>(), pc.const_data_ptr<float>(), g.const_data_ptr<float>(),
         b.const_data_ptr<float>(), running_mean.has_value() ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
         running_var.has_value() ? running_var->mutable_data_ptr<scalar_t>() : nullptr, scale.mutable_data_ptr<float>(),
@@ -149,24 +212,34 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(const at::Tensor& gra
   at::Tensor psum = at::empty({T, C}, f32), psumx = at::empty({T, C}, f32);
   at::Tensor sum = at::empty({C}, f32), sumx = at::empty({C}, f32);
   const at::Tensor mu = mean.contiguous(), is = invstd.contiguous();
+  if (M == 0) return {sum.zero_(), sumx.zero_()};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 block(kChannelsPerBlock, kRowLanes);
-  const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>((C + kChannelsPerBlock - 1) / kChannelsPerBlock));
-  const Plane ps = plane_of(z);
+  const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
   FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_backward_reduce_cuda", [&] {
     using z_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "bn_backward_reduce_cuda_grad", [&] {
       using g_t = scalar_t;
       FR_DISPATCH_FLOAT_HALF_BF16(mask.scalar_type(), "bn_backward_reduce_cuda_mask", [&] {
-        bn_backward_reduce_kernel<g_t, scalar_t, z_t><<<grid, block, 0, stream>>>(
-            grad.const_data_ptr<g_t>(), mask.const_data_ptr<scalar_t>(), z.const_data_ptr<z_t>(),
-            mu.const_data_ptr<float>(), is.const_data_ptr<float>(), psum.mutable_data_ptr<float>(),
-            psumx.mutable_data_ptr<float>(), M, C, HW, ps);
+        if (nhwc) {
+          const dim3 grid(static_cast<unsigned>(T),
+                          static_cast<unsigned>((C + kChannelsPerBlock - 1) / kChannelsPerBlock));
+          bn_backward_reduce_nhwc_kernel<g_t, scalar_t, z_t><<<grid, dim3(kChannelsPerBlock, kRowLanes), 0, stream>>>(
+              grad.const_data_ptr<g_t>(), mask.const_data_ptr<scalar_t>(), z.const_data_ptr<z_t>(),
+              mu.const_data_ptr<float>(), is.const_data_ptr<float>(), psum.mutable_data_ptr<float>(),
+              psumx.mutable_data_ptr<float>(), M, C);
+        } else {
+          const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(C));
+          bn_backward_reduce_nchw_kernel<g_t, scalar_t, z_t><<<grid, kRowsPerTile, 0, stream>>>(
+              grad.const_data_ptr<g_t>(), mask.const_data_ptr<scalar_t>(), z.const_data_ptr<z_t>(),
+              mu.const_data_ptr<float>(), is.const_data_ptr<float>(), psum.mutable_data_ptr<float>(),
+              psumx.mutable_data_ptr<float>(), M, C, HW);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
-  sum_partials_kernel<<<static_cast<unsigned>((C + 127) / 128), 128, 0, stream>>>(
+  sum_partials_kernel<<<static_cast<unsigned>((C + kChannelsPerBlock - 1) / kChannelsPerBlock),
+                        dim3(kChannelsPerBlock, kMergeLanes), 0, stream>>>(
       psum.const_data_ptr<float>(), psumx.const_data_ptr<float>(), sum.mutable_data_ptr<float>(),
       sumx.mutable_data_ptr<float>(), T, C);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -192,19 +265,19 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cuda(const at::Tensor& grad
   at::Tensor gm = want_gm ? at::empty(z.sizes(), grad.options().memory_format(fmt)) : at::empty({0}, z.options());
   const int64_t numel = z.numel(), HW = z.size(2) * z.size(3);
   if (numel == 0) return {dz, gm};
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((numel + threads - 1) / threads, 65535LL * 8);
+  const Runs runs = runs_of(z.size(0), C, HW, layout);
+  const dim3 block = run_block(runs), grid = run_grid(runs, block);
   auto stream = c10::cuda::getCurrentCUDAStream();
   FR_DISPATCH_FLOAT_HALF_BF16(z.scalar_type(), "bn_backward_apply_cuda", [&] {
     using z_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "bn_backward_apply_cuda_grad", [&] {
       using g_t = scalar_t;
       FR_DISPATCH_FLOAT_HALF_BF16(mask.scalar_type(), "bn_backward_apply_cuda_mask", [&] {
-        bn_backward_apply_kernel<g_t, scalar_t, z_t><<<blocks, threads, 0, stream>>>(
+        bn_backward_apply_kernel<g_t, scalar_t, z_t><<<grid, block, 0, stream>>>(
             grad.const_data_ptr<g_t>(), mask.const_data_ptr<scalar_t>(), z.const_data_ptr<z_t>(),
             mu.const_data_ptr<float>(), is.const_data_ptr<float>(), a.const_data_ptr<float>(),
             sg.const_data_ptr<float>(), sgx.const_data_ptr<float>(), dz.mutable_data_ptr<z_t>(),
-            want_gm ? gm.mutable_data_ptr<g_t>() : nullptr, numel, C, HW, layout, 1.0f / static_cast<float>(count),
+            want_gm ? gm.mutable_data_ptr<g_t>() : nullptr, runs, C, layout, 1.0f / static_cast<float>(count),
             batch_stats);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -89,6 +89,20 @@ __device__ __forceinline__ float prologue_f(float v, const Params& p, int64_t c)
   return relu_keep_nan((v - p.in_mean[c]) * p.in_scale[c] + p.in_shift[c]);
 }
 
+// A GEMM row's origin (conv_geometry.h) with its offset in x: decomposed once per tile, so the main loops
+// step through taps and channel slices by addition (no division, 32-bit counters).
+struct Row {
+  RowOrigin o;
+  int64_t x;     // offset of the pixel under tap (0, 0); read only where a tap lands inside the image
+  bool valid;    // m < M
+};
+
+__device__ __forceinline__ Row gemm_row(int64_t m, const Params& p, const GemmSrc& g) {
+  const bool valid = m < p.M;
+  const RowOrigin o = row_origin(valid ? m : 0, p.P, p.Q, g.stride, g.pad);
+  return {o, o.n * g.xs.n + o.h0 * g.xs.h + o.w0 * g.xs.w, valid};
+}
+
 // ------------------------------------------------------------------------------------------- SIMT loop
 // Accumulates acc += A(rows of this tile, taps x channels) * B(taps x channels, columns of this tile).
 template <typename in_t>
@@ -96,45 +110,50 @@ __device__ void simt_reduce_tile(float (&acc)[4][4], float (*As)[kBM], float (*B
                                  int64_t row0, int64_t col0, const Params& p) {
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
-  for (int r = 0; r < g.kh; ++r) {
-    for (int s = 0; s < g.kw; ++s) {
-      for (int64_t c0 = 0; c0 < g.channels; c0 += kBK) {
-        // A tile: 64 rows x 16 channels, 4 elements per thread (padding zeros come after the prologue).
-        for (int e = tid; e < kBM * kBK; e += kThreads) {
-          const int row = e / kBK, kk = e % kBK;
-          const int64_t m = row0 + row, c = c0 + kk;
-          float v = 0.f;
-          if (m < p.M && c < g.channels) {
-            const InputTap t = input_tap(m, p.P, p.Q, g.H, g.W, g.stride, g.pad, r, s);
-            if (t.inside) {
-              v = load_f<in_t>(g.x, t.n * g.xs.n + c * g.xs.c + t.h * g.xs.h + t.w * g.xs.w);
-              // rounded to the input dtype, as the matrix units would be fed
-              if (g.prologue) v = static_cast<float>(static_cast<in_t>(prologue_f(v, p, c)));
-            }
-          }
-          As[kk][row] = v;
-        }
-        // B tile: 16 channels x 64 output channels of tap (r, s).
-        for (int e = tid; e < kBK * kBN; e += kThreads) {
-          const int kk = e / kBN, col = e % kBN;
-          const int64_t c = c0 + kk, k = col0 + col;
-          Bs[kk][col] = (c < g.channels && k < p.K)
-                            ? load_f<in_t>(g.w, k * g.ws.n + c * g.ws.c + r * g.ws.h + s * g.ws.w) : 0.f;
-        }
-        __syncthreads();
+  // A tile: 64 rows x 16 channels; this thread loads channel kk of rows ra + 16 j, j = 0..3.
+  const int kk_a = tid % kBK, ra = tid / kBK;
+  static_assert(kThreads / kBK * 4 == kBM, "four A rows per thread");
+  Row rows[4];
 #pragma unroll
-        for (int kk = 0; kk < kBK; ++kk) {
-          float a[4], b[4];
+  for (int j = 0; j < 4; ++j) rows[j] = gemm_row(row0 + ra + 16 * j, p, g);
+  const int channels = static_cast<int>(g.channels);
+  SliceCursor cur;
+  const int slices = g.kh * g.kw * ((channels + kBK - 1) / kBK);
+  for (int t = 0; t < slices; ++t, cur.next(g.kw, channels, kBK)) {
+    const int c = cur.c0 + kk_a;
+    const int64_t tap = cur.r * g.xs.h + cur.s * g.xs.w + static_cast<int64_t>(c) * g.xs.c;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) a[i] = As[kk][ty * 4 + i], b[i] = Bs[kk][tx * 4 + i];
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-        }
-        __syncthreads();
+    for (int j = 0; j < 4; ++j) {
+      float v = 0.f;  // padding zeros come after the prologue
+      if (rows[j].valid && c < channels && tap_inside(rows[j].o, cur.r, cur.s, g.H, g.W)) {
+        v = load_f<in_t>(g.x, rows[j].x + tap);
+        // rounded to the input dtype, as the matrix units would be fed
+        if (g.prologue) v = static_cast<float>(static_cast<in_t>(prologue_f(v, p, c)));
       }
+      As[kk_a][ra + 16 * j] = v;
     }
+    // B tile: 16 channels x 64 output channels of tap (r, s).
+    for (int e = tid; e < kBK * kBN; e += kThreads) {
+      const int kk = e / kBN, col = e % kBN;  // compile-time divisors
+      const int cb = cur.c0 + kk;
+      const int64_t k = col0 + col;
+      Bs[kk][col] = (cb < channels && k < p.K)
+                        ? load_f<in_t>(g.w, k * g.ws.n + static_cast<int64_t>(cb) * g.ws.c + cur.r * g.ws.h +
+                                                cur.s * g.ws.w)
+                        : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty * 4 + i], b[i] = Bs[kk][tx * 4 + i];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
   }
 }
 
@@ -206,53 +225,48 @@ __device__ void tc_reduce_tile(float (&out)[4][4], unsigned char* smem, const Ge
   const int tid = threadIdx.x, warp = tid / 32, wm = warp % 4, wn = warp / 4;
   // This thread's chunk of every slice: A row `arow`, B column `arow`, channels [kc, kc + V).
   const int arow = tid / (BK / V), kc = (tid % (BK / V)) * V;
-  const int64_t m = row0 + arow, k = col0 + arow;
-  const int64_t cblocks = (g.channels + BK - 1) / BK, slices = g.kh * g.kw * cblocks;
+  const int64_t k = col0 + arow;
+  const Row row = gemm_row(row0 + arow, p, g);  // the only divisions: the loop below steps by addition
+  const int channels = static_cast<int>(g.channels);
+  const int slices = g.kh * g.kw * ((channels + BK - 1) / BK);
 
   auto a_of = [&](int stage) { return reinterpret_cast<in_t*>(smem + stage * kStageBytes); };
   auto b_of = [&](int stage) { return reinterpret_cast<in_t*>(smem + stage * kStageBytes + kBM * kRowBytes); };
-  struct Slice {
-    int r, s;
-    int64_t c0;
-  };
-  auto slice_of = [&](int64_t t) {
-    const int64_t rs = t / cblocks;
-    return Slice{static_cast<int>(rs / g.kw), static_cast<int>(rs % g.kw), (t % cblocks) * BK};
-  };
+  const in_t* x = static_cast<const in_t*>(g.x);
+  const in_t* w = static_cast<const in_t*>(g.w);
 
-  auto load = [&](int64_t t, int stage) {
-    const Slice sl = slice_of(t);
-    const int64_t c = sl.c0 + kc;
-    const InputTap tap = input_tap(m, p.P, p.Q, g.H, g.W, g.stride, g.pad, sl.r, sl.s);
-    const bool pix = m < p.M && tap.inside;
-    const int64_t xo = tap.n * g.xs.n + c * g.xs.c + tap.h * g.xs.h + tap.w * g.xs.w;
-    const int64_t wo = k * g.ws.n + c * g.ws.c + sl.r * g.ws.h + sl.s * g.ws.w;
+  SliceCursor load_at, transform_at;  // the next slice to load; the next to run the prologue on
+  auto load = [&](int stage) {
+    const int c = load_at.c0 + kc;
+    const bool pix = row.valid && tap_inside(row.o, load_at.r, load_at.s, g.H, g.W);
+    const int64_t xo = row.x + load_at.r * g.xs.h + load_at.s * g.xs.w + static_cast<int64_t>(c) * g.xs.c;
+    const int64_t wo = k * g.ws.n + static_cast<int64_t>(c) * g.ws.c + load_at.r * g.ws.h + load_at.s * g.ws.w;
     in_t* a = a_of(stage) + arow * LD + kc;
     in_t* b = b_of(stage) + arow * LD + kc;
-    const in_t* x = static_cast<const in_t*>(g.x);
-    const in_t* w = static_cast<const in_t*>(g.w);
     if constexpr (ASYNC) {  // whole vectors: channels % V == 0 was checked on the host
-      const bool a_ok = pix && c < g.channels, b_ok = k < p.K && c < g.channels;
+      const bool a_ok = pix && c < channels, b_ok = k < p.K && c < channels;
       cp_async16(a, a_ok ? x + xo : x, a_ok ? kVecBytes : 0);
       cp_async16(b, b_ok ? w + wo : w, b_ok ? kVecBytes : 0);
     } else {
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const bool in_c = c + e < g.channels;
+        const bool in_c = c + e < channels;
         a[e] = pix && in_c ? x[xo + e * g.xs.c] : in_t(0.f);
         b[e] = k < p.K && in_c ? w[wo + e * g.ws.c] : in_t(0.f);
       }
     }
+    load_at.next(g.kw, channels, BK);
   };
-  // The prologue on this thread's own A chunk of slice t, once it has landed.
-  auto transform = [&](int64_t t, int stage) {
-    const Slice sl = slice_of(t);
-    const int64_t c = sl.c0 + kc;
-    if (!(m < p.M && input_tap(m, p.P, p.Q, g.H, g.W, g.stride, g.pad, sl.r, sl.s).inside)) return;
+  // The prologue on this thread's own A chunk of the next slice, once it has landed.
+  auto transform = [&](int stage) {
+    const int c = transform_at.c0 + kc;
+    const bool pix = row.valid && tap_inside(row.o, transform_at.r, transform_at.s, g.H, g.W);
+    transform_at.next(g.kw, channels, BK);
+    if (!pix) return;
     in_t* a = a_of(stage) + arow * LD + kc;
 #pragma unroll
     for (int e = 0; e < V; ++e)
-      if (c + e < g.channels) a[e] = static_cast<in_t>(prologue_f(static_cast<float>(a[e]), p, c + e));
+      if (c + e < channels) a[e] = static_cast<in_t>(prologue_f(static_cast<float>(a[e]), p, c + e));
   };
 
   wmma::fragment<wmma::accumulator, 16, 16, T::kWK, float> acc[2];
@@ -281,17 +295,19 @@ __device__ void tc_reduce_tile(float (&out)[4][4], unsigned char* smem, const Ge
 
   // The ring: slice t lives in stage t % kStages; kStages - 1 slices are in flight while one is multiplied.
   for (int st = 0; st < kStages - 1; ++st) {
-    if (st < slices) load(st, st);
+    if (st < slices) load(st);
     cp_async_commit();
   }
-  for (int64_t t = 0; t < slices; ++t) {
-    const int stage = static_cast<int>(t % kStages);
+  int stage = 0, load_stage = kStages - 1;
+  for (int t = 0; t < slices; ++t) {
     cp_async_wait<kStages - 2>();  // this thread's copies of slice t are done ...
-    if (g.prologue) transform(t, stage);
+    if (g.prologue) transform(stage);
     __syncthreads();  // ... and everyone's; and stage (t - 1) % kStages is free again
     compute(stage);
-    if (t + kStages - 1 < slices) load(t + kStages - 1, static_cast<int>((t + kStages - 1) % kStages));
+    if (t + kStages - 1 < slices) load(load_stage);
     cp_async_commit();
+    stage = stage + 1 == kStages ? 0 : stage + 1;
+    load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -392,7 +408,8 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
   for (int i = 0; i < 4; ++i) {
     const int64_t m = row0 + ty * 4 + i;
     if (m >= p.M) continue;
-    const int64_t n = m / (p.P * p.Q), pq = m % (p.P * p.Q), ph = pq / p.Q, qw = pq % p.Q;
+    const RowOrigin o = row_origin(m, p.P, p.Q, 1, 0);  // stride 1, no padding: (n, p, q) itself
+    const int64_t n = o.n, ph = o.h0, qw = o.w0;
     for (int j = 0; j < 4; ++j) {
       const int64_t k = col0 + tx * 4 + j;
       if (k >= p.K) continue;
@@ -443,7 +460,7 @@ Loop choose_loop(const at::Tensor& x, const at::Tensor& weight, const c10::optio
 
 const float* f32_or_null(const c10::optional<at::Tensor>& v, at::Tensor& keep) {
   if (!v.has_value()) return nullptr;
-  keep = v->to(at::kFloat).contiguous();
+  keep = as_f32(*v);
   return keep.const_data_ptr<float>();
 }
 

@@ -7,6 +7,8 @@ serve it; the order is fed by benchmark results (README, "Results"). ``FUSED_RES
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import math
 import os
@@ -110,13 +112,32 @@ def measured_choice(device_type: str, mode: str, dtype: torch.dtype, shape: tupl
     return min(found, key=lambda entry: abs(math.log(entry[0] / max(batch, 1))))[1]
 
 
+@contextlib.contextmanager
+def measured_table(index: dict[tuple, list[tuple[int, str]]]):
+    """Use ``index`` as the per-shape table inside the block (keys as ``measured_choice``'s lookups,
+    without the batch; values (batch, choice) lists): for tests and for trying a table out."""
+    global _MEASURED
+    before, _MEASURED = _MEASURED, index
+    _resolve_cached.cache_clear()
+    try:
+        yield
+    finally:
+        _MEASURED = before
+        _resolve_cached.cache_clear()
+
+
 def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, training: bool,
                          shape: Optional[tuple] = None) -> str:
     """The backend that runs an input: the named one (an error says why it cannot), or auto's choice --
     the measured choice for this block shape (``measured_choice``) when there is one this installation
     can run, else the first that can in ``AUTO_ORDER`` (``SEED_ROUTE``: the seed's own forward). A
-    constant for torch.compile: resolved once while tracing, never traced into."""
-    name = requested_backend(name)
+    constant for torch.compile: resolved once while tracing, never traced into. Remembered per
+    argument set (a pure function of them and of this installation): no search on the hot path."""
+    return _resolve_cached(requested_backend(name), device_type, dtype, training, shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_cached(name: str, device_type: str, dtype: torch.dtype, training: bool, shape: Optional[tuple]) -> str:
     if name != "auto":
         reason = get_backend(name).supports(device_type, dtype, training)
         if reason is not None:

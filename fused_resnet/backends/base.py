@@ -24,6 +24,12 @@ def new_output(shape, dtype: torch.dtype, device: torch.device,
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+def as_f32(v: Tensor) -> Tensor:
+    """A per-channel vector as contiguous float32: itself when it already is (most calls; a no-op
+    ``.float()`` still dispatches an operator, which a block call pays several times over)."""
+    return v if v.dtype == torch.float32 and v.is_contiguous() else v.float().contiguous()
+
+
 class ConvOut(NamedTuple):
     """What ``conv_fused`` returns. Fields a call did not ask for are empty tensors."""
 

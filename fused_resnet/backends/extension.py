@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .base import BNFold, ConvOut
+from .base import BNFold, ConvOut, as_f32
+from .packing import channels_dense_weight
 from .torch_ref import TorchBackend, relu_grad
 
 if os.environ.get("FUSED_RESNET_NO_EXTENSION", "").lower() in ("1", "true", "yes", "on"):
@@ -167,7 +168,7 @@ class _ExtensionBackend(TorchBackend):
     def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
         if "bn_act" not in self.native:
             return super().bn_act(z, mean, scale, shift, residual, relu, out_dtype)
-        return bn_act(z, mean.float(), scale.float(), shift.float(), residual, relu, out_dtype)
+        return bn_act(z, as_f32(mean), as_f32(scale), as_f32(shift), residual, relu, out_dtype)
 
     def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
                    residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
@@ -178,9 +179,13 @@ class _ExtensionBackend(TorchBackend):
                                       sc_weight=sc_weight, sc_bias=sc_bias, sc_stride=sc_stride,
                                       sc_separate=sc_separate, relu=relu, stats=stats, out_dtype=out_dtype)
         out_dtype = out_dtype or x.dtype
+        if self.device_type == "cuda" and not torch.compiler.is_compiling():
+            # Channels-contiguous weights: what the kernel's cp.async loop reads (backends/packing.py).
+            weight = channels_dense_weight(weight)
+            sc_weight = channels_dense_weight(sc_weight) if sc_weight is not None else None
         mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
         if in_scale is not None:
-            in_mean, in_scale, in_shift = (v.float().contiguous() for v in (in_mean, in_scale, in_shift))
+            in_mean, in_scale, in_shift = as_f32(in_mean), as_f32(in_scale), as_f32(in_shift)
         if residual is not None and residual.dtype != out_dtype:
             residual = residual.to(out_dtype)
         return ConvOut(*torch.ops.fused_resnet.conv_fused.default(
@@ -198,8 +203,7 @@ class _ExtensionBackend(TorchBackend):
     def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
         if "bn_backward_reduce" not in self.native:
             return super().bn_backward_reduce(grad, mask_src, z, mean, invstd)
-        return torch.ops.fused_resnet.bn_backward_reduce.default(grad, mask_src, z, mean.float().contiguous(),
-                                                                 invstd.float().contiguous())
+        return torch.ops.fused_resnet.bn_backward_reduce.default(grad, mask_src, z, as_f32(mean), as_f32(invstd))
 
     def bn_backward_apply(self, grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats,
                           want_gm):
@@ -207,7 +211,7 @@ class _ExtensionBackend(TorchBackend):
             return super().bn_backward_apply(grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count,
                                              batch_stats, want_gm)
         return torch.ops.fused_resnet.bn_backward_apply.default(
-            grad, mask_src, z, mean.float().contiguous(), invstd.float().contiguous(), scale.float().contiguous(),
+            grad, mask_src, z, as_f32(mean), as_f32(invstd), as_f32(scale),
             sum_g, sum_gx, int(count), bool(batch_stats), bool(want_gm))
 
 

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..base import Backend, BNFold, ConvOut
+from ..base import Backend, BNFold, ConvOut, as_f32
+from . import bn as bn_kernels, conv as conv_kernels, ops
 from .configs import interpreting
 from .launch import LAUNCHES, counting, executing, recording
 
@@ -39,41 +40,42 @@ class TritonBackend(Backend):
             return "the Triton interpreter computes bfloat16 dot products wrongly; bfloat16 runs on the GPU"
         return None
 
+    # Eager calls go straight to the launchers; under torch.compile the custom ops (``ops.py``) stand in,
+    # with their fake implementations. The op layer costs host time a block call should not pay.
     def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
                    residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
                    relu=False, stats=False, out_dtype=None) -> ConvOut:
-        from .ops import conv_fused_op
-
         mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
         if in_scale is not None:
-            in_mean, in_scale, in_shift = (v.float().contiguous() for v in (in_mean, in_scale, in_shift))
-        return ConvOut(*conv_fused_op(
-            x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale, in_shift,
-            residual,
-            sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype or x.dtype))
+            in_mean, in_scale, in_shift = (as_f32(v) for v in (in_mean, in_scale, in_shift))
+        fn = ops.conv_fused_op if torch.compiler.is_compiling() else conv_kernels.launch_conv
+        return ConvOut(*fn(x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale,
+                           in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats,
+                           out_dtype or x.dtype))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
                     momentum) -> BNFold:
-        from .ops import bn_finalize_op
-
-        return BNFold(*bn_finalize_op(part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean,
-                                      running_var, float(momentum)))
+        fn = ops.bn_finalize_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_finalize
+        return BNFold(*fn(part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var,
+                          float(momentum)))
 
     def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
-        from .ops import bn_add_relu_op
+        fn = ops.bn_add_relu_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_add_relu
+        return fn(z, as_f32(mean), as_f32(scale), as_f32(shift), residual, relu, out_dtype or z.dtype)
 
-        mean, scale, shift = (v.float().contiguous() for v in (mean, scale, shift))
-        return bn_add_relu_op(z, mean, scale, shift, residual, relu, out_dtype or z.dtype)
+    def conv_backward(self, grad, x, weight, stride, padding, output_mask):
+        if not executing():  # a dry run lists Triton launches: the cuDNN gradients need not run either
+            return (torch.empty_like(x) if output_mask[0] else None,
+                    torch.empty_like(weight) if output_mask[1] else None,
+                    weight.new_empty(weight.shape[0]) if output_mask[2] else None)
+        return super().conv_backward(grad, x, weight, stride, padding, output_mask)
 
     def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
-        from .ops import bn_backward_reduce_op
-
-        return bn_backward_reduce_op(grad, mask_src, z, mean, invstd)
+        fn = ops.bn_backward_reduce_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_backward_reduce
+        return fn(grad, mask_src, z, mean, invstd)
 
     def bn_backward_apply(self, grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, count, batch_stats,
                           want_gm):
-        from .ops import bn_backward_apply_op
-
-        return bn_backward_apply_op(grad, mask_src, z, mean.float().contiguous(), invstd.float().contiguous(),
-                                    scale.float().contiguous(), sum_g, sum_gx, int(count), bool(batch_stats),
-                                    bool(want_gm))
+        fn = ops.bn_backward_apply_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_backward_apply
+        return fn(grad, mask_src, z, as_f32(mean), as_f32(invstd), as_f32(scale), sum_g, sum_gx, int(count),
+                  bool(batch_stats), bool(want_gm))

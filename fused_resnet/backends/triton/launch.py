@@ -87,14 +87,16 @@ class Recorder:
     def __init__(self, execute: bool = True) -> None:
         self.execute = execute
         self.variants: dict[tuple, LaunchSpec] = {}
-        self.launches: list[tuple[LaunchSpec, tuple]] = []  # every launch in order, with its grid
+        # every launch in order: its spec (with its own sizes), grid, and the key of its variant
+        self.launches: list[tuple[LaunchSpec, tuple, tuple]] = []
 
     def add(self, kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
         fn = getattr(kernel, "fn", kernel)
         spec = LaunchSpec(f"{fn.__module__}:{fn.__qualname__}", tuple(_arg_spec(a) for a in args),
                           tuple(sorted(constexprs.items())), num_warps, num_stages)
-        spec = self.variants.setdefault(_variant_key(spec, tuple(_param_names(kernel))), spec)
-        self.launches.append((spec, tuple(grid)))
+        key = _variant_key(spec, tuple(_param_names(kernel)))
+        self.variants.setdefault(key, spec)
+        self.launches.append((spec, tuple(grid), key))
 
     @property
     def specs(self) -> list[LaunchSpec]:

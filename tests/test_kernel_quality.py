@@ -1,0 +1,83 @@
+"""Kernel quality read from the machine code, without a GPU (DESIGN.md section 7b): every Triton kernel
+variant the seed stage shapes launch (batch 32, channels_last; fp16, bf16 and fp32 as TF32; eval and
+training), compiled ahead of time with the JIT's own specialisation for sm_80 and sm_90, and the CUDA
+extension's kernels read from the built library. Each invariant is one a GPU run would otherwise find
+the slow way: spills, convolutions off the tensor cores, a main loop split per tap, shared memory past
+the architecture's limit, 64-bit division inside a main loop."""
+
+import json
+import os
+
+import pytest
+
+import fused_resnet
+from fused_resnet.bench import BenchCase
+from fused_resnet.cases import seed_block_cases
+from fused_resnet.kernel_report import compile_all, extension_stats, record_cases, short_cuda_name
+
+pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
+                                reason="Triton needs a GPU or TRITON_INTERPRET=1")
+
+CASES = [BenchCase(b, mode, dtype, "nhwc") for b in seed_block_cases(batches=(32,))
+         for mode in ("eval", "train-fwdbwd") for dtype in ("float16", "bfloat16", "float32")]
+# Shared memory one CTA may use (opt-in maximum) by architecture.
+CTA_SHARED = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@pytest.fixture(scope="module", params=[90, 80], ids=lambda a: f"sm_{a}")
+def compiled(request):
+    """(launch, metrics) per distinct kernel variant of CASES, compiled for the architecture."""
+    arch = request.param
+    launches = record_cases(CASES, arch)
+    unique = {}
+    for launch in launches:
+        unique.setdefault(launch.variant, launch)
+    metrics = compile_all([launch.spec for launch in unique.values()], arch, jobs=os.cpu_count() or 1)
+    return arch, list(zip(unique.values(), metrics))
+
+
+def _label(launch) -> str:
+    return f"{launch.case} {launch.kernel} {launch.config}"
+
+
+def test_every_variant_compiles_without_spills(compiled):
+    _, variants = compiled
+    bad = [f"{_label(l)}: {m['error']}" if "error" in m else
+           f"{_label(l)}: {m['spills']} local loads/stores, {m['stack']} B stack, {m['registers']} registers"
+           for l, m in variants if "error" in m or m["spills"] or m["stack"]]
+    assert not bad, "\n".join(bad)
+
+
+def test_every_convolution_runs_one_pipelined_main_loop_on_tensor_cores(compiled):
+    """A convolution's reduction over taps x channel chunks is one loop of tensor-core instructions fed
+    by async copies (a second loop only for the 1x1 shortcut's own reduction), however many taps."""
+    _, variants = compiled
+    convs = [(l, m) for l, m in variants if l.kernel == "conv_bn_act_kernel"]
+    assert len(convs) >= 3 * 7  # every dtype, every stage shape
+    for launch, m in convs:
+        shortcut = dict(launch.spec["constexprs"])["HAS_SC"]
+        assert m["mma"] > 0, f"{_label(launch)}: no tensor-core instructions"
+        assert m["async_copies"] > 0, f"{_label(launch)}: no cp.async/TMA loads"
+        assert m["mma_loops"] == 1 + shortcut, f"{_label(launch)}: {m['mma_loops']} main loops"
+
+
+def test_shared_memory_fits_the_architecture(compiled):
+    arch, variants = compiled
+    for launch, m in variants:
+        assert m["shared"] <= CTA_SHARED[arch], f"{_label(launch)}: {m['shared']} B of shared memory"
+        assert m["ctas_per_sm"] >= 1, f"{_label(launch)}: does not fit an SM"
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=lambda a: f"sm_{a}")
+def test_cuda_conv_main_loops_have_no_division_and_no_spills(arch):
+    """The CUDA extension's convolution steps through taps and channel slices by addition: no call to a
+    division routine inside a tensor-core main loop; and no kernel of the library spills."""
+    stats = extension_stats(arch)
+    if not stats:
+        pytest.skip("this build has no CUDA kernels (no nvcc, or FUSED_RESNET_NO_CUDA)")
+    spills = [short_cuda_name(n) for n, s in stats.items() if s.spills or s.stack]
+    assert not spills, spills
+    tensor_core = {short_cuda_name(n): s for n, s in stats.items() if "conv_bn_act_kernel" in n and s.mma}
+    assert tensor_core
+    for name, s in tensor_core.items():
+        assert s.mma_loops >= 1 and s.calls_in_mma_loops == 0, (name, json.dumps(s.__dict__))
