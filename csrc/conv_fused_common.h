@@ -59,7 +59,7 @@ inline ConvProblem check_conv_fused(
   }
   pb.SC_C = 0;
   if (sc_weight.has_value()) {
-    TORCH_CHECK(sc_x.has_value() && sc_bias.has_value(), op, ": sc_weight needs sc_x and sc_bias");
+    TORCH_CHECK(sc_x.has_value(), op, ": sc_weight needs sc_x");
     check_activation(*sc_x, op, "sc_x", x);
     TORCH_CHECK(sc_x->scalar_type() == x.scalar_type(), op, ": sc_x must have x's dtype");
     pb.SC_C = sc_x->size(1);
@@ -97,13 +97,19 @@ inline Im2colProblem check_im2col(const at::Tensor& x, int64_t kernel, int64_t s
 inline Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 struct ConvOutputs {
-  at::Tensor out, sc_out, pmean, pm2, pcount;
+  at::Tensor out, sc_out, pmean, pm2, pcount, sc_pmean, sc_pm2;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
+    return {out, sc_out, pmean, pm2, pcount, sc_pmean, sc_pm2};
+  }
 };
 
 // `reuse_out` / `reuse_sc`, when defined, are private temporaries of the kernel (already of the output's
 // shape, dtype and layout) that the epilogue overwrites element by element: returned instead of new memory.
+// `sc_stats` (the shortcut's statistics, which needs `shortcut_out`) brings the main statistics' tiles and
+// counts with it.
 inline ConvOutputs allocate_conv_outputs(const at::Tensor& x, const ConvProblem& pb, at::ScalarType out_dtype,
-                                         bool shortcut_out, bool stats, const at::Tensor& reuse_out = {},
+                                         bool shortcut_out, bool stats, bool sc_stats, const at::Tensor& reuse_out = {},
                                          const at::Tensor& reuse_sc = {}) {
   const auto f32 = x.options().dtype(at::kFloat);
   ConvOutputs o;
@@ -112,9 +118,12 @@ inline ConvOutputs allocate_conv_outputs(const at::Tensor& x, const ConvProblem&
               : at::empty({pb.N, pb.K, pb.P, pb.Q}, x.options().dtype(out_dtype).memory_format(conv_output_format(x)));
   o.sc_out = !shortcut_out ? at::empty({0}, f32) : reuse_sc.defined() ? reuse_sc : at::empty_like(o.out);
   const int64_t tiles = (pb.M + kStatsTileRows - 1) / kStatsTileRows;
+  stats = stats || sc_stats;
   o.pmean = stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
   o.pm2 = stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
   o.pcount = stats ? at::empty({tiles}, f32) : at::empty({0}, f32);
+  o.sc_pmean = sc_stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
+  o.sc_pm2 = sc_stats ? at::empty({tiles, pb.K}, f32) : at::empty({0}, f32);
   return o;
 }
 

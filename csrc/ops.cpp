@@ -15,17 +15,21 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fused_resnet, m) {
   // out = act((z - mean[c]) * scale[c] + shift[c] (+ residual)), per channel c; float32 arithmetic; out in
   // out_dtype. Centring first keeps the precision a folded z * scale + shift' loses when |mean| >> std.
+  // With res_mean/res_scale/res_shift the residual takes its own batch norm first:
+  // (residual - res_mean[c]) * res_scale[c] + res_shift[c] (a shortcut convolution followed by BN).
   m.def("bn_act(Tensor z, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, bool relu, "
-        "ScalarType out_dtype) -> Tensor");
+        "ScalarType out_dtype, Tensor? res_mean=None, Tensor? res_scale=None, Tensor? res_shift=None) -> Tensor");
   // Implicit-GEMM convolution (3x3 or 1x1) with the fused prologue and epilogue of DESIGN.md section 2:
   // x -> relu((x - in_mean) * in_scale + in_shift) as loaded (padding after it); out = conv + bias, BN
   // folded from (bn_mean, bn_var, bn_gamma, bn_beta, bn_eps) when given, per-tile (mean, M2, count)
-  // statistics when `stats`, the 1x1 shortcut conv of sc_x added (or returned when sc_separate),
-  // + residual, ReLU. Returns (out, shortcut, part_mean, part_m2, part_count); unused ones are empty.
+  // statistics when `stats`, the 1x1 shortcut conv of sc_x (+ sc_bias when given) added (or returned when
+  // sc_separate, with its own per-tile statistics when sc_stats), + residual, ReLU. Returns (out, shortcut,
+  // part_mean, part_m2, part_count, sc_part_mean, sc_part_m2); unused ones are empty.
   m.def("conv_fused(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, Tensor? bn_mean, "
         "Tensor? bn_var, Tensor? bn_gamma, Tensor? bn_beta, float bn_eps, Tensor? in_mean, Tensor? in_scale, "
         "Tensor? in_shift, Tensor? residual, Tensor? sc_x, Tensor? sc_weight, Tensor? sc_bias, int sc_stride, "
-        "bool sc_separate, bool relu, bool stats, ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool sc_separate, bool relu, bool stats, ScalarType out_dtype, bool sc_stats=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The gather conv_fused performs, as a matrix: row n * P * Q + p * Q + q, column (c * kernel + r) * kernel +
   // s (F.unfold's order), zeros in the padding. For tests and for inspecting the addressing.
   m.def("im2col(Tensor x, int kernel, int stride, int padding) -> Tensor");

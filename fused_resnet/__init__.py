@@ -8,7 +8,8 @@ Example::
 """
 
 from .backends import available_backends
-from .modules import Residual, convert, is_seed_residual, resnet18, resnet_block
+from .modules import FusedBlock, Residual, block_layout, convert, is_seed_residual, resnet18, resnet_block
 
-__all__ = ["Residual", "resnet_block", "resnet18", "convert", "is_seed_residual", "available_backends"]
+__all__ = ["Residual", "FusedBlock", "resnet_block", "resnet18", "convert", "is_seed_residual", "block_layout",
+           "available_backends"]
 __version__ = "0.1.0"

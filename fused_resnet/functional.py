@@ -1,195 +1,295 @@
-"""The residual block as one composition of backend primitives (DESIGN.md sections 3 and 4).
+"""The residual block family as one composition of backend primitives (DESIGN.md sections 1b, 3, 4).
 
-Autograd lives here, once, for every backend:
+A block is ``out = relu(chain(X) + shortcut(X))``: a chain of convolutions, each followed by batch norm
+and, all but the last, ReLU; and a shortcut that is X itself or a strided 1x1 convolution with an
+optional bias and an optional batch norm. The seed's ``Residual`` and torchvision's ``BasicBlock`` and
+``Bottleneck`` are instances (``BlockLayout``). Autograd lives here, once, for every backend:
 
-- inference (no gradient needed): two fused convolutions, batch norm folded in their epilogues;
-- training, or eval mode with gradients (fine-tuning with frozen BN): three heavy kernels and two
-  finalizes forward; a backward built from the backward primitives plus convolution gradients, in two
-  autograd nodes (K1, and the rest) so weight gradients are accumulated one at a time, as in eager;
-- auto's seed route: the seed block's own forward, where that was measured fastest.
+- inference (no gradient needed): one fused convolution per chain convolution, each batch norm folded
+  in its epilogue; the last also computes the shortcut (its batch norm folded into its weights), the add
+  and the ReLU. The seed block and BasicBlock are 2 launches, Bottleneck 3;
+- training, or eval mode with gradients (fine-tuning with frozen BN): each convolution's epilogue takes
+  its batch statistics, each BN + ReLU is the next convolution's prologue, the last convolution's kernel
+  also computes the shortcut convolution (and its statistics when a BN follows), and one final kernel
+  applies the last BN, the shortcut's BN, the add and the ReLU. One autograd node per convolution (and
+  one for the output), so weight gradients are accumulated one at a time, as in eager;
+- auto's seed route: the block's own modules in eager PyTorch, where that was measured fastest.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .backends import Backend, BNFold, ConvOut, get_backend, resolve_backend
+from .backends import Backend, BNFold, get_backend, resolve_backend
 from .backends.torch_ref import bn_fold
 from .profiling import stage
-from .reference import Residual as SeedResidual
 
-__all__ = ["residual_forward", "check_input"]
+__all__ = ["BlockLayout", "block_forward", "check_input", "eager_forward"]
 
 
-def check_input(block: nn.Module, x: Tensor) -> None:
+@dataclass(frozen=True)
+class BlockLayout:
+    """Which submodules make a block: ``chain`` the (conv, bn) paths in order, ``shortcut`` the (conv,
+    bn-or-None) paths of the shortcut, or None for the identity. Paths may be dotted
+    (``"downsample.0"``)."""
+
+    chain: tuple[tuple[str, str], ...]
+    shortcut: Optional[tuple[str, Optional[str]]] = None
+
+    def resolve(self, block: nn.Module):
+        chain = [(_sub(block, c), _sub(block, b)) for c, b in self.chain]
+        if self.shortcut is None:
+            return chain, None
+        conv, bn = self.shortcut
+        return chain, (_sub(block, conv), _sub(block, bn) if bn is not None else None)
+
+
+def _sub(block: nn.Module, path: str) -> nn.Module:
+    for name in path.split("."):
+        block = getattr(block, name)
+    return block
+
+
+def _out_size(size: int, conv: nn.Conv2d, axis: int) -> int:
+    return (size + 2 * conv.padding[axis] - conv.kernel_size[axis]) // conv.stride[axis] + 1
+
+
+def check_input(block: nn.Module, chain: list, x: Tensor) -> None:
     """Raise a clear error for an input the block cannot take, as ``nn.Conv2d``/``BatchNorm2d`` would."""
+    name = type(block).__name__
     if not isinstance(x, Tensor):
-        raise TypeError(f"Residual expected a Tensor input, got {type(x).__name__}")
+        raise TypeError(f"{name} expected a Tensor input, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"Residual expected a 4D input (N, C, H, W), got a {x.dim()}D input of shape "
+        raise ValueError(f"{name} expected a 4D input (N, C, H, W), got a {x.dim()}D input of shape "
                          f"{tuple(x.shape)}")
-    in_channels = block.conv1.in_channels
+    in_channels = chain[0][0].in_channels
     if x.shape[1] != in_channels:
-        raise ValueError(f"Residual expected an input with {in_channels} channels, got {x.shape[1]} channels "
+        raise ValueError(f"{name} expected an input with {in_channels} channels, got {x.shape[1]} channels "
                          f"(input shape {tuple(x.shape)})")
     if not x.is_floating_point():
-        raise RuntimeError(f"Residual expected a floating-point input, got dtype {x.dtype}")
-    weight = block.conv1.weight
+        raise RuntimeError(f"{name} expected a floating-point input, got dtype {x.dtype}")
+    weight = chain[0][0].weight
     if x.device != weight.device:
-        raise RuntimeError(f"Residual's input is on {x.device} but its parameters are on {weight.device}: "
+        raise RuntimeError(f"{name}'s input is on {x.device} but its parameters are on {weight.device}: "
                            f"move one of them (module.to(device) or x.to(device))")
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise RuntimeError(f"Residual's input has dtype {x.dtype} but its parameters have dtype {weight.dtype}: "
+        raise RuntimeError(f"{name}'s input has dtype {x.dtype} but its parameters have dtype {weight.dtype}: "
                            f"convert one of them (module.to(dtype) or x.to(dtype)) or run under torch.autocast")
     if x.numel() == 0:
-        raise ValueError(f"Residual expected a non-empty input, got shape {tuple(x.shape)}")
-    if block.training:
-        stride = block.conv1.stride[0]
-        ho, wo = (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1
-        if x.shape[0] * ho * wo == 1:
+        raise ValueError(f"{name} expected a non-empty input, got shape {tuple(x.shape)}")
+    h, w = x.shape[2], x.shape[3]
+    for conv, bn in chain:
+        h, w = _out_size(h, conv, 0), _out_size(w, conv, 1)
+        if h < 1 or w < 1:
+            raise ValueError(f"{name}: the input {tuple(x.shape)} is smaller than a convolution's kernel")
+        if bn.training and x.shape[0] * h * w == 1:
             raise ValueError(
-                f"Residual in training mode needs more than 1 value per channel for batch statistics, got "
-                f"a batch of one with output size {ho}x{wo} (input shape {tuple(x.shape)}); use a larger "
+                f"{name} in training mode needs more than 1 value per channel for batch statistics, got "
+                f"a batch of one with output size {h}x{w} (input shape {tuple(x.shape)}); use a larger "
                 f"batch or call .eval()")
 
 
-def _bn_update_factor(bn: nn.BatchNorm2d) -> float:
-    """Count the batch and return the running-stat factor exactly as ``BatchNorm2d.forward`` does."""
+def eager_forward(chain: list, shortcut, x: Tensor) -> Tensor:
+    """The block in eager PyTorch with its own modules (auto's seed route): what the original's forward
+    computes, operation for operation."""
+    y = x
+    for i, (conv, bn) in enumerate(chain):
+        y = bn(conv(y))
+        if i < len(chain) - 1:
+            y = torch.relu(y)
+    s = x
+    if shortcut is not None:
+        s = shortcut[0](x)
+        if shortcut[1] is not None:
+            s = shortcut[1](s)
+    return torch.relu(y + s)
+
+
+def _uses_batch_stats(bn: Optional[nn.Module]) -> bool:
+    return bn is not None and (bn.training or bn.running_mean is None)
+
+
+def _bn_update_factor(bn: Optional[nn.Module]) -> float:
+    """Count the batch and return the running-stat factor exactly as ``BatchNorm2d.forward`` does; -1 when
+    nothing is updated (eval mode, or no running statistics)."""
+    if bn is None or not bn.training or bn.running_mean is None:
+        return -1.0
     bn.num_batches_tracked.add_(1)
     if bn.momentum is None:
         return 1.0 / float(bn.num_batches_tracked)
     return bn.momentum
 
 
-def _normalizer(be: Backend, k: ConvOut, batch_stats: bool, gamma: Tensor, beta: Tensor, eps: float,
+def _normalizer(be: Backend, part: tuple, batch_stats: bool, gamma: Tensor, beta: Tensor, eps: float,
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float) -> BNFold:
-    """A BN's (scale, shift, mean, invstd): from the batch statistics of ``k`` (updating the running
+    """A BN's (scale, shift, mean, invstd): from the per-tile statistics ``part`` (updating the running
     statistics when ``factor >= 0``), or from the running statistics."""
     if not batch_stats:
         return bn_fold(running_mean, running_var, gamma, beta, eps)
     update = factor >= 0
-    return be.bn_finalize(k.part_mean, k.part_m2, k.part_count, gamma, beta, eps,
-                          running_mean if update else None, running_var if update else None, factor)
+    return be.bn_finalize(*part, gamma, beta, eps, running_mean if update else None,
+                          running_var if update else None, factor)
 
 
-class _Conv1Function(torch.autograd.Function):
-    """K1: conv1 (+ bias) and BN1's per-tile statistics (returned, not differentiable). A node of its own so
-    that, as in eager, the weight gradients of conv2 (and the shortcut) are accumulated and freed before
-    conv1's is computed: one weight gradient alive at a time. (As one node, all of them were alive together
-    at the end of the backward; at 3x3x512 on the CPU that peak made glibc trim and re-fault ~38 MB a step.)"""
+def _bn_params(bn: Optional[nn.Module]) -> tuple:
+    if bn is None:
+        return (None, None, None, None)
+    return (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
+class _FirstConv(torch.autograd.Function):
+    """The chain's first convolution (+ bias) and its BN's per-tile statistics (returned, not
+    differentiable)."""
 
     @staticmethod
-    def forward(ctx, backend_name: str, stride: int, batch_stats: bool, x: Tensor, w1: Tensor,
-                b1: Optional[Tensor]):
+    def forward(ctx, backend_name: str, stride: int, padding: int, batch_stats: bool, x: Tensor, w: Tensor,
+                b: Optional[Tensor]):
         be: Backend = get_backend(backend_name)
-        with stage("K1 conv3x3+bias+stats"):
-            k1 = be.conv_fused(x, w1, b1, stride=stride, padding=1, stats=batch_stats)
-        ctx.backend_name, ctx.stride, ctx.batch_stats = backend_name, stride, batch_stats
-        ctx.save_for_backward(x, w1)
-        parts = (k1.part_mean, k1.part_m2, k1.part_count)
+        with stage("K1 conv+stats"):
+            k = be.conv_fused(x, w, b, stride=stride, padding=padding, stats=batch_stats)
+        ctx.backend_name, ctx.stride, ctx.padding, ctx.batch_stats = backend_name, stride, padding, batch_stats
+        ctx.save_for_backward(x, w)
+        parts = (k.part_mean, k.part_m2, k.part_count)
         ctx.mark_non_differentiable(*parts)
-        return (k1.out, *parts)
+        return (k.out, *parts)
 
     @staticmethod
-    def backward(ctx, dz1: Tensor, *_):
+    def backward(ctx, dz: Tensor, *_):
         be: Backend = get_backend(ctx.backend_name)
-        x, w1 = ctx.saved_tensors
+        x, w = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with stage("B conv1 backward"):
-            dx, dw1, db1 = be.conv_backward(dz1, x, w1, ctx.stride, 1,
-                                            (needs[3], needs[4], needs[5] and not ctx.batch_stats))
-        if ctx.batch_stats and needs[5]:
+        with stage("B conv backward"):
+            dx, dw, db = be.conv_backward(dz, x, w, ctx.stride, ctx.padding,
+                                          (needs[4], needs[5], needs[6] and not ctx.batch_stats))
+        if ctx.batch_stats and needs[6]:
             # A conv bias followed by a batch-statistics BN shifts the batch mean by itself: its gradient,
             # sum(dZ), is exactly zero (eager returns rounding noise around it). Skip the reduction.
-            db1 = torch.zeros(w1.shape[0], dtype=w1.dtype, device=w1.device)
-        return None, None, None, dx, dw1, db1
+            db = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        return None, None, None, None, dx, dw, db
 
 
-class _ResidualFunction(torch.autograd.Function):
-    """After K1: F1, K2 (BN1+ReLU prologue, conv2 + statistics, 1x1 shortcut), F2, K3 (BN2 + shortcut +
-    ReLU). With ``batch_stats=False`` the running statistics are used instead and nothing is updated (eval
-    mode with gradients). Its backward returns dZ1 to K1's node and the shortcut's share of dX."""
+class _BnReluConv(torch.autograd.Function):
+    """The previous BN (finalize, running statistics) and ReLU applied in the prologue of the next chain
+    convolution, which takes its own BN's statistics; for the last convolution, the shortcut convolution
+    too (its result apart, with its statistics when a BN follows it). Backward: the convolution's
+    gradients with its input recomputed from the previous pre-activation (not saved), then the previous
+    ReLU + BN's."""
 
     @staticmethod
-    def forward(ctx, backend_name: str, stride: int, stats: tuple[bool, bool], eps1: float, eps2: float,
-                factor1: float, factor2: float, x: Tensor, x_res: Optional[Tensor],
-                z1: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor,
-                g1: Tensor, be1: Tensor, rm1: Tensor, rv1: Tensor,
-                w2: Tensor, b2: Tensor, g2: Tensor, be2: Tensor, rm2: Tensor, rv2: Tensor,
-                w3: Optional[Tensor], b3: Optional[Tensor]) -> Tensor:
+    def forward(ctx, backend_name: str, geometry: tuple[int, int, int], flags: tuple[bool, bool, bool], eps: float,
+                factor: float, z: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor, gamma: Tensor,
+                beta: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], w: Tensor,
+                b: Optional[Tensor], sc_x: Optional[Tensor], sc_w: Optional[Tensor], sc_b: Optional[Tensor]):
         be: Backend = get_backend(backend_name)
-        bs1, bs2 = stats
-        with stage("F1 bn_finalize"):
-            f1 = _normalizer(be, ConvOut(z1, None, part_mean, part_m2, part_count), bs1, g1, be1, eps1, rm1, rv1,
-                             factor1)
-        with stage("K2 bn+relu>conv3x3+bias+stats" + ("+conv1x1" if w3 is not None else "")):
-            k2 = be.conv_fused(z1, w2, b2, stride=1, padding=1, in_mean=f1.mean, in_scale=f1.scale,
-                               in_shift=f1.shift,
-                               sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=b3, sc_stride=stride,
-                               sc_separate=True, stats=bs2)
-        with stage("F2 bn_finalize"):
-            f2 = _normalizer(be, k2, bs2, g2, be2, eps2, rm2, rv2, factor2)
-        # The identity shortcut is x itself, or under autocast x in its own dtype (passed separately:
-        # the same tensor twice would stop torch.compile from tracing this Function).
-        shortcut = k2.shortcut if w3 is not None else (x_res if x_res is not None else x)
-        out_dtype = torch.promote_types(k2.out.dtype, shortcut.dtype)
-        with stage("K3 bn+add+relu"):
-            out = be.bn_act(k2.out, f2.mean, f2.scale, f2.shift, residual=shortcut, relu=True,
-                            out_dtype=out_dtype)
+        stride, padding, sc_stride = geometry
+        bs_prev, bs_next, sc_bs = flags
+        with stage("F bn_finalize"):
+            f = _normalizer(be, (part_mean, part_m2, part_count), bs_prev, gamma, beta, eps, running_mean,
+                            running_var, factor)
+        with stage("K bn+relu>conv+stats" + ("+conv1x1" if sc_w is not None else "")):
+            k = be.conv_fused(z, w, b, stride=stride, padding=padding, in_mean=f.mean, in_scale=f.scale,
+                              in_shift=f.shift, sc_x=sc_x, sc_weight=sc_w, sc_bias=sc_b, sc_stride=sc_stride,
+                              sc_separate=True, stats=bs_next, sc_stats=sc_bs)
+        ctx.backend_name, ctx.geometry, ctx.flags, ctx.param_dtype = backend_name, geometry, flags, gamma.dtype
+        ctx.save_for_backward(z, w, f.mean, f.invstd, f.scale, f.shift, sc_x, sc_w)
+        outs = (k.part_mean, k.part_m2, k.part_count, k.sc_part_mean, k.sc_part_m2)
+        ctx.mark_non_differentiable(*outs)
+        return k.out, outs[0], outs[1], outs[2], k.shortcut, outs[3], outs[4]
 
-        ctx.backend_name, ctx.stride, ctx.stats = backend_name, stride, stats
-        ctx.res_dtype = x_res.dtype if x_res is not None else None
-        ctx.param_dtype = g1.dtype
-        ctx.save_for_backward(x if w3 is not None else None, z1, k2.out, out, w2, w3, f1.scale, f1.shift,
-                              f1.mean, f1.invstd, f2.scale, f2.mean, f2.invstd)
+    @staticmethod
+    def backward(ctx, dz: Tensor, _pm, _pm2, _pc, d_sc: Optional[Tensor], *_):
+        be: Backend = get_backend(ctx.backend_name)
+        z, w, mean, invstd, scale, shift, sc_x, sc_w = ctx.saved_tensors
+        stride, padding, sc_stride = ctx.geometry
+        bs_prev, bs_next, sc_bs = ctx.flags
+        needs = ctx.needs_input_grad
+        with stage("B conv backward (input recomputed)"):
+            y = be.bn_act(z, mean, scale, shift, relu=True)
+            dy, dw, db = be.conv_backward(dz, y, w, stride, padding, (True, needs[13], needs[14] and not bs_next))
+        if bs_next and needs[14]:  # as in _FirstConv.backward: exactly zero
+            db = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        with stage("B relu+bn backward"):
+            sg, sgx = be.bn_backward_reduce(dy, y, z, mean, invstd)
+            dz_prev, _ = be.bn_backward_apply(dy, y, z, mean, invstd, scale, sg, sgx, count, bs_prev, want_gm=False)
+        del y, dy
+        dx = dsw = dsb = None
+        if sc_w is not None and d_sc is not None:
+            with stage("B shortcut conv backward"):
+                dx, dsw, dsb = be.conv_backward(d_sc, sc_x, sc_w, sc_stride, 0,
+                                                (needs[15], needs[16], needs[17] and not sc_bs))
+            if sc_bs and needs[17]:
+                dsb = torch.zeros(sc_w.shape[0], dtype=sc_w.dtype, device=sc_w.device)
+        pd = ctx.param_dtype
+        return (None, None, None, None, None, dz_prev, None, None, None,
+                sgx.to(pd) if needs[9] else None, sg.to(pd) if needs[10] else None, None, None,
+                dw, db, dx, dsw, dsb)
+
+
+class _Output(torch.autograd.Function):
+    """The last BN (finalize), the shortcut -- X, conv(X), or BN(conv(X)) with its own finalize -- the
+    add and the ReLU, in one kernel. Backward: the ReLU + last BN's, and the shortcut's share (its BN's
+    backward too when it has one)."""
+
+    @staticmethod
+    def forward(ctx, backend_name: str, kind: str, flags: tuple[bool, bool], eps: float, sc_eps: float, factor: float,
+                sc_factor: float, z: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor, gamma: Tensor,
+                beta: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], s: Tensor,
+                sc_part_mean: Optional[Tensor], sc_part_m2: Optional[Tensor], sc_gamma: Optional[Tensor],
+                sc_beta: Optional[Tensor], sc_running_mean: Optional[Tensor], sc_running_var: Optional[Tensor]):
+        be: Backend = get_backend(backend_name)
+        bs, sc_bs = flags
+        with stage("F bn_finalize"):
+            f = _normalizer(be, (part_mean, part_m2, part_count), bs, gamma, beta, eps, running_mean, running_var,
+                            factor)
+        res_bn, fs = None, None
+        if kind == "conv+bn":
+            with stage("F shortcut bn_finalize"):
+                fs = _normalizer(be, (sc_part_mean, sc_part_m2, part_count), sc_bs, sc_gamma, sc_beta, sc_eps,
+                                 sc_running_mean, sc_running_var, sc_factor)
+            res_bn = (fs.mean, fs.scale, fs.shift)
+        out_dtype = torch.promote_types(z.dtype, s.dtype)
+        with stage("K bn+" + ("bn+" if res_bn else "") + "add+relu"):
+            out = be.bn_act(z, f.mean, f.scale, f.shift, residual=s, relu=True, out_dtype=out_dtype, res_bn=res_bn)
+        ctx.backend_name, ctx.kind, ctx.flags, ctx.param_dtype = backend_name, kind, flags, gamma.dtype
+        ctx.s_dtype = s.dtype
+        if fs is None:
+            ctx.save_for_backward(z, out, f.mean, f.invstd, f.scale, None, None, None, None)
+        else:
+            ctx.save_for_backward(z, out, f.mean, f.invstd, f.scale, s, fs.mean, fs.invstd, fs.scale)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         be: Backend = get_backend(ctx.backend_name)
-        (x, z1, z2, out, w2, w3, a1, c1, mean1, invstd1, a2, mean2, invstd2) = ctx.saved_tensors
+        z, out, mean, invstd, scale, s, s_mean, s_invstd, s_scale = ctx.saved_tensors
+        bs, sc_bs = ctx.flags
         needs = ctx.needs_input_grad
-        stride, (bs1, bs2) = ctx.stride, ctx.stats
         grad = grad.contiguous(memory_format=_memory_format(out))
-
-        # BN2 (+ the ReLU after the add): dZ2, and gm = ReLU's backward of grad for the shortcut.
-        count2 = z2.shape[0] * z2.shape[2] * z2.shape[3]
-        with stage("B2 relu+bn backward"):
-            sg2, sgx2 = be.bn_backward_reduce(grad, out, z2, mean2, invstd2)
-            dz2, gm = be.bn_backward_apply(grad, out, z2, mean2, invstd2, a2, sg2, sgx2, count2, bs2,
-                                           want_gm=True)
-        # conv2 on Y1 = relu(BN1(Z1)), recomputed rather than saved; Y1 also gives ReLU1's mask.
-        with stage("B conv2 backward (Y1 recomputed)"):
-            y1 = be.bn_act(z1, mean1, a1, c1, relu=True)
-            dy1, dw2, db2 = be.conv_backward(dz2, y1, w2, 1, 1, (True, needs[17], needs[18] and not bs2))
-        del dz2
-        count1 = z1.shape[0] * z1.shape[2] * z1.shape[3]
-        with stage("B1 relu+bn backward"):
-            sg1, sgx1 = be.bn_backward_reduce(dy1, y1, z1, mean1, invstd1)
-            dz1, _ = be.bn_backward_apply(dy1, y1, z1, mean1, invstd1, a1, sg1, sgx1, count1, bs1,
-                                          want_gm=False)
-        del y1, dy1
-        dx = dx_res = dw3 = db3 = None
-        if w3 is not None:
-            with stage("B conv1x1 backward"):
-                dx, dw3, db3 = be.conv_backward(gm, x, w3, stride, 0, (needs[7], needs[23], needs[24]))
-        elif ctx.res_dtype is not None:
-            dx_res = gm.to(ctx.res_dtype) if needs[8] else None
-        elif needs[7]:
-            dx = gm  # the identity shortcut's share; autograd adds conv1's
-
-        if bs2 and needs[18]:  # as conv1's bias in _Conv1Function.backward: exactly zero
-            db2 = torch.zeros_like(sg2, dtype=w2.dtype)
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        with stage("B relu+bn backward"):
+            sg, sgx = be.bn_backward_reduce(grad, out, z, mean, invstd)
+            dz, gm = be.bn_backward_apply(grad, out, z, mean, invstd, scale, sg, sgx, count, bs,
+                                          want_gm=ctx.kind != "conv+bn")
+        ds = dsg = dsb = None
+        if ctx.kind == "conv+bn":
+            with stage("B shortcut relu+bn backward"):
+                ssg, ssgx = be.bn_backward_reduce(grad, out, s, s_mean, s_invstd)
+                ds, _ = be.bn_backward_apply(grad, out, s, s_mean, s_invstd, s_scale, ssg, ssgx, count, sc_bs,
+                                             want_gm=False)
+            pd = ctx.param_dtype
+            dsg, dsb = ssgx.to(pd) if needs[18] else None, ssg.to(pd) if needs[19] else None
+        elif needs[15]:
+            ds = gm if gm.dtype == ctx.s_dtype else gm.to(ctx.s_dtype)
         pd = ctx.param_dtype
-        return (None, None, None, None, None, None, None, dx, dx_res,
-                dz1, None, None, None,
-                sgx1.to(pd) if needs[13] else None, sg1.to(pd) if needs[14] else None, None, None,
-                dw2, db2, sgx2.to(pd) if needs[19] else None, sg2.to(pd) if needs[20] else None, None, None,
-                dw3, db3)
+        return (None, None, None, None, None, None, None, dz, None, None, None,
+                sgx.to(pd) if needs[11] else None, sg.to(pd) if needs[12] else None, None, None,
+                ds, None, None, dsg, dsb, None, None)
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
@@ -197,57 +297,111 @@ def _memory_format(t: Tensor) -> torch.memory_format:
         else torch.contiguous_format
 
 
-def residual_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """Run a seed-structured ``Residual`` (conv1, bn1, conv2, bn2, optional conv3) through the fused
-    primitives of ``block.backend``. Each batch norm follows its own ``training`` flag, as in eager."""
-    check_input(block, x)
-    conv1, conv2, conv3, bn1, bn2 = block.conv1, block.conv2, block.conv3, block.bn1, block.bn2
-    stride = conv1.stride[0]
+def block_forward(block: nn.Module, layout: BlockLayout, x: Tensor) -> Tensor:
+    """Run ``block`` (whose submodules ``layout`` names) through the fused primitives of ``block.backend``.
+    Each batch norm follows its own ``training`` flag, as in eager."""
+    chain, shortcut = layout.resolve(block)
+    check_input(block, chain, x)
+    bns = [bn for _, bn in chain] + ([shortcut[1]] if shortcut is not None else [])
+    training = any(_uses_batch_stats(bn) for bn in bns)
+    backend = resolve_backend(block.backend, x, training, block)
+    if backend is None:  # auto's seed route: the block's own modules, measured fastest here
+        return eager_forward(chain, shortcut, x)
     device_type = x.device.type
-    w1, w2, w3 = conv1.weight, conv2.weight, conv3.weight if conv3 is not None else None
-    x_res = x if conv3 is None else None
+    weights = [conv.weight for conv, _ in chain]
+    sc_weight = shortcut[0].weight if shortcut is not None else None
+    x_res = x
     autocast = torch.is_autocast_enabled(device_type)
     if autocast:
         # As eager under autocast: convolutions in the autocast dtype, batch norm parameters as they are,
         # and the identity shortcut added in its own dtype (type promotion picks the output's).
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
-        w1, w2 = w1.to(dtype), w2.to(dtype)
-        w3 = w3.to(dtype) if w3 is not None else None
-    bs1 = bn1.training or bn1.running_mean is None
-    bs2 = bn2.training or bn2.running_mean is None
-    backend = resolve_backend(block.backend, x, bs1 or bs2, block)
-    if backend is None:  # auto's seed route: the seed block's own forward, measured fastest here
-        return SeedResidual.forward(block, x)
-    b3 = conv3.bias if conv3 is not None else None
-    params = (w1, conv1.bias, bn1.weight, bn1.bias, w2, conv2.bias, bn2.weight, bn2.bias, w3, b3)
-
+        weights = [w.to(dtype) for w in weights]
+        sc_weight = sc_weight.to(dtype) if sc_weight is not None else None
     # The primitives run in the dtypes chosen above; autocast (when on) must not re-cast inside them.
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        if not (bs1 or bs2) and not (torch.is_grad_enabled() and
-                                     any(t is not None and t.requires_grad for t in (x, *params))):
-            return _inference(backend, block, x, x_res, w1, w2, w3)
-        factor1 = _bn_update_factor(bn1) if bn1.training and bn1.running_mean is not None else -1.0
-        factor2 = _bn_update_factor(bn2) if bn2.training and bn2.running_mean is not None else -1.0
-        z1, part_mean, part_m2, part_count = _Conv1Function.apply(backend.name, stride, bs1, x, w1, conv1.bias)
-        return _ResidualFunction.apply(
-            backend.name, stride, (bs1, bs2), bn1.eps, bn2.eps, factor1, factor2, x,
-            x_res if x_res is not x else None, z1, part_mean, part_m2, part_count,
-            bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var,
-            w2, conv2.bias, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, w3, b3)
+        if not training and not (torch.is_grad_enabled() and _needs_grad(x, chain, shortcut)):
+            return _inference(backend, block, chain, shortcut, x, x_res, weights, sc_weight)
+        return _training(backend, chain, shortcut, x, x_res, weights, sc_weight)
 
 
-def _inference(be: Backend, block: nn.Module, x: Tensor, x_res: Optional[Tensor], w1: Tensor, w2: Tensor,
-               w3: Optional[Tensor]) -> Tensor:
-    """Two launches: K1 = relu(BN1(conv1(x))), K2 = relu(BN2(conv2(K1)) + shortcut), BN folded in-kernel."""
-    bn1, bn2, conv3 = block.bn1, block.bn2, block.conv3
-    with stage("K1 conv3x3+bn+relu"):
-        y1 = be.conv_fused(x, w1, block.conv1.bias, stride=block.conv1.stride[0], padding=1,
-                           bn=(bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias, bn1.eps), relu=True).out
-    out_dtype = torch.promote_types(x.dtype, x_res.dtype) if x_res is not None else x.dtype
-    with stage("K2 conv3x3+bn+" + ("conv1x1" if w3 is not None else "identity") + "+add+relu"):
-        return be.conv_fused(
-            y1, w2, block.conv2.bias, stride=1, padding=1,
-            bn=(bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias, bn2.eps), residual=x_res,
-            sc_x=x if w3 is not None else None, sc_weight=w3, sc_bias=conv3.bias if conv3 is not None else None,
-            sc_stride=block.conv1.stride[0], relu=True, out_dtype=out_dtype).out
+def _needs_grad(x: Tensor, chain: list, shortcut) -> bool:
+    mods = [m for pair in chain for m in pair] + ([m for m in shortcut if m is not None] if shortcut else [])
+    return x.requires_grad or any(p is not None and p.requires_grad for m in mods
+                                  for p in (m.weight, getattr(m, "bias", None)))
+
+
+def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
+              sc_weight: Optional[Tensor]) -> Tensor:
+    conv, bn = chain[0]
+    bs = [_uses_batch_stats(b) for _, b in chain]
+    z, pm, pm2, pc = _FirstConv.apply(be.name, conv.stride[0], conv.padding[0], bs[0], x, weights[0], conv.bias)
+    s = sc_pm = sc_pm2 = None
+    sc_conv, sc_bn = shortcut if shortcut is not None else (None, None)
+    sc_bs = _uses_batch_stats(sc_bn)
+    for i in range(1, len(chain)):
+        prev_bn = chain[i - 1][1]
+        conv, _ = chain[i]
+        last = i == len(chain) - 1
+        with_sc = last and sc_conv is not None
+        z, pm, pm2, pc, s, sc_pm, sc_pm2 = _BnReluConv.apply(
+            be.name, (conv.stride[0], conv.padding[0], sc_conv.stride[0] if with_sc else 1),
+            (bs[i - 1], bs[i], with_sc and sc_bn is not None and sc_bs), prev_bn.eps, _bn_update_factor(prev_bn),
+            z, pm, pm2, pc, *_bn_params(prev_bn), weights[i], conv.bias,
+            x if with_sc else None, sc_weight if with_sc else None, sc_conv.bias if with_sc else None)
+    last_bn = chain[-1][1]
+    kind = "identity" if sc_conv is None else "conv" if sc_bn is None else "conv+bn"
+    factor = _bn_update_factor(last_bn)
+    sc_factor = _bn_update_factor(sc_bn)
+    return _Output.apply(
+        be.name, kind, (bs[-1], sc_bs), last_bn.eps, sc_bn.eps if sc_bn is not None else 0.0, factor, sc_factor,
+        z, pm, pm2, pc, *_bn_params(last_bn), x_res if kind == "identity" else s,
+        sc_pm if kind == "conv+bn" else None, sc_pm2 if kind == "conv+bn" else None, *_bn_params(sc_bn))
+
+
+def _inference(be: Backend, block: nn.Module, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
+               sc_weight: Optional[Tensor]) -> Tensor:
+    """One launch per chain convolution, BN folded in-kernel; the last adds the shortcut -- X, or its
+    convolution with its BN folded into the weights -- and applies the ReLU."""
+    y = x
+    for i, ((conv, bn), w) in enumerate(zip(chain, weights)):
+        kw = dict(stride=conv.stride[0], padding=conv.padding[0], relu=True,
+                  bn=(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
+        if i == len(chain) - 1:
+            if shortcut is None:
+                kw.update(residual=x_res, out_dtype=torch.promote_types(x.dtype, x_res.dtype))
+            else:
+                sc_w, sc_b = _shortcut_weights(block, shortcut, sc_weight)
+                kw.update(sc_x=x, sc_weight=sc_w, sc_bias=sc_b, sc_stride=shortcut[0].stride[0])
+        with stage(f"K{i + 1} conv+bn+" + ("shortcut+add+relu" if i == len(chain) - 1 else "relu")):
+            y = be.conv_fused(y, w, conv.bias, **kw).out
+    return y
+
+
+def _shortcut_weights(block: nn.Module, shortcut, weight: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """The shortcut convolution's (weight, bias) for inference, its batch norm (if any) folded in:
+    ``w * gamma / sqrt(var + eps)`` per output channel, bias ``(b - mean) * that + beta``, computed in
+    float32 from the parameters and cast to the convolution's dtype. Cached on the block, keyed on every
+    input's storage and version counter: never stale."""
+    conv, bn = shortcut
+    if bn is None:
+        return weight, conv.bias
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if torch.compiler.is_compiling():
+        return _fold_shortcut(conv, bn, weight.dtype)
+    key = (weight.dtype, weight.device, bn.eps) + tuple(
+        (t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    cached = block.__dict__.get("_folded_shortcut")
+    if cached is None or cached[0] != key:
+        cached = (key, *_fold_shortcut(conv, bn, weight.dtype))
+        block.__dict__["_folded_shortcut"] = cached
+    return cached[1], cached[2]
+
+
+def _fold_shortcut(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        a = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+        bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(a)
+        w = (conv.weight.float() * a.view(-1, 1, 1, 1)).to(dtype)
+        return w, (bias - bn.running_mean.float()) * a + bn.bias.float()

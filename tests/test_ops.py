@@ -62,13 +62,31 @@ def test_bn_act_opcheck(device, dtype, requires_grad):
     if not extension.has_kernel("bn_act", device.upper()):
         pytest.skip(f"no {device} kernel in this build")
     for fmt in (torch.contiguous_format, torch.channels_last):
-        for residual in (True, False):
-            z, mean, scale, shift, res = _bn_act_args(device, dtype, fmt, residual)
+        for residual in ("none", "plain", "bn"):
+            z, mean, scale, shift, res = _bn_act_args(device, dtype, fmt, residual != "none")
+            res_bn = (torch.randn(5, device=device), 0.5 + torch.rand(5, device=device),
+                      torch.randn(5, device=device)) if residual == "bn" else (None, None, None)
             if requires_grad:
-                for t in (z, mean, scale, shift, res):
+                for t in (z, mean, scale, shift, res, *res_bn):
                     if t is not None:
                         t.requires_grad_()
-            torch.library.opcheck(torch.ops.fused_resnet.bn_act.default, (z, mean, scale, shift, res, True, dtype))
+            torch.library.opcheck(torch.ops.fused_resnet.bn_act.default,
+                                  (z, mean, scale, shift, res, True, dtype, *res_bn))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params(cpu_dtypes=(torch.float32, torch.float16)))
+def test_bn_act_with_the_residuals_own_batch_norm(device, dtype):
+    """relu(BN(z) + BN_s(s)): the final kernel of a block whose shortcut convolution has its own BN."""
+    if not extension.has_kernel("bn_act", device.upper()):
+        pytest.skip(f"no {device} kernel in this build")
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        z, mean, scale, shift, res = _bn_act_args(device, dtype, fmt, True)
+        res_bn = (torch.randn(5, device=device), 0.5 + torch.rand(5, device=device), torch.randn(5, device=device))
+        for out_dtype in (dtype, torch.float32):
+            out = extension.bn_act(z, mean, scale, shift, res, True, out_dtype, res_bn)
+            want = REF.bn_act(z, mean, scale, shift, res, True, out_dtype, res_bn)
+            assert out.dtype == out_dtype and out.is_contiguous(memory_format=fmt)
+            assert rel_err(out, want) <= (1e-6 if dtype == torch.float32 else 4e-3)
 
 
 def test_bn_act_rejects_bad_arguments():
@@ -92,7 +110,8 @@ def test_bn_act_compiles_without_graph_breaks():
     torch.testing.assert_close(fn(z, mean, scale, shift, res), 2 * REF.bn_act(z, mean, scale, shift, res))
 
 
-def _conv_args(device, dtype, fmt, *, prologue=False, bn=False, shortcut=False, stats=False):
+def _conv_args(device, dtype, fmt, *, prologue=False, bn=False, shortcut=False, stats=False, sc_bias=True,
+               sc_stats=False):
     n, c, k = 2, 5, 6
     x = torch.randn(n, c, 7, 9, device=device, dtype=dtype).contiguous(memory_format=fmt)
     w = (torch.randn(k, c, 3, 3, device=device) / 6).to(dtype)
@@ -100,12 +119,15 @@ def _conv_args(device, dtype, fmt, *, prologue=False, bn=False, shortcut=False, 
     bn_args = (vec(k), 0.5 + torch.rand(k, device=device), vec(k, 1.0), vec(k)) if bn else (None,) * 4
     pro = (vec(c), vec(c, 1.0), vec(c)) if prologue else (None,) * 3
     sc = ((torch.randn(n, 3, 7, 9, device=device, dtype=dtype).contiguous(memory_format=fmt),
-           (torch.randn(k, 3, 1, 1, device=device) / 2).to(dtype), vec(k).to(dtype)) if shortcut else (None,) * 3)
-    return (x, w, vec(k).to(dtype), 1, 1, *bn_args, 1e-5, *pro, None, *sc, 1, shortcut, not stats, stats, dtype)
+           (torch.randn(k, 3, 1, 1, device=device) / 2).to(dtype), vec(k).to(dtype) if sc_bias else None)
+          if shortcut else (None,) * 3)
+    return (x, w, vec(k).to(dtype), 1, 1, *bn_args, 1e-5, *pro, None, *sc, 1, shortcut, not stats, stats, dtype,
+            sc_stats)
 
 
 CONV_VARIANTS = {"bias-stats": dict(stats=True), "bn-relu": dict(bn=True),
-                 "prologue-shortcut-stats": dict(prologue=True, shortcut=True, stats=True)}
+                 "prologue-shortcut-stats": dict(prologue=True, shortcut=True, stats=True),
+                 "shortcut-nobias-scstats": dict(prologue=True, shortcut=True, sc_bias=False, sc_stats=True)}
 
 
 @pytest.mark.parametrize("variant", list(CONV_VARIANTS))
@@ -119,7 +141,7 @@ def test_every_op_passes_opcheck(device, dtype, fmt, variant):
         pytest.skip(f"conv_fused has no {device} kernel in this build")
     args = _conv_args(device, dtype, fmt, **CONV_VARIANTS[variant])
     torch.library.opcheck(torch.ops.fused_resnet.conv_fused.default, args)
-    out, _, pm, pq, pc = torch.ops.fused_resnet.conv_fused.default(*args)
+    out, _, pm, pq, pc, *_ = torch.ops.fused_resnet.conv_fused.default(*args)
     if pm.numel():
         k = pm.shape[1]
         rm, rv = torch.randn(k, device=device), 0.5 + torch.rand(k, device=device)

@@ -133,7 +133,7 @@ PlaneIdx plane_idx(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.size(3) == 1 ? t.stride(2) : t.stride(3)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fused_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fused_cpu(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t stride,
     int64_t padding, const c10::optional<at::Tensor>& bn_mean, const c10::optional<at::Tensor>& bn_var,
     const c10::optional<at::Tensor>& bn_gamma, const c10::optional<at::Tensor>& bn_beta, double bn_eps,
@@ -141,10 +141,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
     const c10::optional<at::Tensor>& in_shift, const c10::optional<at::Tensor>& residual,
     const c10::optional<at::Tensor>& sc_x, const c10::optional<at::Tensor>& sc_weight,
     const c10::optional<at::Tensor>& sc_bias, int64_t sc_stride, bool sc_separate, bool relu, bool stats,
-    at::ScalarType out_dtype) {
+    at::ScalarType out_dtype, bool sc_stats) {
   const ConvProblem pb = check_conv_fused(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta,
                                           in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
                                           out_dtype, c10::DeviceType::CPU);
+  sc_stats = sc_stats && sc_weight.has_value() && sc_separate;
   const auto fmt = conv_output_format(x);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t K = pb.K, M = pb.M;
@@ -201,11 +202,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
   // z and s are this call's own temporaries in the output's layout: when the output dtype is theirs, the
   // epilogue overwrites them in place and they are returned (no second activation-sized buffer).
   const bool in_place = out_dtype == x.scalar_type();
-  const ConvOutputs outs = allocate_conv_outputs(x, pb, out_dtype, has_sc && sc_separate, stats,
+  const ConvOutputs outs = allocate_conv_outputs(x, pb, out_dtype, has_sc && sc_separate, stats, sc_stats,
                                                  in_place ? z : at::Tensor(),
                                                  in_place && has_sc && sc_separate ? s : at::Tensor());
   const at::Tensor &out = outs.out, &sc_out = outs.sc_out, &pmean = outs.pmean, &pm2 = outs.pm2,
                    &pcount = outs.pcount;
+  stats = stats || sc_stats;
   const int64_t tiles = pmean.numel() ? pmean.size(0) : 0;
   // z, s, out and sc_out share one layout (fmt); the residual is made to.
   const at::Tensor res = residual.has_value() ? residual->contiguous(fmt) : at::Tensor();
@@ -220,7 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
     std::vector<float> st_add(K, 0.0f), st_scale(K, 1.0f), st_beta(K, 0.0f);
     if (has_bn)
       for (int64_t k = 0; k < K; ++k) st_add[k] = add[k] - center[k], st_scale[k] = scale[k], st_beta[k] = beta[k];
-    if (stats) {  // per-tile (count, mean, M2), two passes over the tile (it is in cache for the second)
+    // Per-tile (count, mean, M2) of v = (src + a) * g + b, two passes over the tile (in cache for the
+    // second); `back` is added to the means afterwards (a bias taken out of the sums).
+    auto tile_stats = [&](const in_t* src, const float* a, const float* g, const float* b, const float* back,
+                          float* means, float* m2s) {
       at::parallel_for(0, tiles, 1, [&](int64_t tb, int64_t te) {
         std::vector<float> mean(K), m2(K);
         for (int64_t t = tb; t < te; ++t) {
@@ -228,18 +233,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
           const float n = static_cast<float>(r1 - r0);
           std::fill(mean.begin(), mean.end(), 0.0f);
           std::fill(m2.begin(), m2.end(), 0.0f);
-          tile_sums<false, in_t>(zp, idx, r0, r1, PQ, K, channels_last, st_add.data(), st_scale.data(),
-                                 st_beta.data(), nullptr, mean.data());
+          tile_sums<false, in_t>(src, idx, r0, r1, PQ, K, channels_last, a, g, b, nullptr, mean.data());
           for (int64_t k = 0; k < K; ++k) mean[k] /= n;
-          tile_sums<true, in_t>(zp, idx, r0, r1, PQ, K, channels_last, st_add.data(), st_scale.data(),
-                                st_beta.data(), mean.data(), m2.data());
-          if (!has_bn)
-            for (int64_t k = 0; k < K; ++k) mean[k] += add[k];  // ... and take the bias back
-          std::copy(mean.begin(), mean.end(), pmean.mutable_data_ptr<float>() + t * K);
-          std::copy(m2.begin(), m2.end(), pm2.mutable_data_ptr<float>() + t * K);
+          tile_sums<true, in_t>(src, idx, r0, r1, PQ, K, channels_last, a, g, b, mean.data(), m2.data());
+          if (back)
+            for (int64_t k = 0; k < K; ++k) mean[k] += back[k];
+          std::copy(mean.begin(), mean.end(), means + t * K);
+          std::copy(m2.begin(), m2.end(), m2s + t * K);
           pcount.mutable_data_ptr<float>()[t] = n;
         }
       });
+    };
+    if (stats)  // of the BN-folded output, or of the convolution before its bias (taken back after)
+      tile_stats(zp, st_add.data(), st_scale.data(), st_beta.data(), has_bn ? nullptr : add.data(),
+                 pmean.mutable_data_ptr<float>(), pm2.mutable_data_ptr<float>());
+    if (sc_stats) {  // of the shortcut (with its bias: two passes need no shift)
+      const std::vector<float> zero(K, 0.0f), one(K, 1.0f);
+      tile_stats(sp, zero.data(), one.data(), zero.data(), nullptr, outs.sc_pmean.mutable_data_ptr<float>(),
+                 outs.sc_pm2.mutable_data_ptr<float>());
     }
     FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "conv_fused_cpu_out", [&] {
       using out_t = scalar_t;
@@ -266,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
       });
     });
   });
-  return {out, sc_out, pmean, pm2, pcount};
+  return outs.tuple();
 }
 
 at::Tensor im2col_cpu(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t padding) {

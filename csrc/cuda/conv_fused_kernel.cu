@@ -58,10 +58,12 @@ struct Params {
   const float* in_mean;  // prologue (or null)
   const float* in_scale;
   const float* in_shift;
-  const float* sc_bias;
+  const float* sc_bias;  // (or null)
   float* pmean;
   float* pm2;
   float* pcount;
+  float* sc_pmean;  // the separate shortcut's statistics (or null)
+  float* sc_pm2;
   int64_t N, C, H, W, K, P, Q, M, SC_C, SC_H, SC_W;
   int kh, kw, stride, pad, sc_stride;
   bool relu, sc_separate;
@@ -358,30 +360,28 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
     }
   }
 
-  if (p.pmean) {
-    // Per-tile statistics of the pre-residual value; without BN, of the convolution before its bias (a
-    // shift M2 ignores and the mean takes back), so a large bias costs no digits.
-    const bool bn = p.bn_mean != nullptr;
-    auto src = [&](int i, int j) { return bn ? (acc[i][j] + add[j] - center[j]) * scale[j] + beta[j] : acc[i][j]; };
-    const float rows = static_cast<float>(min(static_cast<int64_t>(kBM), p.M - row0));
-    float part[4];
+  // Per-tile (mean, M2) of v(i, j) over this tile's valid rows: two passes, each summed through shared
+  // memory in a fixed order (deterministic); `back` is added to the means (a bias left out of the sums,
+  // which M2 ignores: a large bias costs no digits). Called by every thread or by none.
+  const float rows = static_cast<float>(min(static_cast<int64_t>(kBM), p.M - row0));
+  auto tile_stats = [&](auto v, float* pmean, float* pm2, const float (&back)[4]) {
+    float part[4], mean[4];
     for (int j = 0; j < 4; ++j) {
       part[j] = 0.f;
-      for (int i = 0; i < 4; ++i) part[j] += row0 + ty * 4 + i < p.M ? src(i, j) : 0.f;
+      for (int i = 0; i < 4; ++i) part[j] += row0 + ty * 4 + i < p.M ? v(i, j) : 0.f;
       red[ty][tx * 4 + j] = part[j];
     }
     __syncthreads();
-    float mean[4];
     for (int j = 0; j < 4; ++j) {
       float s = 0.f;
-      for (int y = 0; y < 16; ++y) s += red[y][tx * 4 + j];  // fixed order: deterministic
+      for (int y = 0; y < 16; ++y) s += red[y][tx * 4 + j];
       mean[j] = s / rows;
     }
     __syncthreads();
     for (int j = 0; j < 4; ++j) {
       part[j] = 0.f;
       for (int i = 0; i < 4; ++i) {
-        const float d = src(i, j) - mean[j];
+        const float d = v(i, j) - mean[j];
         part[j] += row0 + ty * 4 + i < p.M ? d * d : 0.f;
       }
       red[ty][tx * 4 + j] = part[j];
@@ -393,30 +393,47 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
         if (k >= p.K) continue;
         float m2 = 0.f;
         for (int y = 0; y < 16; ++y) m2 += red[y][tx * 4 + j];
-        p.pmean[blockIdx.x * p.K + k] = bn ? mean[j] : mean[j] + add[j];
-        p.pm2[blockIdx.x * p.K + k] = m2;
+        pmean[blockIdx.x * p.K + k] = mean[j] + back[j];
+        pm2[blockIdx.x * p.K + k] = m2;
       }
-      if (blockIdx.y == 0 && tx == 0) p.pcount[blockIdx.x] = rows;
     }
+    __syncthreads();  // `red` is free again
+  };
+
+  if (p.pmean) {
+    // Of the pre-residual value: the BN-folded output, or the convolution before its bias.
+    const bool bn = p.bn_mean != nullptr;
+    float back[4];
+    for (int j = 0; j < 4; ++j) back[j] = bn ? 0.f : add[j];
+    tile_stats([&](int i, int j) { return bn ? (acc[i][j] + add[j] - center[j]) * scale[j] + beta[j] : acc[i][j]; },
+               p.pmean, p.pm2, back);
+    if (blockIdx.y == 0 && threadIdx.x == 0) p.pcount[blockIdx.x] = rows;
   }
 
   float sc[4][4] = {};
+  float sc_add[4] = {};
   if (p.scw) {
     __syncthreads();
     gemm(sc, GemmSrc{p.scx, p.ss, p.scw, p.sws, p.SC_C, p.SC_H, p.SC_W, 1, 1, p.sc_stride, 0, false});
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = col0 + tx * 4 + j;
+      sc_add[j] = p.sc_bias && k < p.K ? p.sc_bias[k] : 0.f;
+    }
+    if (p.sc_pmean)  // the shortcut's own batch norm: its statistics, before its bias as above
+      tile_stats([&](int i, int j) { return sc[i][j]; }, p.sc_pmean, p.sc_pm2, sc_add);
   }
   for (int i = 0; i < 4; ++i) {
     const int64_t m = row0 + ty * 4 + i;
     if (m >= p.M) continue;
-    const RowOrigin o = row_origin(m, p.P, p.Q, 1, 0);  // stride 1, no padding: (n, p, q) itself
-    const int64_t n = o.n, ph = o.h0, qw = o.w0;
+    const RowOrigin pos = row_origin(m, p.P, p.Q, 1, 0);  // stride 1, no padding: (n, p, q) itself
+    const int64_t n = pos.n, ph = pos.h0, qw = pos.w0;
     for (int j = 0; j < 4; ++j) {
       const int64_t k = col0 + tx * 4 + j;
       if (k >= p.K) continue;
       const int64_t o = n * p.os.n + k * p.os.c + ph * p.os.h + qw * p.os.w;
       float v = (acc[i][j] + add[j] - center[j]) * scale[j] + beta[j];
       if (p.scw) {
-        const float s = sc[i][j] + p.sc_bias[k];
+        const float s = sc[i][j] + sc_add[j];
         if (p.sc_separate) static_cast<out_t*>(p.sco)[o] = static_cast<out_t>(s);
         else v += s;
       }
@@ -464,7 +481,7 @@ const float* f32_or_null(const c10::optional<at::Tensor>& v, at::Tensor& keep) {
   return keep.const_data_ptr<float>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fused_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fused_cuda(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t stride,
     int64_t padding, const c10::optional<at::Tensor>& bn_mean, const c10::optional<at::Tensor>& bn_var,
     const c10::optional<at::Tensor>& bn_gamma, const c10::optional<at::Tensor>& bn_beta, double bn_eps,
@@ -472,17 +489,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
     const c10::optional<at::Tensor>& in_shift, const c10::optional<at::Tensor>& residual,
     const c10::optional<at::Tensor>& sc_x, const c10::optional<at::Tensor>& sc_weight,
     const c10::optional<at::Tensor>& sc_bias, int64_t sc_stride, bool sc_separate, bool relu, bool stats,
-    at::ScalarType out_dtype) {
+    at::ScalarType out_dtype, bool sc_stats) {
   const c10::cuda::CUDAGuard guard(x.device());
   const ConvProblem pb = check_conv_fused(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta,
                                           in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
                                           out_dtype, c10::DeviceType::CUDA);
   const bool has_sc = sc_weight.has_value();
-  const ConvOutputs outs = allocate_conv_outputs(x, pb, out_dtype, has_sc && sc_separate, stats);
+  sc_stats = sc_stats && has_sc && sc_separate;
+  const ConvOutputs outs = allocate_conv_outputs(x, pb, out_dtype, has_sc && sc_separate, stats, sc_stats);
+  stats = stats || sc_stats;
   const at::Tensor &out = outs.out, &sc_out = outs.sc_out, &pmean = outs.pmean, &pm2 = outs.pm2,
                    &pcount = outs.pcount;
   const int64_t tiles = (pb.M + kBM - 1) / kBM;
-  if (pb.M == 0) return {out, sc_out, pmean, pm2, pcount};
+  if (pb.M == 0) return outs.tuple();
 
   at::Tensor keep[11];
   Params p{};
@@ -500,6 +519,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
   p.pmean = stats ? pmean.mutable_data_ptr<float>() : nullptr;
   p.pm2 = stats ? pm2.mutable_data_ptr<float>() : nullptr;
   p.pcount = stats ? pcount.mutable_data_ptr<float>() : nullptr;
+  p.sc_pmean = sc_stats ? outs.sc_pmean.mutable_data_ptr<float>() : nullptr;
+  p.sc_pm2 = sc_stats ? outs.sc_pm2.mutable_data_ptr<float>() : nullptr;
   p.N = pb.N, p.C = pb.C, p.H = pb.H, p.W = pb.W, p.K = pb.K, p.P = pb.P, p.Q = pb.Q, p.M = pb.M, p.SC_C = pb.SC_C;
   p.SC_H = has_sc ? sc_x->size(2) : 1, p.SC_W = has_sc ? sc_x->size(3) : 1;
   p.kh = static_cast<int>(pb.KH), p.kw = static_cast<int>(pb.KW), p.stride = static_cast<int>(stride);
@@ -531,7 +552,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_fuse
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {out, sc_out, pmean, pm2, pcount};
+  return outs.tuple();
 }
 
 template <typename T>

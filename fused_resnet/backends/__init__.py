@@ -169,8 +169,8 @@ def block_shape(block, x: Tensor) -> Optional[tuple]:
     """(format, in_channels, out_channels, stride, height, width, batch): how ``measured_choice`` keys a
     seed-structured block's input. None under torch.compile: sizes may be symbolic there (dynamic shapes),
     and ``AUTO_ORDER`` decides rather than a guard on every size."""
-    if torch.compiler.is_compiling():
-        return None
+    if torch.compiler.is_compiling() or not getattr(block, "auto_table", False):
+        return None  # the table measures the seed block; other blocks take AUTO_ORDER
     n, c, h, w = x.shape
     fmt = "nhwc" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "nchw"
     return (fmt, c, block.conv1.out_channels, block.conv1.stride[0], h, w, n)

@@ -34,10 +34,12 @@ class ConvOut(NamedTuple):
     """What ``conv_fused`` returns. Fields a call did not ask for are empty tensors."""
 
     out: Tensor          # the epilogue's result, in ``out_dtype``
-    shortcut: Tensor     # conv3(sc_x) + sc_bias when ``sc_separate``; else empty
+    shortcut: Tensor     # conv(sc_x) + sc_bias when ``sc_separate``; else empty
     part_mean: Tensor    # (T, C) float32 per-tile channel means of the pre-residual output, when ``stats``
     part_m2: Tensor      # (T, C) float32 per-tile sums of squared deviations from ``part_mean``
     part_count: Tensor   # (T,) float32 number of output positions each tile covers
+    sc_part_mean: Tensor  # (T, C) the same statistics of the separate shortcut, when ``sc_stats``
+    sc_part_m2: Tensor
 
 
 class BNFold(NamedTuple):
@@ -92,16 +94,19 @@ class Backend:
         relu: bool = False,
         stats: bool = False,
         out_dtype: Optional[torch.dtype] = None,
+        sc_stats: bool = False,
     ) -> ConvOut:
-        """``out = act(affine(conv(prologue(x), weight) + bias) [+ conv3(sc_x) + sc_bias] [+ residual])``.
+        """``out = act(affine(conv(prologue(x), weight) + bias) [+ conv(sc_x) + sc_bias] [+ residual])``.
 
         - prologue: ``relu((x - in_mean) * in_scale + in_shift)`` per input channel when given; the
           convolution's zero padding is applied after it (a padded position contributes 0).
         - affine: when ``bn = (running_mean, running_var, gamma, beta, eps)`` is given, the batch norm is
           folded in the epilogue: ``(z - mean) * gamma / sqrt(var + eps) + beta``, in float32.
-        - shortcut: the 1x1 convolution of ``sc_x`` at stride ``sc_stride``, added to the output, or
-          returned on its own when ``sc_separate``.
-        - stats: per-tile (count, mean, M2) of the output before residual, shortcut and ReLU.
+        - shortcut: the 1x1 convolution of ``sc_x`` at stride ``sc_stride`` (+ ``sc_bias`` when given),
+          added to the output, or returned on its own when ``sc_separate``.
+        - stats: per-tile (count, mean, M2) of the output before residual, shortcut and ReLU;
+          ``sc_stats`` (with ``sc_separate``): the same of the shortcut, over the same tiles (for a batch
+          norm that follows the shortcut convolution), and the counts even without ``stats``.
         """
         raise NotImplementedError
 
@@ -113,8 +118,11 @@ class Backend:
         raise NotImplementedError
 
     def bn_act(self, z: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
-               relu: bool = True, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-        """``act((z - mean) * scale + shift [+ residual])`` per channel."""
+               relu: bool = True, out_dtype: Optional[torch.dtype] = None,
+               res_bn: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+        """``act((z - mean) * scale + shift [+ r])`` per channel, with ``r`` the residual, or, when ``res_bn
+        = (res_mean, res_scale, res_shift)`` is given, its own batch norm ``(residual - res_mean) * res_scale
+        + res_shift`` (a shortcut convolution followed by BN)."""
         raise NotImplementedError
 
     def bn_backward_reduce(self, grad: Tensor, mask_src: Tensor, z: Tensor, mean: Tensor,

@@ -46,18 +46,23 @@ def _dense_format(t: Tensor) -> torch.memory_format:
 
 
 def bn_act(z: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
-           relu: bool = True, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``act((z - mean[c]) * scale[c] + shift[c] (+ residual))`` by the compiled kernel of ``z``'s device."""
+           relu: bool = True, out_dtype: Optional[torch.dtype] = None,
+           res_bn: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+    """``act((z - mean[c]) * scale[c] + shift[c] (+ r))`` by the compiled kernel of ``z``'s device, ``r``
+    the residual or, with ``res_bn = (res_mean, res_scale, res_shift)``, its own batch norm."""
     out_dtype = out_dtype or z.dtype
-    if residual is not None and residual.dtype != out_dtype:
-        residual = residual.to(out_dtype)
-    return torch.ops.fused_resnet.bn_act.default(z, mean, scale, shift, residual, relu, out_dtype)
+    want = z.dtype if res_bn is not None else out_dtype  # the dtype the kernel reads the residual in
+    if residual is not None and residual.dtype != want:
+        residual = residual.to(want)
+    r_mean, r_scale, r_shift = res_bn if res_bn is not None else (None, None, None)
+    return torch.ops.fused_resnet.bn_act.default(z, mean, scale, shift, residual, relu, out_dtype, r_mean, r_scale,
+                                                 r_shift)
 
 
 if has_ops():
 
     @torch.library.register_fake("fused_resnet::bn_act")
-    def _bn_act_fake(z, mean, scale, shift, residual, relu, out_dtype):
+    def _bn_act_fake(z, mean, scale, shift, residual, relu, out_dtype, res_mean=None, res_scale=None, res_shift=None):
         torch._check(z.dim() == 4, lambda: f"bn_act: z must be 4-D, got {z.dim()}-D")
         torch._check(all(v.shape == (z.shape[1],) for v in (mean, scale, shift)),
                      lambda: "bn_act: mean, scale and shift must have one entry per channel of z")
@@ -66,18 +71,26 @@ if has_ops():
         return torch.empty(z.shape, dtype=out_dtype, device=z.device, memory_format=_dense_format(z))
 
     def _bn_act_setup(ctx, inputs, output):
-        z, mean, scale, shift, residual, relu, out_dtype = inputs
-        ctx.relu, ctx.has_residual = relu, residual is not None
-        ctx.save_for_backward(z, mean, scale, output)
+        z, mean, scale, shift, residual, relu, out_dtype, res_mean, res_scale, res_shift = inputs
+        ctx.relu, ctx.has_residual, ctx.res_bn = relu, residual is not None, res_scale is not None
+        ctx.save_for_backward(z, mean, scale, output, residual if res_scale is not None else None, res_mean,
+                              res_scale)
 
     def _bn_act_backward(ctx, grad):
-        z, mean, scale, out = ctx.saved_tensors
+        z, mean, scale, out, residual, res_mean, res_scale = ctx.saved_tensors
         gm = relu_grad(grad.float(), out) if ctx.relu else grad.float()
         dz = (gm * scale.view(1, -1, 1, 1)).to(z.dtype)
         dshift = gm.sum(dim=(0, 2, 3))
         dscale = (gm * (z.float() - mean.view(1, -1, 1, 1))).sum(dim=(0, 2, 3))
-        dres = gm.to(out.dtype) if ctx.has_residual else None
-        return dz, -dshift * scale, dscale, dshift, dres, None, None
+        dres = drm = drs = drsh = None
+        if ctx.res_bn:  # r' = (r - res_mean) * res_scale + res_shift
+            dres = (gm * res_scale.view(1, -1, 1, 1)).to(residual.dtype)
+            drsh = dshift
+            drm = -dshift * res_scale
+            drs = (gm * (residual.float() - res_mean.view(1, -1, 1, 1))).sum(dim=(0, 2, 3))
+        elif ctx.has_residual:
+            dres = gm.to(out.dtype)
+        return dz, -dshift * scale, dscale, dshift, dres, None, None, drm, drs, drsh
 
     torch.library.register_autograd("fused_resnet::bn_act", _bn_act_backward, setup_context=_bn_act_setup)
 
@@ -87,20 +100,24 @@ if has_ops():
     @torch.library.register_fake("fused_resnet::conv_fused")
     def _conv_fused_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean,
                          in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats,
-                         out_dtype):
+                         out_dtype, sc_stats=False):
         torch._check(x.dim() == 4 and weight.dim() == 4 and x.shape[1] == weight.shape[1],
                      lambda: "conv_fused: x (N, C, H, W) and weight (K, C, k, k) must agree on C")
         n, _, h, w = x.shape
         k, kh = weight.shape[0], weight.shape[2]
         p, q = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kh) // stride + 1
         out = torch.empty((n, k, p, q), dtype=out_dtype, device=x.device, memory_format=_dense_format(x))
-        empty = [x.new_empty((0,), dtype=torch.float32) for _ in range(4)]
-        sc = torch.empty_like(out) if sc_weight is not None and sc_separate else empty[0]
-        if not stats:
-            return out, sc, empty[1], empty[2], empty[3]
+        separate = sc_weight is not None and sc_separate
+        sc = torch.empty_like(out) if separate else x.new_empty((0,), dtype=torch.float32)
+        sc_stats = sc_stats and separate
+        stats = stats or sc_stats
         tiles = (n * p * q + STATS_TILE_ROWS - 1) // STATS_TILE_ROWS
-        return (out, sc, x.new_empty((tiles, k), dtype=torch.float32), x.new_empty((tiles, k), dtype=torch.float32),
-                x.new_empty((tiles,), dtype=torch.float32))
+
+        def part(used: bool, *shape) -> Tensor:
+            return x.new_empty(shape if used else (0,), dtype=torch.float32)
+
+        return (out, sc, part(stats, tiles, k), part(stats, tiles, k), part(stats, tiles), part(sc_stats, tiles, k),
+                part(sc_stats, tiles, k))
 
     @torch.library.register_fake("fused_resnet::bn_finalize")
     def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):
@@ -165,19 +182,21 @@ class _ExtensionBackend(TorchBackend):
             return f"it supports float32, float16 and bfloat16, got {dtype}"
         return None
 
-    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
+    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None, res_bn=None) -> Tensor:
         if "bn_act" not in self.native:
-            return super().bn_act(z, mean, scale, shift, residual, relu, out_dtype)
-        return bn_act(z, as_f32(mean), as_f32(scale), as_f32(shift), residual, relu, out_dtype)
+            return super().bn_act(z, mean, scale, shift, residual, relu, out_dtype, res_bn)
+        res_bn = tuple(as_f32(v) for v in res_bn) if res_bn is not None else None
+        return bn_act(z, as_f32(mean), as_f32(scale), as_f32(shift), residual, relu, out_dtype, res_bn)
 
     def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
                    residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
-                   relu=False, stats=False, out_dtype=None) -> ConvOut:
+                   relu=False, stats=False, out_dtype=None, sc_stats=False) -> ConvOut:
         if "conv_fused" not in self.native:
             return super().conv_fused(x, weight, bias, stride=stride, padding=padding, bn=bn, in_mean=in_mean,
                                       in_scale=in_scale, in_shift=in_shift, residual=residual, sc_x=sc_x,
                                       sc_weight=sc_weight, sc_bias=sc_bias, sc_stride=sc_stride,
-                                      sc_separate=sc_separate, relu=relu, stats=stats, out_dtype=out_dtype)
+                                      sc_separate=sc_separate, relu=relu, stats=stats, out_dtype=out_dtype,
+                                      sc_stats=sc_stats)
         out_dtype = out_dtype or x.dtype
         if self.device_type == "cuda" and not torch.compiler.is_compiling():
             # Channels-contiguous weights: what the kernel's cp.async loop reads (backends/packing.py).
@@ -190,7 +209,7 @@ class _ExtensionBackend(TorchBackend):
             residual = residual.to(out_dtype)
         return ConvOut(*torch.ops.fused_resnet.conv_fused.default(
             x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale, in_shift,
-            residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype))
+            residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype, sc_stats))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
                     momentum) -> BNFold:

@@ -11,7 +11,12 @@ from torch import Tensor
 
 from .base import Backend, BNFold, ConvOut
 
-_EMPTY = torch.empty(0)
+
+
+def _empty(device: torch.device) -> Tensor:
+    """A placeholder for an output a call did not ask for: a distinct tensor each time (an autograd
+    Function returning one tensor twice does not trace under torch.compile)."""
+    return torch.empty(0, device=device)
 
 
 def _acc(t: Tensor) -> Tensor:
@@ -61,7 +66,7 @@ class TorchBackend(Backend):
 
     def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
                    residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
-                   relu=False, stats=False, out_dtype=None) -> ConvOut:
+                   relu=False, stats=False, out_dtype=None, sc_stats=False) -> ConvOut:
         out_dtype = out_dtype or x.dtype
         if in_scale is not None:
             x = torch.relu((_acc(x) - _ch(in_mean)) * _ch(in_scale) + _ch(in_shift)).to(weight.dtype)
@@ -71,20 +76,25 @@ class TorchBackend(Backend):
         if bn is not None:
             fold = bn_fold(*bn)
             z = (z - _ch(fold.mean)) * _ch(fold.scale) + _ch(fold.shift)
-        empty = _EMPTY.to(z.device)
-        part = tile_stats(z) if stats else (empty, empty, empty)
-        sc_out = empty
+        dev = z.device
+        sc_stats = sc_stats and sc_weight is not None and sc_separate
+        part = tile_stats(z) if stats or sc_stats else (_empty(dev), _empty(dev), _empty(dev))
+        sc_out, sc_part = _empty(dev), (_empty(dev), _empty(dev))
         if sc_weight is not None:
-            s = _acc(F.conv2d(sc_x, sc_weight, None, sc_stride)) + _ch(sc_bias)
+            s = _acc(F.conv2d(sc_x, sc_weight, None, sc_stride))
+            if sc_bias is not None:
+                s = s + _ch(sc_bias)
             if sc_separate:
                 sc_out = s.to(out_dtype)
+                if sc_stats:
+                    sc_part = tile_stats(s)[:2]
             else:
                 z = z + s
         if residual is not None:
             z = z + _acc(residual)
         if relu:
             z = torch.relu(z)
-        return ConvOut(z.to(out_dtype), sc_out, *part)
+        return ConvOut(z.to(out_dtype), sc_out, *part, *sc_part)
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
                     momentum) -> BNFold:
@@ -97,10 +107,13 @@ class TorchBackend(Backend):
                 running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
         return fold
 
-    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
+    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None, res_bn=None) -> Tensor:
         y = (_acc(z) - _ch(mean)) * _ch(scale) + _ch(shift)
         if residual is not None:
-            y = y + _acc(residual)
+            r = _acc(residual)
+            if res_bn is not None:
+                r = (r - _ch(res_bn[0])) * _ch(res_bn[1]) + _ch(res_bn[2])
+            y = y + r
         if relu:
             y = torch.relu(y)
         return y.to(out_dtype or z.dtype)
@@ -118,5 +131,5 @@ class TorchBackend(Backend):
             dz = _ch(scale) * (gm - _ch(sum_g / count) - xhat * _ch(sum_gx / count))
         else:
             dz = _ch(scale) * gm
-        gm_out = gm.to(grad.dtype) if want_gm else _EMPTY.to(grad.device)
+        gm_out = gm.to(grad.dtype) if want_gm else _empty(grad.device)
         return dz.to(z.dtype), gm_out

@@ -44,14 +44,14 @@ class TritonBackend(Backend):
     # with their fake implementations. The op layer costs host time a block call should not pay.
     def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
                    residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
-                   relu=False, stats=False, out_dtype=None) -> ConvOut:
+                   relu=False, stats=False, out_dtype=None, sc_stats=False) -> ConvOut:
         mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
         if in_scale is not None:
             in_mean, in_scale, in_shift = (as_f32(v) for v in (in_mean, in_scale, in_shift))
         fn = ops.conv_fused_op if torch.compiler.is_compiling() else conv_kernels.launch_conv
         return ConvOut(*fn(x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale,
                            in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats,
-                           out_dtype or x.dtype))
+                           out_dtype or x.dtype, sc_stats))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
                     momentum) -> BNFold:
@@ -59,9 +59,11 @@ class TritonBackend(Backend):
         return BNFold(*fn(part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var,
                           float(momentum)))
 
-    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None) -> Tensor:
+    def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None, res_bn=None) -> Tensor:
         fn = ops.bn_add_relu_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_add_relu
-        return fn(z, as_f32(mean), as_f32(scale), as_f32(shift), residual, relu, out_dtype or z.dtype)
+        r_mean, r_scale, r_shift = (as_f32(v) for v in res_bn) if res_bn is not None else (None, None, None)
+        return fn(z, as_f32(mean), as_f32(scale), as_f32(shift), residual, relu, out_dtype or z.dtype, r_mean, r_scale,
+                  r_shift)
 
     def conv_backward(self, grad, x, weight, stride, padding, output_mask):
         if not executing():  # a dry run lists Triton launches: the cuDNN gradients need not run either

@@ -105,10 +105,13 @@ def _offsets(n, hw, cols, sn, sc, shw):
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def bn_add_relu_kernel(
-    z_ptr, mean_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    z_ptr, mean_ptr, scale_ptr, shift_ptr, res_ptr, rmean_ptr, rscale_ptr, rshift_ptr, out_ptr,
     M, C, HW, szn, szc, szhw, srn, src, srhw, son, soc, sohw,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RES: tl.constexpr, RES_BN: tl.constexpr, RELU: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
+    """act((z - mean) * scale + shift + r) with r the residual, or its own batch norm
+    (residual - res_mean) * res_scale + res_shift (a shortcut convolution followed by BN)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols, mask, n, hw = _tile(rows, tl.program_id(1), M, C, HW, BLOCK_C)
     col_ok = cols < C
@@ -118,7 +121,13 @@ def bn_add_relu_kernel(
     shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
     y = (z - mean[None, :]) * scale[None, :] + shift[None, :]
     if HAS_RES:
-        y += tl.load(res_ptr + _offsets(n, hw, cols, srn, src, srhw), mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + _offsets(n, hw, cols, srn, src, srhw), mask=mask, other=0.0).to(tl.float32)
+        if RES_BN:
+            r_mean = tl.load(rmean_ptr + cols, mask=col_ok, other=0.0)
+            r_scale = tl.load(rscale_ptr + cols, mask=col_ok, other=0.0)
+            r_shift = tl.load(rshift_ptr + cols, mask=col_ok, other=0.0)
+            r = (r - r_mean[None, :]) * r_scale[None, :] + r_shift[None, :]
+        y += r
     if RELU:
         y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(out_ptr + _offsets(n, hw, cols, son, soc, sohw), y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -261,7 +270,8 @@ def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running
     return tuple(outs)
 
 
-def launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype):
+def launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype, res_mean=None, res_scale=None,
+                       res_shift=None):
     n, c, h, w = z.shape
     z, zs = _planar(z)
     out = new_output(z.shape, out_dtype, z.device, output_memory_format(z))
@@ -270,11 +280,13 @@ def launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype):
         residual, rs = _planar(residual)
     else:
         rs = (0, 0, 0)
+    res_bn = residual is not None and res_scale is not None
     grid, block_r, block_c, warps = _grid(n * h * w, c)
     launch(bn_add_relu_kernel, grid,
-           (z, mean, scale, shift, residual if residual is not None else z, out, n * h * w, c, h * w, *zs, *rs,
-            *os_),
-           dict(HAS_RES=residual is not None, RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c),
+           (z, mean, scale, shift, residual if residual is not None else z,
+            res_mean if res_bn else mean, res_scale if res_bn else scale, res_shift if res_bn else shift, out,
+            n * h * w, c, h * w, *zs, *rs, *os_),
+           dict(HAS_RES=residual is not None, RES_BN=res_bn, RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c),
            num_warps=warps, device=z.device)
     return out
 

@@ -40,6 +40,16 @@ def _tile_offsets(n, p, q, rn, sn, sk, sp, sq, INDEX64: tl.constexpr):
         + _index(q, INDEX64)[:, None] * sq
 
 
+@triton.jit
+def _tile_moments(v, row_ok):
+    """Per-column mean and M2 over the tile's valid rows (two passes: the deviations from the tile's own
+    mean, so a large common offset costs no digits)."""
+    count = tl.sum(row_ok.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(row_ok[:, None], v, 0.0), axis=0) / count
+    dev = tl.where(row_ok[:, None], v - mean[None, :], 0.0)
+    return mean, tl.sum(dev * dev, axis=0)
+
+
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def conv_bn_act_kernel(
     x_ptr, w_ptr, out_ptr,
@@ -47,7 +57,7 @@ def conv_bn_act_kernel(
     in_mean_ptr, in_scale_ptr, in_shift_ptr,
     res_ptr,
     scx_ptr, scw_ptr, scb_ptr, sco_ptr,
-    pmean_ptr, pm2_ptr, pcount_ptr,
+    pmean_ptr, pm2_ptr, pcount_ptr, scpmean_ptr, scpm2_ptr,
     N, C, H, W, K, P, Q, SC_C,
     sxn, sxc, sxh, sxw,
     swk, swc, swr, sws,
@@ -57,7 +67,8 @@ def conv_bn_act_kernel(
     sswk, sswc,
     STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BN: tl.constexpr, HAS_PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_SC: tl.constexpr, SC_SEPARATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+    HAS_SC: tl.constexpr, HAS_SC_BIAS: tl.constexpr, SC_SEPARATE: tl.constexpr, SC_STATS: tl.constexpr,
+    RELU: tl.constexpr, STATS: tl.constexpr,
     PRECISION: tl.constexpr, INDEX64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -128,23 +139,21 @@ def conv_bn_act_kernel(
         # before its bias (a shift that M2 ignores and the mean takes back at the end), so a large bias
         # costs no digits.
         src = acc if (HAS_BIAS and not HAS_BN) else z
-        count = tl.sum(row_ok.to(tl.float32), axis=0)
-        tile_mean = tl.sum(tl.where(row_ok[:, None], src, 0.0), axis=0) / count
-        dev = tl.where(row_ok[:, None], src - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(dev * dev, axis=0)
+        tile_mean, tile_m2 = _tile_moments(src, row_ok)
         if HAS_BIAS and not HAS_BN:
             tile_mean += bias
         tl.store(pmean_ptr + pid_m * K + rn, tile_mean, mask=col_ok)
         tl.store(pm2_ptr + pid_m * K + rn, tile_m2, mask=col_ok)
         if pid_n == 0:
-            tl.store(pcount_ptr + pid_m, count)
+            tl.store(pcount_ptr + pid_m, tl.sum(row_ok.to(tl.float32), axis=0))
 
     sx_row = n * ssn + _index(p * SC_STRIDE, INDEX64) * ssh + _index(q * SC_STRIDE, INDEX64) * ssw
     sw_col = _index(rn, INDEX64) * sswk
     if HAS_SC:
         if not SC_SEPARATE:
             # The 1x1 shortcut, accumulated straight into the epilogue's result: one accumulator live.
-            z += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_SC_BIAS:
+                z += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             for c0 in range(0, SC_C, BLOCK_K):
                 c = c0 + rk
                 c_ok = c < SC_C
@@ -174,7 +183,14 @@ def conv_bn_act_kernel(
                 b = tl.load(scw_ptr + sw_col[None, :] + c[:, None] * sswc, mask=c_ok[:, None] & col_ok[None, :],
                             other=0.0)
                 acc_sc = tl.dot(a, b, acc_sc, input_precision=PRECISION)
-            acc_sc += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if SC_STATS:  # the shortcut's own batch norm: its statistics, before its bias as above
+                sc_mean, sc_m2 = _tile_moments(acc_sc, row_ok)
+                if HAS_SC_BIAS:
+                    sc_mean += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)
+                tl.store(scpmean_ptr + pid_m * K + rn, sc_mean, mask=col_ok)
+                tl.store(scpm2_ptr + pid_m * K + rn, sc_m2, mask=col_ok)
+            if HAS_SC_BIAS:
+                acc_sc += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(sco_ptr + _tile_offsets(n, p, q, rn, son, sok, sop, soq, INDEX64),
                      acc_sc.to(sco_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -234,8 +250,9 @@ def _needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale, in_shift,
-                residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype):
-    """Allocate the outputs and launch ``conv_bn_act_kernel``; returns (out, shortcut, mean, m2, count)."""
+                residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype, sc_stats=False):
+    """Allocate the outputs and launch ``conv_bn_act_kernel``; returns (out, shortcut, mean, m2, count,
+    shortcut mean, shortcut m2)."""
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     p, q, m, cfg = conv_plan(x, weight, stride, padding)
@@ -251,12 +268,19 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
     has_sc = sc_weight is not None
     sc_out = new_output((n, k, p, q), out_dtype, dev, fmt) if has_sc and sc_separate else empty()
     tiles_m = triton.cdiv(m, cfg.BLOCK_M)
+    sc_stats = bool(sc_stats) and has_sc and bool(sc_separate)
+    stats = bool(stats) or sc_stats  # the shortcut's statistics share the main ones' tiles and counts
     if stats:
         pmean = new_output((tiles_m, k), torch.float32, dev)
         pm2 = new_output((tiles_m, k), torch.float32, dev)
         pcount = new_output((tiles_m,), torch.float32, dev)
     else:
         pmean, pm2, pcount = empty(), empty(), empty()
+    if sc_stats:
+        sc_pmean = new_output((tiles_m, k), torch.float32, dev)
+        sc_pm2 = new_output((tiles_m, k), torch.float32, dev)
+    else:
+        sc_pmean, sc_pm2 = empty(), empty()
     if has_sc:
         sc_weight = channels_dense_weight(sc_weight)
         sc_c = sc_x.shape[1]
@@ -275,8 +299,8 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
         in_mean if in_mean is not None else none, in_scale if in_scale is not None else none,
         in_shift if in_shift is not None else none,
         residual if residual is not None else none,
-        sc_x if has_sc else none, sc_weight if has_sc else none, sc_bias if has_sc else none, sc_out,
-        pmean, pm2, pcount,
+        sc_x if has_sc else none, sc_weight if has_sc else none, sc_bias if sc_bias is not None else none, sc_out,
+        pmean, pm2, pcount, sc_pmean, sc_pm2,
         n, c, h, w, k, p, q, sc_c,
         *x.stride(), *weight.stride(), *out.stride(), *_strides(residual), *_strides(sc_x if has_sc else None),
         *sc_wstrides,
@@ -284,10 +308,11 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
     constexprs = dict(
         STRIDE=stride, PAD=padding, KH=kh, KW=kw, SC_STRIDE=sc_stride,
         HAS_BIAS=bias is not None, HAS_BN=bn_mean is not None, HAS_PROLOGUE=in_scale is not None,
-        HAS_RES=residual is not None, HAS_SC=has_sc, SC_SEPARATE=bool(sc_separate), RELU=bool(relu),
-        STATS=bool(stats), PRECISION=precision, INDEX64=_needs_int64(x, out, residual, sc_x),
+        HAS_RES=residual is not None, HAS_SC=has_sc, HAS_SC_BIAS=has_sc and sc_bias is not None,
+        SC_SEPARATE=bool(sc_separate), SC_STATS=sc_stats, RELU=bool(relu),
+        STATS=stats, PRECISION=precision, INDEX64=_needs_int64(x, out, residual, sc_x),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
     )
     launch(conv_bn_act_kernel, grid, args, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
            device=dev)
-    return out, sc_out, pmean, pm2, pcount
+    return out, sc_out, pmean, pm2, pcount, sc_pmean, sc_pm2

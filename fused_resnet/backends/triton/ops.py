@@ -20,28 +20,34 @@ def conv_fused_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
                   bn_beta: Optional[Tensor], bn_eps: float, in_mean: Optional[Tensor], in_scale: Optional[Tensor],
                   in_shift: Optional[Tensor], residual: Optional[Tensor], sc_x: Optional[Tensor],
                   sc_weight: Optional[Tensor], sc_bias: Optional[Tensor], sc_stride: int, sc_separate: bool,
-                  relu: bool, stats: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  relu: bool, stats: bool, out_dtype: torch.dtype,
+                  sc_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale,
                        in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats,
-                       out_dtype)
+                       out_dtype, sc_stats)
 
 
 @conv_fused_op.register_fake
 def _conv_fused_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale,
-                     in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype):
+                     in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype,
+                     sc_stats):
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "conv_fused: x and weight must be 4-D")
     torch._check(x.shape[1] == weight.shape[1], lambda: "conv_fused: x's channels must match weight's")
     p, q, m, cfg = conv_plan(x, weight, stride, padding)
     k = weight.shape[0]
     fmt = output_memory_format(x)
     out = torch.empty((x.shape[0], k, p, q), dtype=out_dtype, device=x.device, memory_format=fmt)
-    sc = (torch.empty_like(out) if sc_weight is not None and sc_separate
-          else x.new_empty((0,), dtype=torch.float32))
-    if stats:
-        tiles = (m + cfg.BLOCK_M - 1) // cfg.BLOCK_M
-        return (out, sc, x.new_empty((tiles, k), dtype=torch.float32),
-                x.new_empty((tiles, k), dtype=torch.float32), x.new_empty((tiles,), dtype=torch.float32))
-    return (out, sc, *(x.new_empty((0,), dtype=torch.float32) for _ in range(3)))
+    separate = sc_weight is not None and sc_separate
+    sc = torch.empty_like(out) if separate else x.new_empty((0,), dtype=torch.float32)
+    tiles = (m + cfg.BLOCK_M - 1) // cfg.BLOCK_M
+
+    def part(used: bool, *shape) -> Tensor:
+        return x.new_empty(shape if used else (0,), dtype=torch.float32)
+
+    sc_stats = sc_stats and separate
+    stats = stats or sc_stats
+    return (out, sc, part(stats, tiles, k), part(stats, tiles, k), part(stats, tiles), part(sc_stats, tiles, k),
+            part(sc_stats, tiles, k))
 
 
 @torch.library.custom_op("fused_resnet::triton_bn_finalize", mutates_args=("running_mean", "running_var"))
@@ -61,12 +67,13 @@ def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_
 
 @torch.library.custom_op("fused_resnet::triton_bn_add_relu", mutates_args=())
 def bn_add_relu_op(z: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], relu: bool,
-                   out_dtype: torch.dtype) -> Tensor:
-    return launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype)
+                   out_dtype: torch.dtype, res_mean: Optional[Tensor], res_scale: Optional[Tensor],
+                   res_shift: Optional[Tensor]) -> Tensor:
+    return launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype, res_mean, res_scale, res_shift)
 
 
 @bn_add_relu_op.register_fake
-def _bn_add_relu_fake(z, mean, scale, shift, residual, relu, out_dtype):
+def _bn_add_relu_fake(z, mean, scale, shift, residual, relu, out_dtype, res_mean, res_scale, res_shift):
     return torch.empty(z.shape, dtype=out_dtype, device=z.device, memory_format=output_memory_format(z))
 
 
