@@ -10,13 +10,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from . import reference
-from .cases import BlockCase
+from .cases import BlockCase, BottleneckCase
 from .modules import convert
 from .testing import randomize_
 
@@ -26,24 +26,40 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 L2_ROTATION_BYTES = 256 << 20  # rotate inputs over more than any L2 (H100: 50 MB)
 
 
+MODELS = ("resnet18", "resnet50")
+
+
 @dataclass(frozen=True)
 class BenchCase:
-    """A block case (or, with ``resnet18=True``, the whole seed ResNet-18 on the block's batch and size,
-    1 input channel) in one mode, dtype and memory format."""
+    """A block case -- the seed's ``Residual`` (``BlockCase``) or torchvision's ``Bottleneck``
+    (``BottleneckCase``) -- or, with ``model``, a whole model on the block's batch and size: ``resnet18``
+    the seed's (1 input channel), ``resnet50`` torchvision's (3); in one mode, dtype and memory format."""
 
-    block: BlockCase
+    block: Union[BlockCase, BottleneckCase]
     mode: str
     dtype: str = "bfloat16"
     fmt: str = "nhwc"
-    resnet18: bool = False
+    model: str = ""
 
     @property
     def what(self) -> str:
-        return f"resnet18-{self.block.size}-b{self.block.batch}" if self.resnet18 else self.block.id
+        return f"{self.model}-{self.block.size}-b{self.block.batch}" if self.model else self.block.id
 
     @property
     def id(self) -> str:
         return f"{self.what}-{self.mode}-{self.dtype}-{self.fmt}"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        b = self.block
+        if self.model:
+            return (b.batch, 1 if self.model == "resnet18" else 3, b.size, b.size)
+        return b.input_shape
+
+    @classmethod
+    def for_model(cls, model: str, size: int, batch: int, mode: str, dtype: str = "bfloat16",
+                  fmt: str = "nhwc") -> "BenchCase":
+        return cls(BlockCase(1, 64, size, batch), mode, dtype, fmt, model=model)
 
 
 SUITES = ("quick", "short", "default", "full", "host")
@@ -51,10 +67,12 @@ SUITES = ("quick", "short", "default", "full", "host")
 
 def suite(name: str, device: str) -> list[BenchCase]:
     """The benchmark case sets: ``quick`` (a tiny smoke run, CI), ``short`` (the CLI's), ``default``
-    (what a GPU run covers in minutes: the head shape 56x56x64 batch 64 in every mode and, in eval,
-    every dtype and format; the seed shapes at batch 32, bf16 channels_last, eval and training; the
-    whole ResNet-18), ``full`` (every combination of DESIGN.md section 6)."""
-    from .cases import SEED_BATCHES, seed_block_cases
+    (what a GPU run covers in minutes: the head shape 56x56x64 batch 64 in every mode; the whole
+    ResNet-18 (batch 32) and ResNet-50 (inference at batch 256, a training step at 64); the seed shapes
+    and ResNet-50's Bottleneck stage shapes at batch 32, bf16 channels_last, eval and training; the head
+    shape's eval in every dtype and format), ``full`` (every combination of DESIGN.md section 6), ``host``
+    (tiny blocks whose time is host time)."""
+    from .cases import SEED_BATCHES, bottleneck_cases, seed_block_cases
 
     if name == "host":  # tiny blocks: the time of a call is its host time (run it on one thread)
         return [BenchCase(b, m, "float32", f) for b in (BlockCase(8, 8, 4, 2),
@@ -63,7 +81,8 @@ def suite(name: str, device: str) -> list[BenchCase]:
     if name == "quick":
         tiny = BlockCase(8, 8, 8, 2)
         return [BenchCase(tiny, m, "float32", "nhwc") for m in MODES] + [
-            BenchCase(BlockCase(8, 16, 8, 2, use_1x1conv=True, stride=2), "eval", "float32", "nchw")]
+            BenchCase(BlockCase(8, 16, 8, 2, use_1x1conv=True, stride=2), "eval", "float32", "nchw"),
+            BenchCase(BottleneckCase(16, 8, 8, 2, stride=2, downsample=True), "train-fwdbwd", "float32", "nhwc")]
     if name == "short":  # python -m fused_resnet bench: a minute or two on either device
         if device == "cpu":
             blocks = [BlockCase(64, 64, 24, 8), BlockCase(64, 128, 24, 8, use_1x1conv=True, stride=2)]
@@ -74,17 +93,20 @@ def suite(name: str, device: str) -> list[BenchCase]:
         from .cases import SEED_STAGES_96
         blocks = seed_block_cases(batches=(8,), stages=SEED_STAGES_96)
         return [BenchCase(b, m, "float32", "nchw") for b in blocks for m in ("eval", "train-fwdbwd")]
-    if name == "default":
+    if name == "default":  # most valuable first: a run cut short keeps these
         cases = [BenchCase(HEAD_BLOCK, m, "bfloat16", "nhwc") for m in MODES]
-        cases += [BenchCase(HEAD_BLOCK, "eval", d, f) for d in DTYPES for f in FORMATS]
+        cases += [BenchCase.for_model("resnet18", 224, 32, m) for m in ("eval", "train-fwdbwd")]
+        cases += [BenchCase.for_model("resnet50", 224, 256, "eval"), BenchCase.for_model("resnet50", 224, 64,
+                                                                                          "train-fwdbwd")]
         cases += [BenchCase(b, m, "bfloat16", "nhwc") for b in seed_block_cases(batches=(32,))
                   for m in ("eval", "train-fwdbwd")]
-        cases += [BenchCase(BlockCase(1, 64, 224, 32), m, "bfloat16", "nhwc", resnet18=True)
-                  for m in ("eval", "train-fwdbwd")]
+        cases += [BenchCase(b, m, "bfloat16", "nhwc") for b in bottleneck_cases(32) for m in ("eval", "train-fwdbwd")]
+        cases += [BenchCase(HEAD_BLOCK, "eval", d, f) for d in DTYPES for f in FORMATS]
         return list(dict.fromkeys(cases))
     if name == "full":
-        blocks = seed_block_cases(batches=SEED_BATCHES)
-        return [BenchCase(b, m, d, f) for b in blocks for m in MODES for d in DTYPES for f in FORMATS]
+        blocks = seed_block_cases(batches=SEED_BATCHES) + [b for n in SEED_BATCHES for b in bottleneck_cases(n)]
+        cases = [BenchCase(b, m, d, f) for b in blocks for m in MODES for d in DTYPES for f in FORMATS]
+        return cases + [BenchCase.for_model(m, 224, n, mode) for m in MODELS for n in SEED_BATCHES for mode in MODES]
     raise ValueError(f"unknown suite {name!r}; expected one of {SUITES}")
 
 
@@ -116,10 +138,10 @@ def providers(device: str, case: BenchCase, suite_name: str = "full") -> list[st
     from .backends import available_backends, get_backend
 
     names = ["eager"]
-    head = case.block == HEAD_BLOCK or case.resnet18
+    head = case.block == HEAD_BLOCK or bool(case.model)
     if suite_name in ("full", "quick") or head:
         names.append("compile")
-    if device == "cuda" and (suite_name == "full" or (head and case.mode == "eval" and not case.resnet18)):
+    if device == "cuda" and (suite_name == "full" or (head and case.mode == "eval" and not case.model)):
         names.append("compile-max-autotune")
     training = case.mode != "eval"
     for be in available_backends():
@@ -133,8 +155,12 @@ def providers(device: str, case: BenchCase, suite_name: str = "full") -> list[st
 def build_model(provider: str, case: BenchCase, device: str) -> nn.Module:
     b = case.block
     torch.manual_seed(0)
-    if case.resnet18:
+    if case.model == "resnet18":
         seed = randomize_(reference.resnet18())
+    elif case.model == "resnet50":
+        seed = randomize_(reference.resnet50())
+    elif isinstance(b, BottleneckCase):
+        seed = randomize_(reference.bottleneck_block(b.inplanes, b.planes, b.stride, b.downsample))
     else:
         seed = randomize_(reference.Residual(b.in_channels, b.out_channels, b.use_1x1conv, b.stride))
     seed = seed.to(device=device, dtype=DTYPES[case.dtype], memory_format=FORMATS[case.fmt])
@@ -154,7 +180,7 @@ def make_step(model: nn.Module, case: BenchCase, device: str) -> tuple[Callable[
     """(step(x), inputs): one call of the case's mode, and enough input tensors to rotate through."""
     b = case.block
     dtype = DTYPES[case.dtype]
-    shape = (b.batch, 1, b.size, b.size) if case.resnet18 else b.input_shape
+    shape = case.input_shape
     one = torch.empty(shape, dtype=dtype).element_size() * torch.Size(shape).numel()
     count = max(2, min(32, L2_ROTATION_BYTES // max(one, 1))) if device == "cuda" else 2
     inputs = [torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=FORMATS[case.fmt])
@@ -259,51 +285,67 @@ def time_interleaved(prepared: dict[str, tuple[Callable, list]], device: str, wa
 
 
 # -------------------------------------------------------------------------------------------- roofline
-def blocks_of(case: BenchCase) -> list[BlockCase]:
-    """The residual blocks a case runs: its own block, or the eight blocks of the seed ResNet-18 for an
-    input of the case's size (the stem and head are left out: they are the same for every provider)."""
-    if not case.resnet18:
+def blocks_of(case: BenchCase) -> list[Union[BlockCase, BottleneckCase]]:
+    """The residual blocks a case runs: its own block, or the blocks of the model for an input of the
+    case's size (the stem and head are left out: they are the same for every provider)."""
+    if not case.model:
         return [case.block]
     size, n = case.block.size // 4, case.block.batch
     blocks = []
-    for i, (c, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
-        cin = c if i == 0 else c // 2
-        blocks.append(BlockCase(cin, c, size, n, use_1x1conv=i > 0, stride=stride))
-        size = (size - 1) // stride + 1
-        blocks.append(BlockCase(c, c, size, n))
+    if case.model == "resnet18":
+        for i, (c, stride) in enumerate([(64, 1), (128, 2), (256, 2), (512, 2)]):
+            cin = c if i == 0 else c // 2
+            blocks.append(BlockCase(cin, c, size, n, use_1x1conv=i > 0, stride=stride))
+            size = (size - 1) // stride + 1
+            blocks.append(BlockCase(c, c, size, n))
+        return blocks
+    inplanes = 64
+    for planes, count, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+        blocks.append(BottleneckCase(inplanes, planes, size, n, stride, downsample=True))
+        size, inplanes = (size - 1) // stride + 1, 4 * planes
+        blocks += [BottleneckCase(inplanes, planes, size, n) for _ in range(count - 1)]
     return blocks
 
 
-def _resnet18_blocks(case: BenchCase) -> list[BenchCase]:
-    return [BenchCase(b, case.mode, case.dtype, case.fmt) for b in blocks_of(case)]
+def _convs(b: Union[BlockCase, BottleneckCase]) -> list[tuple[int, int, int, int, int]]:
+    """(positions N*P*Q, in channels, out channels, kernel, input positions N*H*W) of a block's convs."""
+    n, c, h, w = b.input_shape
+    _, k, p, q = b.out_shape
+    m, m_in = n * p * q, n * h * w
+    if isinstance(b, BottleneckCase):
+        width = b.planes
+        convs = [(m_in, c, width, 1, m_in), (m, width, width, 3, m_in), (m, width, k, 1, m)]
+        return convs + ([(m, c, k, 1, m_in)] if b.downsample else [])
+    return [(m, c, k, 3, m_in), (m, k, k, 3, m)] + ([(m, c, k, 1, m_in)] if b.use_1x1conv else [])
 
 
 def case_flops(case: BenchCase) -> float:
-    if case.resnet18:
-        return sum(case_flops(c) for c in _resnet18_blocks(case))
-    b = case.block
-    n, c, h, w = b.input_shape
-    k = b.out_channels
-    p, q = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
-    fwd = 2 * n * p * q * k * (9 * c + 9 * k + (c if b.use_1x1conv else 0))
+    fwd = sum(2.0 * m * cin * cout * kern * kern for b in blocks_of(case) for m, cin, cout, kern, _ in _convs(b))
     return {"eval": fwd, "train-fwd": fwd, "train-fwdbwd": 3 * fwd}[case.mode]
 
 
 def case_bytes(case: BenchCase) -> float:
-    """Fewest bytes the case must move: the input read and the output written once; in training also the
-    two activations saved for backward (written forward, read backward), the incoming gradient and dX."""
-    if case.resnet18:
-        return sum(case_bytes(c) for c in _resnet18_blocks(case))
-    b = case.block
+    """Fewest bytes the case must move: each block's input read and output written once, and its
+    weights; in training also the activations saved for backward (written forward, read backward: one
+    per chain convolution), the incoming gradient and dX."""
     size = torch.empty(0, dtype=DTYPES[case.dtype]).element_size()
-    n, c, h, w = b.input_shape
-    k = b.out_channels
-    p, q = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
-    x, out = n * c * h * w, n * k * p * q
-    weights = 9 * c * k + 9 * k * k + (c * k if b.use_1x1conv else 0)
-    fwd = x + out + weights + (2 * out if case.mode != "eval" else 0)
-    total = fwd if case.mode != "train-fwdbwd" else fwd + out + 2 * out + x + weights
+    total = 0
+    for b in blocks_of(case):
+        x, out = _numel(b.input_shape), _numel(b.out_shape)
+        convs = _convs(b)
+        weights = sum(cin * cout * kern * kern for _, cin, cout, kern, _ in convs)
+        chain = len(convs) - (1 if getattr(b, "downsample", False) or getattr(b, "use_1x1conv", False) else 0)
+        saved = sum(m * cout for m, _, cout, _, _ in convs[:chain])
+        fwd = x + out + weights + (saved if case.mode != "eval" else 0)
+        total += fwd if case.mode != "train-fwdbwd" else fwd + saved + out + x + weights
     return float(total * size)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 CEILINGS_HOW = (
@@ -371,7 +413,7 @@ def check_case(provider: str, case: BenchCase, device: str) -> list[str]:
     from .testing import floor_for, rel_err
 
     b = case.block
-    shape = (b.batch, 1, b.size, b.size) if case.resnet18 else b.input_shape
+    shape = case.input_shape
     torch.manual_seed(1)
     x = torch.randn(shape, device=device, dtype=torch.float64)
     results = []

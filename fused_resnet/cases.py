@@ -28,6 +28,11 @@ class BlockCase:
         return (f"{kind}-{self.in_channels}to{self.out_channels}-{self.size}x{self.width or self.size}"
                 f"-b{self.batch}")
 
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        s = self.stride
+        return (self.batch, self.out_channels, (self.size - 1) // s + 1, ((self.width or self.size) - 1) // s + 1)
+
     @classmethod
     def from_id(cls, case_id: str) -> "BlockCase | None":
         """The case an ``id`` names (None for anything else, e.g. a ResNet-18 case)."""
@@ -38,6 +43,51 @@ class BlockCase:
         one = kind == "1x1s2"
         return cls(int(cin), int(cout), int(h), int(n), use_1x1conv=one, stride=2 if one else 1,
                    width=None if w == h else int(w))
+
+
+@dataclass(frozen=True)
+class BottleneckCase:
+    """torchvision's ``Bottleneck(inplanes, planes, stride)`` on (batch, inplanes, size, size), with its
+    downsample (1x1 stride-s conv + BN) when ``downsample``: 1x1, 3x3 (stride), 1x1 to 4 x planes."""
+
+    inplanes: int
+    planes: int
+    size: int
+    batch: int
+    stride: int = 1
+    downsample: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return 4 * self.planes
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.inplanes, self.size, self.size)
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        p = (self.size - 1) // self.stride + 1
+        return (self.batch, self.out_channels, p, p)
+
+    @property
+    def id(self) -> str:
+        kind = f"bneck-ds-s{self.stride}" if self.downsample else "bneck"
+        return f"{kind}-{self.inplanes}to{self.out_channels}-w{self.planes}-{self.size}x{self.size}-b{self.batch}"
+
+
+# ResNet-50's stage shapes at 224: (planes, output size); each stage's first block takes the previous
+# stage's output (layer1's: the stem's 64 channels) with its downsample, stride 2 from layer2 on.
+RESNET50_STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]
+
+
+def bottleneck_cases(batch: int) -> list[BottleneckCase]:
+    cases = []
+    for i, (planes, size) in enumerate(RESNET50_STAGES):
+        cases.append(BottleneckCase(4 * planes, planes, size, batch))
+        inplanes, stride = (64, 1) if i == 0 else (2 * planes, 2)
+        cases.append(BottleneckCase(inplanes, planes, size * stride, batch, stride, downsample=True))
+    return cases
 
 
 # Stage inputs of the seed's ResNet-18 at 224 (and the chapter's 96 training resize): identity blocks

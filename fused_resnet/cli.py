@@ -324,8 +324,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                   f"{'kernels' if device == 'cuda' else 'leaf ops'} per block  ({path})")
             for name, n in kernels.most_common():
                 print(f"{'':>16}{n:>3} x {name[:110]}")
-        case = BenchCase(BlockCase(1, 64, 64 if device == "cuda" else 32, 8 if device == "cuda" else 2),
-                         "train-fwdbwd", dtype, "nhwc", resnet18=True)
+        case = BenchCase.for_model("resnet18", 64 if device == "cuda" else 32, 8 if device == "cuda" else 2,
+                                   "train-fwdbwd", dtype, "nhwc")
         if provider != "eager" and get_backend(provider[len("fused-"):]).supports(
                 device, torch.bfloat16 if device == "cuda" else torch.float32, True) is not None:
             continue

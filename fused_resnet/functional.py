@@ -61,7 +61,7 @@ def _out_size(size: int, conv: nn.Conv2d, axis: int) -> int:
 
 def check_input(block: nn.Module, chain: list, x: Tensor) -> None:
     """Raise a clear error for an input the block cannot take, as ``nn.Conv2d``/``BatchNorm2d`` would."""
-    name = type(block).__name__
+    name = getattr(block, "kind", type(block).__name__)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expected a Tensor input, got {type(x).__name__}")
     if x.dim() != 4:

@@ -91,19 +91,15 @@ def occupancy_factor(ctas_per_sm: int, warps: int) -> float:
 def backward_conv_work(case) -> tuple[float, float, int]:
     """(FLOPs, bytes, launches) of the convolution gradients a training step adds (cuDNN, unfused): per
     convolution the input and weight gradients, each as many FLOPs as the forward convolution."""
-    from .bench import DTYPES, blocks_of
+    from .bench import DTYPES, _convs, blocks_of
 
     item = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
     flops = nbytes = 0.0
     launches = 0
     for b in blocks_of(case):
-        n, c, h, w = b.input_shape
-        k, s = b.out_channels, b.stride
-        p, q = (h - 1) // s + 1, (w - 1) // s + 1
-        for cin, hi, wi, kern in ((c, h, w, 3), (k, p, q, 3)) + (((c, h, w, 1),) if b.use_1x1conv else ()):
-            fwd = 2.0 * n * p * q * k * cin * kern * kern
-            flops += 2 * fwd
-            nbytes += item * (2 * n * p * q * k + 2 * n * cin * hi * wi + 2 * k * cin * kern * kern)
+        for m, cin, cout, kern, m_in in _convs(b):
+            flops += 2 * (2.0 * m * cin * cout * kern * kern)
+            nbytes += item * (2 * m * cout + 2 * m_in * cin + 2 * cin * cout * kern * kern)
             launches += 2
     return flops, nbytes, launches
 
@@ -126,9 +122,6 @@ def predict_ms(launches: list[dict], case, bandwidth: float, rate: float, sms: i
 def predictions(kernels_json: dict, rows: list[dict]) -> dict[tuple, float]:
     """Predicted ms per (case, mode, dtype, format) for the fused-triton rows of a GPU run, from the warm
     step's kernel report (``kernels --json``: launches per case id with their compiled metrics)."""
-    from .bench import BenchCase
-    from .cases import BlockCase
-
     by_case: dict[str, list[dict]] = {}
     for launch in kernels_json.get("launches", []):
         by_case.setdefault(launch["case"], []).append(launch)
@@ -140,9 +133,7 @@ def predictions(kernels_json: dict, rows: list[dict]) -> dict[tuple, float]:
         found = by_case.get(f"{r['case']}-{r['mode']}-{r['dtype']}-{r['format']}")
         if not found or not r.get("sms"):
             continue
-        block = BlockCase.from_id(r["case"])
-        case = (BenchCase(block, r["mode"], r["dtype"], r["format"]) if block is not None else
-                _resnet18_case(r))
+        case = _case_of(r)
         if case is None:
             continue
         out[key] = predict_ms(found, case, r["copy_GBps"] * 1e9, r["matmul_TFLOPs"] * 1e12, r["sms"],
@@ -150,14 +141,22 @@ def predictions(kernels_json: dict, rows: list[dict]) -> dict[tuple, float]:
     return out
 
 
-def _resnet18_case(r: dict) -> Optional[object]:
+def _case_of(r: dict):
+    """The BenchCase a result row measured (None for a case id this version does not know)."""
     import re
 
     from .bench import BenchCase
-    from .cases import BlockCase
+    from .cases import BlockCase, BottleneckCase
 
-    m = re.fullmatch(r"resnet18-(\d+)-b(\d+)", r["case"])
-    if m is None:
-        return None
-    return BenchCase(BlockCase(1, 64, int(m.group(1)), int(m.group(2))), r["mode"], r["dtype"], r["format"],
-                     resnet18=True)
+    block = BlockCase.from_id(r["case"])
+    if block is not None:
+        return BenchCase(block, r["mode"], r["dtype"], r["format"])
+    m = re.fullmatch(r"(resnet18|resnet50)-(\d+)-b(\d+)", r["case"])
+    if m is not None:
+        return BenchCase.for_model(m.group(1), int(m.group(2)), int(m.group(3)), r["mode"], r["dtype"], r["format"])
+    m = re.fullmatch(r"bneck(?:-ds-s(\d+))?-(\d+)to(\d+)-w(\d+)-(\d+)x\d+-b(\d+)", r["case"])
+    if m is not None:
+        stride, inplanes, _, planes, size, batch = m.groups()
+        return BenchCase(BottleneckCase(int(inplanes), int(planes), int(size), int(batch), int(stride or 1),
+                                        downsample=stride is not None), r["mode"], r["dtype"], r["format"])
+    return None

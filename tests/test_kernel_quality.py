@@ -1,6 +1,6 @@
 """Kernel quality read from the machine code, without a GPU (DESIGN.md section 7b): every Triton kernel
 variant the seed stage shapes launch (batch 32, channels_last; fp16, bf16 and fp32 as TF32; eval and
-training), compiled ahead of time with the JIT's own specialisation for sm_80 and sm_90, and the CUDA
+training) and ResNet-50's Bottleneck stage shapes launch (bf16), compiled ahead of time with the JIT's own specialisation for sm_80 and sm_90, and the CUDA
 extension's kernels read from the built library. Each invariant is one a GPU run would otherwise find
 the slow way: spills, convolutions off the tensor cores, a main loop split per tap, shared memory past
 the architecture's limit, 64-bit division inside a main loop."""
@@ -12,7 +12,7 @@ import pytest
 
 import fused_resnet
 from fused_resnet.bench import BenchCase
-from fused_resnet.cases import seed_block_cases
+from fused_resnet.cases import bottleneck_cases, seed_block_cases
 from fused_resnet.kernel_report import compile_all, extension_stats, record_cases, short_cuda_name
 
 pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(
 
 CASES = [BenchCase(b, mode, dtype, "nhwc") for b in seed_block_cases(batches=(32,))
          for mode in ("eval", "train-fwdbwd") for dtype in ("float16", "bfloat16", "float32")]
+CASES += [BenchCase(b, mode, "bfloat16", "nhwc") for b in bottleneck_cases(32) for mode in ("eval", "train-fwdbwd")]
 # Shared memory one CTA may use (opt-in maximum) by architecture.
 CTA_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -53,7 +54,7 @@ def test_every_convolution_runs_one_pipelined_main_loop_on_tensor_cores(compiled
     by async copies (a second loop only for the 1x1 shortcut's own reduction), however many taps."""
     _, variants = compiled
     convs = [(l, m) for l, m in variants if l.kernel == "conv_bn_act_kernel"]
-    assert len(convs) >= 3 * 7  # every dtype, every stage shape
+    assert len(convs) >= 3 * 7 + 8  # every dtype, every stage shape; the Bottleneck stages
     for launch, m in convs:
         shortcut = dict(launch.spec["constexprs"])["HAS_SC"]
         assert m["mma"] > 0, f"{_label(launch)}: no tensor-core instructions"

@@ -38,6 +38,10 @@ VARIANTS = [
     ("bn-shortcut-relu", 3, 1, dict(bias=True, bn=True, shortcut="add", relu=True)),
     ("prologue-stats-shortcut", 3, 1, dict(bias=True, prologue=True, stats=True, shortcut="separate")),
     ("1x1-s2", 1, 2, dict(bias=True, relu=True)),
+    # a Bottleneck's last 1x1 conv in training: the downsample apart, with its own BN's statistics
+    ("1x1-prologue-stats-shortcut-bn", 1, 1, dict(prologue=True, stats=True, shortcut="separate", sc_stats=True,
+                                                  sc_bias=False)),
+    ("bn-shortcut-nobias-relu", 3, 1, dict(bn=True, shortcut="add", sc_bias=False, relu=True)),
 ]
 # (n, c, h, w, k). The last has channel counts that fill whole 16-byte vectors (8 x 16-bit, 4 x fp32):
 # in channels_last, with channels_last weights as a converted model has, the CUDA kernel takes its
@@ -82,9 +86,10 @@ def check_conv_variant(be, device, dtype, variant, shape, fmt):
         kw["sc_x"] = kw["sc_x"].contiguous(memory_format=FMT[fmt])
         kw["sc_weight"] = (torch.randn(k, sc_c, 1, 1, device=device) / sc_c ** 0.5).to(dtype)
         kw["sc_weight"] = kw["sc_weight"].contiguous(memory_format=FMT[fmt])
-        kw["sc_bias"] = _vec(k, device).to(dtype)
+        kw["sc_bias"] = _vec(k, device).to(dtype) if opt.get("sc_bias", True) else None
         kw["sc_stride"] = stride
         kw["sc_separate"] = opt["shortcut"] == "separate"
+        kw["sc_stats"] = opt.get("sc_stats", False)
     got = be.conv_fused(x, weight, bias, **kw)
     want = REF.conv_fused(x, weight, bias, **kw)
     tol = _tol(dtype)
@@ -93,8 +98,10 @@ def check_conv_variant(be, device, dtype, variant, shape, fmt):
     assert rel_err(got.out, want.out) <= tol
     if opt.get("shortcut") == "separate":
         assert rel_err(got.shortcut, want.shortcut) <= tol
-    if kw["stats"]:
-        mean, m2, count = merge_stats(got.part_mean, got.part_m2, got.part_count)
-        mean_ref, m2_ref, count_ref = merge_stats(want.part_mean, want.part_m2, want.part_count)
+    pairs = [("part_mean", "part_m2")] if kw["stats"] else []
+    pairs += [("sc_part_mean", "sc_part_m2")] if kw.get("sc_stats") else []
+    for mean_name, m2_name in pairs:
+        mean, m2, count = merge_stats(getattr(got, mean_name), getattr(got, m2_name), got.part_count)
+        mean_ref, m2_ref, count_ref = merge_stats(getattr(want, mean_name), getattr(want, m2_name), want.part_count)
         assert count.item() == count_ref.item() == n * p * q
-        assert rel_err(mean, mean_ref) <= tol and rel_err(m2, m2_ref) <= tol
+        assert rel_err(mean, mean_ref) <= tol and rel_err(m2, m2_ref) <= tol, mean_name

@@ -229,15 +229,13 @@ def conv_plan(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int):
 def block_conv_problems(case) -> set[tuple[int, int, int, int, int]]:
     """(in_channels, out_channels, M, positions, kernel) of the convolutions a benchmark case runs
     through ``conv_fused`` (what ``configs.reachable_conv_configs`` evaluates the heuristic on)."""
-    from ...bench import blocks_of
+    from ...bench import _convs, blocks_of
 
     problems = set()
     for b in blocks_of(case):
-        n, c, h, w = b.input_shape
-        k, s = b.out_channels, b.stride
-        p, q = conv_out_size(h, 3, s, 1), conv_out_size(w, 3, s, 1)
-        problems.add((c, k, n * p * q, p * q, 3))
-        problems.add((k, k, n * p * q, p * q, 3))
+        n = b.input_shape[0]
+        for m, cin, cout, kern, _ in _convs(b):
+            problems.add((cin, cout, m, m // n, kern))
     return problems
 
 
