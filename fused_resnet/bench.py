@@ -149,7 +149,25 @@ def providers(device: str, case: BenchCase, suite_name: str = "full") -> list[st
             continue  # the Triton interpreter is a test tool, not a CPU implementation
         if get_backend(be).supports(device, DTYPES[case.dtype], training) is None:
             names.append(f"fused-{be}")
+            # synchronized batch norm's cost in a group of one (target: under 3%), on the head shape
+            if case.mode == "train-fwdbwd" and (case.block == HEAD_BLOCK or suite_name == "quick") \
+                    and not case.model and be != "torch":
+                names.append(f"fused-{be}+sync")
     return names
+
+
+def one_process_group(device: str) -> None:
+    """Initialise torch.distributed as a group of one process (NCCL on CUDA, gloo on the CPU), unless a
+    process group exists: the ``+sync`` providers measure synchronized batch norm's own cost there."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    path = os.path.join(tempfile.mkdtemp(prefix="fused_resnet_pg_"), "init")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{path}", rank=0,
+                            world_size=1)
 
 
 def build_model(provider: str, case: BenchCase, device: str) -> nn.Module:
@@ -167,6 +185,9 @@ def build_model(provider: str, case: BenchCase, device: str) -> nn.Module:
     seed.train(case.mode != "eval")
     if provider == "eager":
         return seed
+    if provider.endswith("+sync"):  # synchronized batch norm in a group of one process: what sync costs
+        one_process_group(device)
+        return convert(seed, backend=provider[len("fused-"):-len("+sync")], sync_batchnorm=True)
     if provider.startswith("fused-"):
         return convert(seed, backend=provider[len("fused-"):])
     if provider == "compile":

@@ -181,7 +181,7 @@ def auto_choices(rows: list[dict], margin: float = 0.03) -> dict[tuple, str]:
         groups.setdefault(key, {})[r["provider"]] = r["median_ms"]
     choices = {}
     for key, times in groups.items():
-        fused = {p[len("fused-"):]: t for p, t in times.items() if p.startswith("fused-")}
+        fused = {p[len("fused-"):]: t for p, t in times.items() if p.startswith("fused-") and "+" not in p}
         if "eager" not in times or not fused:
             continue
         best = min(fused, key=fused.get)

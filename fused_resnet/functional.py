@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .backends import Backend, BNFold, get_backend, resolve_backend
 from .backends.torch_ref import bn_fold
+from . import sync
 from .profiling import stage
 
 __all__ = ["BlockLayout", "block_forward", "check_input", "eager_forward"]
@@ -59,8 +60,9 @@ def _out_size(size: int, conv: nn.Conv2d, axis: int) -> int:
     return (size + 2 * conv.padding[axis] - conv.kernel_size[axis]) // conv.stride[axis] + 1
 
 
-def check_input(block: nn.Module, chain: list, x: Tensor) -> None:
-    """Raise a clear error for an input the block cannot take, as ``nn.Conv2d``/``BatchNorm2d`` would."""
+def check_input(block: nn.Module, chain: list, x: Tensor, synced: frozenset = frozenset()) -> None:
+    """Raise a clear error for an input the block cannot take, as ``nn.Conv2d``/``BatchNorm2d`` would
+    (a batch norm in ``synced`` counts every process's values, as SyncBatchNorm does)."""
     name = getattr(block, "kind", type(block).__name__)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expected a Tensor input, got {type(x).__name__}")
@@ -87,7 +89,7 @@ def check_input(block: nn.Module, chain: list, x: Tensor) -> None:
         h, w = _out_size(h, conv, 0), _out_size(w, conv, 1)
         if h < 1 or w < 1:
             raise ValueError(f"{name}: the input {tuple(x.shape)} is smaller than a convolution's kernel")
-        if bn.training and x.shape[0] * h * w == 1:
+        if bn.training and x.shape[0] * h * w == 1 and id(bn) not in synced:
             raise ValueError(
                 f"{name} in training mode needs more than 1 value per channel for batch statistics, got "
                 f"a batch of one with output size {h}x{w} (input shape {tuple(x.shape)}); use a larger "
@@ -126,14 +128,39 @@ def _bn_update_factor(bn: Optional[nn.Module]) -> float:
 
 
 def _normalizer(be: Backend, part: tuple, batch_stats: bool, gamma: Tensor, beta: Tensor, eps: float,
-                running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float) -> BNFold:
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
+                group=None) -> tuple[BNFold, Optional[Tensor]]:
     """A BN's (scale, shift, mean, invstd): from the per-tile statistics ``part`` (updating the running
-    statistics when ``factor >= 0``), or from the running statistics."""
+    statistics when ``factor >= 0``), or from the running statistics. Synchronized over ``group``: this
+    process's tiles merged into one row, every rank's row gathered and merged in rank order; then also
+    the global count (a device tensor, for the backward), else None."""
     if not batch_stats:
-        return bn_fold(running_mean, running_var, gamma, beta, eps)
+        return bn_fold(running_mean, running_var, gamma, beta, eps), None
+    count = None
+    if group is not None:
+        part = sync.gather_partials(*be.bn_merge(*part), group)
+        count = part[2].sum()
     update = factor >= 0
     return be.bn_finalize(*part, gamma, beta, eps, running_mean if update else None,
-                          running_var if update else None, factor)
+                          running_var if update else None, factor), count
+
+
+def _bn_backward(be: Backend, grad: Tensor, mask_src: Tensor, z: Tensor, f: tuple, batch_stats: bool, group,
+                 global_count: Optional[Tensor], want_gm: bool):
+    """ReLU + BN backward: (dz, gm, sum_g, sum_gx). Synchronized: the sums all-reduced over the group
+    and divided by the global count on the device (no host round trip); the sums returned are this
+    process's own, the gradients of gamma and beta (DDP averages them across processes, as it does
+    SyncBatchNorm's)."""
+    mean, invstd, scale = f
+    sg, sgx = be.bn_backward_reduce(grad, mask_src, z, mean, invstd)
+    if group is not None and batch_stats:
+        tg, tgx = sync.all_reduce_sums(sg, sgx, group)
+        dz, gm = be.bn_backward_apply(grad, mask_src, z, mean, invstd, scale, tg / global_count,
+                                      tgx / global_count, 1, batch_stats, want_gm)
+    else:
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        dz, gm = be.bn_backward_apply(grad, mask_src, z, mean, invstd, scale, sg, sgx, count, batch_stats, want_gm)
+    return dz, gm, sg, sgx
 
 
 def _bn_params(bn: Optional[nn.Module]) -> tuple:
@@ -182,15 +209,17 @@ class _BnReluConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend_name: str, geometry: tuple[int, int, int], flags: tuple[bool, bool, bool], eps: float,
-                factor: float, z: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor, gamma: Tensor,
-                beta: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], w: Tensor,
-                b: Optional[Tensor], sc_x: Optional[Tensor], sc_w: Optional[Tensor], sc_b: Optional[Tensor]):
+                factor: float, group, z: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor,
+                gamma: Tensor, beta: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                w: Tensor, b: Optional[Tensor], sc_x: Optional[Tensor], sc_w: Optional[Tensor],
+                sc_b: Optional[Tensor]):
         be: Backend = get_backend(backend_name)
         stride, padding, sc_stride = geometry
         bs_prev, bs_next, sc_bs = flags
         with stage("F bn_finalize"):
-            f = _normalizer(be, (part_mean, part_m2, part_count), bs_prev, gamma, beta, eps, running_mean,
-                            running_var, factor)
+            f, ctx.global_count = _normalizer(be, (part_mean, part_m2, part_count), bs_prev, gamma, beta, eps,
+                                              running_mean, running_var, factor, group)
+        ctx.group = group
         with stage("K bn+relu>conv+stats" + ("+conv1x1" if sc_w is not None else "")):
             k = be.conv_fused(z, w, b, stride=stride, padding=padding, in_mean=f.mean, in_scale=f.scale,
                               in_shift=f.shift, sc_x=sc_x, sc_weight=sc_w, sc_bias=sc_b, sc_stride=sc_stride,
@@ -210,24 +239,23 @@ class _BnReluConv(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with stage("B conv backward (input recomputed)"):
             y = be.bn_act(z, mean, scale, shift, relu=True)
-            dy, dw, db = be.conv_backward(dz, y, w, stride, padding, (True, needs[13], needs[14] and not bs_next))
-        if bs_next and needs[14]:  # as in _FirstConv.backward: exactly zero
+            dy, dw, db = be.conv_backward(dz, y, w, stride, padding, (True, needs[14], needs[15] and not bs_next))
+        if bs_next and needs[15]:  # as in _FirstConv.backward: exactly zero
             db = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        count = z.shape[0] * z.shape[2] * z.shape[3]
         with stage("B relu+bn backward"):
-            sg, sgx = be.bn_backward_reduce(dy, y, z, mean, invstd)
-            dz_prev, _ = be.bn_backward_apply(dy, y, z, mean, invstd, scale, sg, sgx, count, bs_prev, want_gm=False)
+            dz_prev, _, sg, sgx = _bn_backward(be, dy, y, z, (mean, invstd, scale), bs_prev, ctx.group,
+                                               ctx.global_count, want_gm=False)
         del y, dy
         dx = dsw = dsb = None
         if sc_w is not None and d_sc is not None:
             with stage("B shortcut conv backward"):
                 dx, dsw, dsb = be.conv_backward(d_sc, sc_x, sc_w, sc_stride, 0,
-                                                (needs[15], needs[16], needs[17] and not sc_bs))
-            if sc_bs and needs[17]:
+                                                (needs[16], needs[17], needs[18] and not sc_bs))
+            if sc_bs and needs[18]:
                 dsb = torch.zeros(sc_w.shape[0], dtype=sc_w.dtype, device=sc_w.device)
         pd = ctx.param_dtype
-        return (None, None, None, None, None, dz_prev, None, None, None,
-                sgx.to(pd) if needs[9] else None, sg.to(pd) if needs[10] else None, None, None,
+        return (None, None, None, None, None, None, dz_prev, None, None, None,
+                sgx.to(pd) if needs[10] else None, sg.to(pd) if needs[11] else None, None, None,
                 dw, db, dx, dsw, dsb)
 
 
@@ -238,21 +266,23 @@ class _Output(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend_name: str, kind: str, flags: tuple[bool, bool], eps: float, sc_eps: float, factor: float,
-                sc_factor: float, z: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor, gamma: Tensor,
-                beta: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], s: Tensor,
+                sc_factor: float, groups: tuple, z: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor,
+                gamma: Tensor, beta: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], s: Tensor,
                 sc_part_mean: Optional[Tensor], sc_part_m2: Optional[Tensor], sc_gamma: Optional[Tensor],
                 sc_beta: Optional[Tensor], sc_running_mean: Optional[Tensor], sc_running_var: Optional[Tensor]):
         be: Backend = get_backend(backend_name)
         bs, sc_bs = flags
         with stage("F bn_finalize"):
-            f = _normalizer(be, (part_mean, part_m2, part_count), bs, gamma, beta, eps, running_mean, running_var,
-                            factor)
-        res_bn, fs = None, None
+            f, ctx.global_count = _normalizer(be, (part_mean, part_m2, part_count), bs, gamma, beta, eps,
+                                              running_mean, running_var, factor, groups[0])
+        res_bn, fs, ctx.sc_global_count = None, None, None
         if kind == "conv+bn":
             with stage("F shortcut bn_finalize"):
-                fs = _normalizer(be, (sc_part_mean, sc_part_m2, part_count), sc_bs, sc_gamma, sc_beta, sc_eps,
-                                 sc_running_mean, sc_running_var, sc_factor)
+                fs, ctx.sc_global_count = _normalizer(be, (sc_part_mean, sc_part_m2, part_count), sc_bs, sc_gamma,
+                                                      sc_beta, sc_eps, sc_running_mean, sc_running_var, sc_factor,
+                                                      groups[1])
             res_bn = (fs.mean, fs.scale, fs.shift)
+        ctx.groups = groups
         out_dtype = torch.promote_types(z.dtype, s.dtype)
         with stage("K bn+" + ("bn+" if res_bn else "") + "add+relu"):
             out = be.bn_act(z, f.mean, f.scale, f.shift, residual=s, relu=True, out_dtype=out_dtype, res_bn=res_bn)
@@ -271,24 +301,20 @@ class _Output(torch.autograd.Function):
         bs, sc_bs = ctx.flags
         needs = ctx.needs_input_grad
         grad = grad.contiguous(memory_format=_memory_format(out))
-        count = z.shape[0] * z.shape[2] * z.shape[3]
         with stage("B relu+bn backward"):
-            sg, sgx = be.bn_backward_reduce(grad, out, z, mean, invstd)
-            dz, gm = be.bn_backward_apply(grad, out, z, mean, invstd, scale, sg, sgx, count, bs,
-                                          want_gm=ctx.kind != "conv+bn")
+            dz, gm, sg, sgx = _bn_backward(be, grad, out, z, (mean, invstd, scale), bs, ctx.groups[0],
+                                           ctx.global_count, want_gm=ctx.kind != "conv+bn")
         ds = dsg = dsb = None
+        pd = ctx.param_dtype
         if ctx.kind == "conv+bn":
             with stage("B shortcut relu+bn backward"):
-                ssg, ssgx = be.bn_backward_reduce(grad, out, s, s_mean, s_invstd)
-                ds, _ = be.bn_backward_apply(grad, out, s, s_mean, s_invstd, s_scale, ssg, ssgx, count, sc_bs,
-                                             want_gm=False)
-            pd = ctx.param_dtype
-            dsg, dsb = ssgx.to(pd) if needs[18] else None, ssg.to(pd) if needs[19] else None
-        elif needs[15]:
+                ds, _, ssg, ssgx = _bn_backward(be, grad, out, s, (s_mean, s_invstd, s_scale), sc_bs, ctx.groups[1],
+                                                ctx.sc_global_count, want_gm=False)
+            dsg, dsb = ssgx.to(pd) if needs[19] else None, ssg.to(pd) if needs[20] else None
+        elif needs[16]:
             ds = gm if gm.dtype == ctx.s_dtype else gm.to(ctx.s_dtype)
-        pd = ctx.param_dtype
-        return (None, None, None, None, None, None, None, dz, None, None, None,
-                sgx.to(pd) if needs[11] else None, sg.to(pd) if needs[12] else None, None, None,
+        return (None, None, None, None, None, None, None, None, dz, None, None, None,
+                sgx.to(pd) if needs[12] else None, sg.to(pd) if needs[13] else None, None, None,
                 ds, None, None, dsg, dsb, None, None)
 
 
@@ -301,10 +327,13 @@ def block_forward(block: nn.Module, layout: BlockLayout, x: Tensor) -> Tensor:
     """Run ``block`` (whose submodules ``layout`` names) through the fused primitives of ``block.backend``.
     Each batch norm follows its own ``training`` flag, as in eager."""
     chain, shortcut = layout.resolve(block)
-    check_input(block, chain, x)
     bns = [bn for _, bn in chain] + ([shortcut[1]] if shortcut is not None else [])
+    groups = [sync.group_of(bn, block) for bn in bns]
+    check_input(block, chain, x, frozenset(id(bn) for bn, g in zip(bns, groups) if g is not None))
     training = any(_uses_batch_stats(bn) for bn in bns)
-    backend = resolve_backend(block.backend, x, training, block)
+    synced = any(g is not None for g in groups)
+    # A synchronized block never takes the seed route: plain BN modules there would not synchronize.
+    backend = resolve_backend(block.backend, x, training, block, fused_only=synced)
     if backend is None:  # auto's seed route: the block's own modules, measured fastest here
         return eager_forward(chain, shortcut, x)
     device_type = x.device.type
@@ -323,7 +352,7 @@ def block_forward(block: nn.Module, layout: BlockLayout, x: Tensor) -> Tensor:
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if not training and not (torch.is_grad_enabled() and _needs_grad(x, chain, shortcut)):
             return _inference(backend, block, chain, shortcut, x, x_res, weights, sc_weight)
-        return _training(backend, chain, shortcut, x, x_res, weights, sc_weight)
+        return _training(backend, chain, shortcut, x, x_res, weights, sc_weight, groups)
 
 
 def _needs_grad(x: Tensor, chain: list, shortcut) -> bool:
@@ -333,7 +362,7 @@ def _needs_grad(x: Tensor, chain: list, shortcut) -> bool:
 
 
 def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
-              sc_weight: Optional[Tensor]) -> Tensor:
+              sc_weight: Optional[Tensor], groups: list) -> Tensor:
     conv, bn = chain[0]
     bs = [_uses_batch_stats(b) for _, b in chain]
     z, pm, pm2, pc = _FirstConv.apply(be.name, conv.stride[0], conv.padding[0], bs[0], x, weights[0], conv.bias)
@@ -348,7 +377,7 @@ def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weig
         z, pm, pm2, pc, s, sc_pm, sc_pm2 = _BnReluConv.apply(
             be.name, (conv.stride[0], conv.padding[0], sc_conv.stride[0] if with_sc else 1),
             (bs[i - 1], bs[i], with_sc and sc_bn is not None and sc_bs), prev_bn.eps, _bn_update_factor(prev_bn),
-            z, pm, pm2, pc, *_bn_params(prev_bn), weights[i], conv.bias,
+            groups[i - 1], z, pm, pm2, pc, *_bn_params(prev_bn), weights[i], conv.bias,
             x if with_sc else None, sc_weight if with_sc else None, sc_conv.bias if with_sc else None)
     last_bn = chain[-1][1]
     kind = "identity" if sc_conv is None else "conv" if sc_bn is None else "conv+bn"
@@ -356,6 +385,7 @@ def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weig
     sc_factor = _bn_update_factor(sc_bn)
     return _Output.apply(
         be.name, kind, (bs[-1], sc_bs), last_bn.eps, sc_bn.eps if sc_bn is not None else 0.0, factor, sc_factor,
+        (groups[len(chain) - 1], groups[len(chain)] if sc_bn is not None else None),
         z, pm, pm2, pc, *_bn_params(last_bn), x_res if kind == "identity" else s,
         sc_pm if kind == "conv+bn" else None, sc_pm2 if kind == "conv+bn" else None, *_bn_params(sc_bn))
 

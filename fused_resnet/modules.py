@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import reference
 from .backends import BACKEND_NAMES
 from .functional import BlockLayout, block_forward
+from .sync import SyncGroup
 
 __all__ = ["Residual", "FusedBlock", "resnet_block", "resnet18", "convert", "is_seed_residual", "block_layout"]
 
@@ -45,15 +46,17 @@ class Residual(reference.Residual):
     """
 
     def __init__(self, in_channels: int, out_channels: int, use_1x1conv: bool = False, stride: int = 1, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", sync_batchnorm: bool = False, process_group=None):
         if not use_1x1conv and (in_channels != out_channels or stride != 1):
             raise ValueError(
                 f"Residual({in_channels}, {out_channels}, stride={stride}) adds its input to its output, which "
                 f"needs in_channels == out_channels and stride 1; pass use_1x1conv=True")
         super().__init__(in_channels, out_channels, use_1x1conv, stride)  # the seed's submodules, as they are
         self.backend = _check_backend_name(backend)
+        _set_sync(self, sync_batchnorm, process_group)
 
     auto_table = True  # auto's per-shape table is keyed on this block's geometry (backends.block_shape)
+    sync_batchnorm: Optional[SyncGroup] = None  # set by convert(..., sync_batchnorm=True)
 
     @property
     def layout(self) -> BlockLayout:
@@ -63,7 +66,7 @@ class Residual(reference.Residual):
         return block_forward(self, self.layout, X)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        return f"backend={self.backend!r}" + (", sync_batchnorm=True" if self.sync_batchnorm else "")
 
     @classmethod
     def from_seed(cls, block: nn.Module, backend: str = "auto") -> "Residual":
@@ -92,6 +95,8 @@ class FusedBlock(nn.Module):
         ('FusedBlock', 'Bottleneck')
     """
 
+    sync_batchnorm: Optional[SyncGroup] = None  # set by convert(..., sync_batchnorm=True)
+
     def __init__(self, block: nn.Module, layout: BlockLayout, backend: str = "auto"):
         super().__init__()
         for name, child in block.named_children():
@@ -108,7 +113,8 @@ class FusedBlock(nn.Module):
         return block_forward(self, self.layout, x)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, backend={self.backend!r}"
+        return f"kind={self.kind!r}, backend={self.backend!r}" + (", sync_batchnorm=True" if self.sync_batchnorm
+                                                                   else "")
 
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -199,28 +205,44 @@ def block_layout(block: nn.Module) -> Optional[BlockLayout]:
     return BlockLayout(chain, ("downsample.0", "downsample.1") if downsample else None)
 
 
-def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+def _set_sync(block: nn.Module, sync_batchnorm: bool, process_group) -> None:
+    if sync_batchnorm:
+        block.sync_batchnorm = SyncGroup(process_group)
+    elif process_group is not None:
+        raise ValueError("process_group is given but sync_batchnorm is False")
+    else:
+        block.__dict__.pop("sync_batchnorm", None)
+
+
+def convert(model: nn.Module, backend: str = "auto", *, sync_batchnorm: bool = False,
+            process_group=None) -> nn.Module:
     """Replace every block ``block_layout`` recognises inside ``model`` (nested containers included) --
     the seed's ``Residual``, torchvision's ``BasicBlock`` and ``Bottleneck`` -- by a fused block sharing
     its parameters and buffers, so optimizers and state_dicts keep working; modules that do not match are
     left alone. Returns the model (or the fused block when ``model`` itself is one).
 
+    ``sync_batchnorm=True``: in training, every fused block synchronizes its batch statistics across
+    ``process_group`` (default: the world) of torch.distributed, as ``nn.SyncBatchNorm`` would, while
+    its batch norms stay ``BatchNorm2d`` (what DDP accepts on CPUs too). Blocks whose batch norms are
+    ``nn.SyncBatchNorm`` synchronize over their own group without it. See ``fused_resnet.sync``.
+
     Example::
 
         >>> net = fused_resnet.convert(reference.resnet18())
-        >>> net = fused_resnet.convert(torchvision.models.resnet50())
+        >>> net = fused_resnet.convert(torchvision.models.resnet50(), sync_batchnorm=True)
     """
     _check_backend_name(backend)
     if isinstance(model, (Residual, FusedBlock)):
         model.backend = backend
+        _set_sync(model, sync_batchnorm, process_group)
         return model
     layout = block_layout(model)
     if layout is not None:
-        if is_seed_residual(model):
-            return Residual.from_seed(model, backend)
-        return FusedBlock(model, layout, backend)
+        fused = Residual.from_seed(model, backend) if is_seed_residual(model) else FusedBlock(model, layout, backend)
+        _set_sync(fused, sync_batchnorm, process_group)
+        return fused
     for name, child in model.named_children():
-        converted = convert(child, backend)
+        converted = convert(child, backend, sync_batchnorm=sync_batchnorm, process_group=process_group)
         if converted is not child:
             setattr(model, name, converted)
     return model

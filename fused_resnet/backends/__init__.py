@@ -127,17 +127,19 @@ def measured_table(index: dict[tuple, list[tuple[int, str]]]):
 
 
 def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, training: bool,
-                         shape: Optional[tuple] = None) -> str:
+                         shape: Optional[tuple] = None, fused_only: bool = False) -> str:
     """The backend that runs an input: the named one (an error says why it cannot), or auto's choice --
     the measured choice for this block shape (``measured_choice``) when there is one this installation
-    can run, else the first that can in ``AUTO_ORDER`` (``SEED_ROUTE``: the seed's own forward). A
-    constant for torch.compile: resolved once while tracing, never traced into. Remembered per
-    argument set (a pure function of them and of this installation): no search on the hot path."""
-    return _resolve_cached(requested_backend(name), device_type, dtype, training, shape)
+    can run, else the first that can in ``AUTO_ORDER`` (``SEED_ROUTE``: the seed's own forward; never with
+    ``fused_only``). A constant for torch.compile: resolved once while tracing, never traced into.
+    Remembered per argument set (a pure function of them and of this installation): no search on the
+    hot path."""
+    return _resolve_cached(requested_backend(name), device_type, dtype, training, shape, fused_only)
 
 
 @functools.lru_cache(maxsize=4096)
-def _resolve_cached(name: str, device_type: str, dtype: torch.dtype, training: bool, shape: Optional[tuple]) -> str:
+def _resolve_cached(name: str, device_type: str, dtype: torch.dtype, training: bool, shape: Optional[tuple],
+                    fused_only: bool) -> str:
     if name != "auto":
         reason = get_backend(name).supports(device_type, dtype, training)
         if reason is not None:
@@ -146,12 +148,16 @@ def _resolve_cached(name: str, device_type: str, dtype: torch.dtype, training: b
     mode = "train" if training else "eval"
     measured = measured_choice(device_type, mode, dtype, shape) if shape is not None else None
     if measured is not None:
-        if measured == SEED_ROUTE:
+        if measured == SEED_ROUTE and not fused_only:
             return measured
         backend = _load(measured) if measured in _MODULES else None
         if backend is not None and backend.complete and backend.supports(device_type, dtype, training) is None:
             return measured
-    for candidate in AUTO_ORDER.get((device_type, mode), _DEFAULT_ORDER):
+    order = AUTO_ORDER.get((device_type, mode), _DEFAULT_ORDER)
+    if fused_only:  # then the device's other mode's order, minus the seed route
+        other = AUTO_ORDER.get((device_type, "eval" if mode == "train" else "train"), ())
+        order = [c for c in (*order, *other) if c != SEED_ROUTE]
+    for candidate in order:
         if candidate == SEED_ROUTE:
             return candidate
         backend = _load(candidate)
@@ -176,9 +182,9 @@ def block_shape(block, x: Tensor) -> Optional[tuple]:
     return (fmt, c, block.conv1.out_channels, block.conv1.stride[0], h, w, n)
 
 
-def resolve_backend(name: str, x: Tensor, training: bool, block=None) -> Optional[Backend]:
+def resolve_backend(name: str, x: Tensor, training: bool, block=None, fused_only: bool = False) -> Optional[Backend]:
     """The backend object that runs ``x`` (through ``block``, when given, for the per-shape choice), or
     None for the seed route: see ``resolve_backend_name``."""
     shape = block_shape(block, x) if block is not None else None
-    name = resolve_backend_name(name, x.device.type, x.dtype, training, shape)
+    name = resolve_backend_name(name, x.device.type, x.dtype, training, shape, fused_only)
     return None if name == SEED_ROUTE else get_backend(name)

@@ -117,6 +117,13 @@ class Backend:
         when running stats are given, update them in place as ``BatchNorm2d`` does (unbiased variance)."""
         raise NotImplementedError
 
+    def bn_merge(self, part_mean: Tensor, part_m2: Tensor, part_count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Merge per-tile statistics (Chan et al.) into one row: per-channel mean (C,), M2 (C,) and the
+        count (1,) -- what a process contributes to a synchronized batch norm. Deterministic."""
+        from .torch_ref import merge_stats
+        mean, m2, count = merge_stats(part_mean, part_m2, part_count)
+        return mean, m2, count.reshape(1)
+
     def bn_act(self, z: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None,
                relu: bool = True, out_dtype: Optional[torch.dtype] = None,
                res_bn: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:

@@ -59,6 +59,11 @@ class TritonBackend(Backend):
         return BNFold(*fn(part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var,
                           float(momentum)))
 
+    def bn_merge(self, part_mean, part_m2, part_count):
+        if torch.compiler.is_compiling():
+            return super().bn_merge(part_mean, part_m2, part_count)
+        return bn_kernels.launch_bn_merge(part_mean, part_m2, part_count)
+
     def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None, res_bn=None) -> Tensor:
         fn = ops.bn_add_relu_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_add_relu
         r_mean, r_scale, r_shift = (as_f32(v) for v in res_bn) if res_bn is not None else (None, None, None)

@@ -247,6 +247,18 @@ def _grid(m: int, c: int) -> tuple[tuple[int, int], int, int, int]:
     return (triton.cdiv(m, block_r), triton.cdiv(c, block_c)), block_r, block_c, warps
 
 
+def launch_bn_merge(part_mean, part_m2, part_count):
+    """All tiles merged into one row, in one program per channel block: (mean (C,), M2 (C,), count (1,))."""
+    t, c = part_mean.shape
+    dev = part_mean.device
+    mean, m2 = new_output((1, c), torch.float32, dev), new_output((1, c), torch.float32, dev)
+    count = new_output((1,), torch.float32, dev)
+    rows = max(BLOCK_T, triton.next_power_of_2(t))
+    launch(bn_merge_kernel, (1, triton.cdiv(c, FINALIZE_BLOCK_C)), (part_mean, part_m2, part_count, mean, m2, count, t, c),
+           dict(ROWS=rows, BLOCK_T=BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C), num_warps=4, device=dev)
+    return mean.view(c), m2.view(c), count
+
+
 def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):
     t, c = part_mean.shape
     dev = part_mean.device
