@@ -43,16 +43,27 @@ class BlockLayout:
     shortcut: Optional[tuple[str, Optional[str]]] = None
 
     def resolve(self, block: nn.Module):
-        chain = [(_sub(block, c), _sub(block, b)) for c, b in self.chain]
-        if self.shortcut is None:
+        """The submodules, looked up by name on every call (a submodule replaced after conversion, as
+        ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, is seen), straight from ``_modules``: this runs
+        on every block call."""
+        paths = _PATHS.get(self)
+        if paths is None:
+            paths = _PATHS[self] = (tuple((c.split("."), b.split(".")) for c, b in self.chain),
+                                    (self.shortcut[0].split("."), self.shortcut[1].split(".")
+                                     if self.shortcut[1] is not None else None) if self.shortcut else None)
+        chain = [(_sub(block, c), _sub(block, b)) for c, b in paths[0]]
+        if paths[1] is None:
             return chain, None
-        conv, bn = self.shortcut
+        conv, bn = paths[1]
         return chain, (_sub(block, conv), _sub(block, bn) if bn is not None else None)
 
 
-def _sub(block: nn.Module, path: str) -> nn.Module:
-    for name in path.split("."):
-        block = getattr(block, name)
+_PATHS: dict[BlockLayout, tuple] = {}
+
+
+def _sub(block: nn.Module, names: list[str]) -> nn.Module:
+    for name in names:
+        block = block._modules[name]
     return block
 
 
@@ -84,6 +95,8 @@ def check_input(block: nn.Module, chain: list, x: Tensor, synced: frozenset = fr
                            f"convert one of them (module.to(dtype) or x.to(dtype)) or run under torch.autocast")
     if x.numel() == 0:
         raise ValueError(f"{name} expected a non-empty input, got shape {tuple(x.shape)}")
+    if x.shape[2] >= 3 and x.shape[3] >= 3 and x.shape[0] > 1:
+        return  # every convolution leaves at least one position, and every batch norm two values
     h, w = x.shape[2], x.shape[3]
     for conv, bn in chain:
         h, w = _out_size(h, conv, 0), _out_size(w, conv, 1)
@@ -395,18 +408,29 @@ def _inference(be: Backend, block: nn.Module, chain: list, shortcut, x: Tensor, 
     """One launch per chain convolution, BN folded in-kernel; the last adds the shortcut -- X, or its
     convolution with its BN folded into the weights -- and applies the ReLU."""
     y = x
+    last = len(chain) - 1
     for i, ((conv, bn), w) in enumerate(zip(chain, weights)):
-        kw = dict(stride=conv.stride[0], padding=conv.padding[0], relu=True,
-                  bn=(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps))
-        if i == len(chain) - 1:
-            if shortcut is None:
-                kw.update(residual=x_res, out_dtype=torch.promote_types(x.dtype, x_res.dtype))
-            else:
-                sc_w, sc_b = _shortcut_weights(block, shortcut, sc_weight)
-                kw.update(sc_x=x, sc_weight=sc_w, sc_bias=sc_b, sc_stride=shortcut[0].stride[0])
-        with stage(f"K{i + 1} conv+bn+" + ("shortcut+add+relu" if i == len(chain) - 1 else "relu")):
-            y = be.conv_fused(y, w, conv.bias, **kw).out
+        p, b = conv._parameters, bn._buffers
+        folded = (b["running_mean"], b["running_var"], bn._parameters["weight"], bn._parameters["bias"], bn.eps)
+        if i < last:
+            with stage(_INFER_LABELS[i]):
+                y = be.conv_fused(y, w, p.get("bias"), stride=conv.stride[0], padding=conv.padding[0], bn=folded,
+                                  relu=True).out
+        elif shortcut is None:
+            with stage(_INFER_LABELS[-1]):
+                y = be.conv_fused(y, w, p.get("bias"), stride=conv.stride[0], padding=conv.padding[0], bn=folded,
+                                  relu=True, residual=x_res,
+                                  out_dtype=torch.promote_types(x.dtype, x_res.dtype)).out
+        else:
+            sc_w, sc_b = _shortcut_weights(block, shortcut, sc_weight)
+            with stage(_INFER_LABELS[-1]):
+                y = be.conv_fused(y, w, p.get("bias"), stride=conv.stride[0], padding=conv.padding[0], bn=folded,
+                                  relu=True, sc_x=x, sc_weight=sc_w, sc_bias=sc_b,
+                                  sc_stride=shortcut[0].stride[0]).out
     return y
+
+
+_INFER_LABELS = ("K1 conv+bn+relu", "K2 conv+bn+relu", "K3 conv+bn+relu", "K conv+bn+shortcut+add+relu")
 
 
 def _shortcut_weights(block: nn.Module, shortcut, weight: Tensor) -> tuple[Tensor, Optional[Tensor]]:
