@@ -18,7 +18,6 @@ optional bias and an optional batch norm. The seed's ``Residual`` and torchvisio
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,19 +73,25 @@ def _out_size(size: int, conv: nn.Conv2d, axis: int) -> int:
 def check_input(block: nn.Module, chain: list, x: Tensor, synced: frozenset = frozenset()) -> None:
     """Raise a clear error for an input the block cannot take, as ``nn.Conv2d``/``BatchNorm2d`` would
     (a batch norm in ``synced`` counts every process's values, as SyncBatchNorm does)."""
+    conv = chain[0][0]
+    weight = conv._parameters["weight"]
+    if isinstance(x, Tensor):  # the common case, in a few comparisons: this runs on every block call
+        s = x.shape
+        if (len(s) == 4 and s[1] == conv.in_channels and s[0] > 1 and s[2] >= 3 and s[3] >= 3
+                and x.dtype == weight.dtype and x.is_floating_point() and x.device == weight.device):
+            return  # every convolution leaves at least one position, and every batch norm two values
     name = getattr(block, "kind", type(block).__name__)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expected a Tensor input, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name} expected a 4D input (N, C, H, W), got a {x.dim()}D input of shape "
                          f"{tuple(x.shape)}")
-    in_channels = chain[0][0].in_channels
+    in_channels = conv.in_channels
     if x.shape[1] != in_channels:
         raise ValueError(f"{name} expected an input with {in_channels} channels, got {x.shape[1]} channels "
                          f"(input shape {tuple(x.shape)})")
     if not x.is_floating_point():
         raise RuntimeError(f"{name} expected a floating-point input, got dtype {x.dtype}")
-    weight = chain[0][0].weight
     if x.device != weight.device:
         raise RuntimeError(f"{name}'s input is on {x.device} but its parameters are on {weight.device}: "
                            f"move one of them (module.to(device) or x.to(device))")
@@ -126,17 +131,22 @@ def eager_forward(chain: list, shortcut, x: Tensor) -> Tensor:
 
 
 def _uses_batch_stats(bn: Optional[nn.Module]) -> bool:
-    return bn is not None and (bn.training or bn.running_mean is None)
+    return bn is not None and (bn.training or bn._buffers.get("running_mean") is None)
 
 
 def _bn_update_factor(bn: Optional[nn.Module]) -> float:
     """Count the batch and return the running-stat factor exactly as ``BatchNorm2d.forward`` does; -1 when
     nothing is updated (eval mode, or no running statistics)."""
-    if bn is None or not bn.training or bn.running_mean is None:
+    if bn is None or not bn.training:
         return -1.0
-    bn.num_batches_tracked.add_(1)
+    buffers = bn._buffers
+    if buffers.get("running_mean") is None:
+        return -1.0
+    tracked = buffers.get("num_batches_tracked")
+    if tracked is not None:
+        tracked.add_(1)
     if bn.momentum is None:
-        return 1.0 / float(bn.num_batches_tracked)
+        return 1.0 / float(tracked)
     return bn.momentum
 
 
@@ -179,7 +189,12 @@ def _bn_backward(be: Backend, grad: Tensor, mask_src: Tensor, z: Tensor, f: tupl
 def _bn_params(bn: Optional[nn.Module]) -> tuple:
     if bn is None:
         return (None, None, None, None)
-    return (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    p, b = bn._parameters, bn._buffers
+    return (p.get("weight"), p.get("bias"), b.get("running_mean"), b.get("running_var"))
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _FirstConv(torch.autograd.Function):
@@ -268,7 +283,7 @@ class _BnReluConv(torch.autograd.Function):
                 dsb = torch.zeros(sc_w.shape[0], dtype=sc_w.dtype, device=sc_w.device)
         pd = ctx.param_dtype
         return (None, None, None, None, None, None, dz_prev, None, None, None,
-                sgx.to(pd) if needs[10] else None, sg.to(pd) if needs[11] else None, None, None,
+                _as(sgx, pd) if needs[10] else None, _as(sg, pd) if needs[11] else None, None, None,
                 dw, db, dx, dsw, dsb)
 
 
@@ -323,11 +338,11 @@ class _Output(torch.autograd.Function):
             with stage("B shortcut relu+bn backward"):
                 ds, _, ssg, ssgx = _bn_backward(be, grad, out, s, (s_mean, s_invstd, s_scale), sc_bs, ctx.groups[1],
                                                 ctx.sc_global_count, want_gm=False)
-            dsg, dsb = ssgx.to(pd) if needs[19] else None, ssg.to(pd) if needs[20] else None
+            dsg, dsb = _as(ssgx, pd) if needs[19] else None, _as(ssg, pd) if needs[20] else None
         elif needs[16]:
             ds = gm if gm.dtype == ctx.s_dtype else gm.to(ctx.s_dtype)
         return (None, None, None, None, None, None, None, None, dz, None, None, None,
-                sgx.to(pd) if needs[12] else None, sg.to(pd) if needs[13] else None, None, None,
+                _as(sgx, pd) if needs[12] else None, _as(sg, pd) if needs[13] else None, None, None,
                 ds, None, None, dsg, dsb, None, None)
 
 
@@ -340,32 +355,48 @@ def block_forward(block: nn.Module, layout: BlockLayout, x: Tensor) -> Tensor:
     """Run ``block`` (whose submodules ``layout`` names) through the fused primitives of ``block.backend``.
     Each batch norm follows its own ``training`` flag, as in eager."""
     chain, shortcut = layout.resolve(block)
-    bns = [bn for _, bn in chain] + ([shortcut[1]] if shortcut is not None else [])
-    groups = [sync.group_of(bn, block) for bn in bns]
-    check_input(block, chain, x, frozenset(id(bn) for bn, g in zip(bns, groups) if g is not None))
-    training = any(_uses_batch_stats(bn) for bn in bns)
-    synced = any(g is not None for g in groups)
+    bns = [bn for _, bn in chain]
+    if shortcut is not None:
+        bns.append(shortcut[1])
+    training = learning = False
+    for bn in bns:
+        if bn is not None:
+            learning = learning or bn.training
+            training = training or _uses_batch_stats(bn)
+    # Only a batch norm in training mode synchronizes (sync.group_of): eval asks nothing of torch.distributed.
+    groups = [sync.group_of(bn, block) for bn in bns] if learning else [None] * len(bns)
+    synced = learning and any(g is not None for g in groups)
+    check_input(block, chain, x, frozenset(id(bn) for bn, g in zip(bns, groups) if g is not None) if synced
+                else _NOTHING)
     # A synchronized block never takes the seed route: plain BN modules there would not synchronize.
     backend = resolve_backend(block.backend, x, training, block, fused_only=synced)
     if backend is None:  # auto's seed route: the block's own modules, measured fastest here
         return eager_forward(chain, shortcut, x)
     device_type = x.device.type
-    weights = [conv.weight for conv, _ in chain]
-    sc_weight = shortcut[0].weight if shortcut is not None else None
+    weights = [conv._parameters["weight"] for conv, _ in chain]
+    sc_weight = shortcut[0]._parameters["weight"] if shortcut is not None else None
     x_res = x
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
+    if torch.is_autocast_enabled(device_type):
         # As eager under autocast: convolutions in the autocast dtype, batch norm parameters as they are,
-        # and the identity shortcut added in its own dtype (type promotion picks the output's).
+        # and the identity shortcut added in its own dtype (type promotion picks the output's). The
+        # primitives then run in those dtypes: autocast must not re-cast inside them.
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
         weights = [w.to(dtype) for w in weights]
         sc_weight = sc_weight.to(dtype) if sc_weight is not None else None
-    # The primitives run in the dtypes chosen above; autocast (when on) must not re-cast inside them.
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        if not training and not (torch.is_grad_enabled() and _needs_grad(x, chain, shortcut)):
-            return _inference(backend, block, chain, shortcut, x, x_res, weights, sc_weight)
-        return _training(backend, chain, shortcut, x, x_res, weights, sc_weight, groups)
+        with torch.autocast(device_type, enabled=False):
+            return _run(backend, block, chain, shortcut, x, x_res, weights, sc_weight, groups, training)
+    return _run(backend, block, chain, shortcut, x, x_res, weights, sc_weight, groups, training)
+
+
+_NOTHING: frozenset = frozenset()
+
+
+def _run(be: Backend, block: nn.Module, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
+         sc_weight: Optional[Tensor], groups: list, training: bool) -> Tensor:
+    if not training and not (torch.is_grad_enabled() and _needs_grad(x, chain, shortcut)):
+        return _inference(be, block, chain, shortcut, x, x_res, weights, sc_weight)
+    return _training(be, chain, shortcut, x, x_res, weights, sc_weight, groups)
 
 
 def _needs_grad(x: Tensor, chain: list, shortcut) -> bool:
@@ -420,7 +451,7 @@ def _inference(be: Backend, block: nn.Module, chain: list, shortcut, x: Tensor, 
             with stage(_INFER_LABELS[-1]):
                 y = be.conv_fused(y, w, p.get("bias"), stride=conv.stride[0], padding=conv.padding[0], bn=folded,
                                   relu=True, residual=x_res,
-                                  out_dtype=torch.promote_types(x.dtype, x_res.dtype)).out
+                                  out_dtype=x.dtype if x.dtype == x_res.dtype else torch.promote_types(x.dtype, x_res.dtype)).out
         else:
             sc_w, sc_b = _shortcut_weights(block, shortcut, sc_weight)
             with stage(_INFER_LABELS[-1]):

@@ -185,6 +185,8 @@ def block_shape(block, x: Tensor) -> Optional[tuple]:
 def resolve_backend(name: str, x: Tensor, training: bool, block=None, fused_only: bool = False) -> Optional[Backend]:
     """The backend object that runs ``x`` (through ``block``, when given, for the per-shape choice), or
     None for the seed route: see ``resolve_backend_name``."""
-    shape = block_shape(block, x) if block is not None else None
+    name = requested_backend(name)
+    # Only auto looks at the shape (its per-shape table): a named backend skips building the key.
+    shape = block_shape(block, x) if block is not None and name == "auto" else None
     name = resolve_backend_name(name, x.device.type, x.dtype, training, shape, fused_only)
     return None if name == SEED_ROUTE else get_backend(name)
