@@ -140,6 +140,29 @@ def markdown_table(rows: list[dict], predicted: Optional[dict] = None) -> str:
     return "\n".join(lines)
 
 
+def speedup_matrix(rows: list[dict]) -> str:
+    """The README's compact view: one line per case (case, mode, dtype, format), eager's median, and each
+    other provider's speedup over eager (a wrong result marked, a provider that did not run blank)."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    providers: list[str] = []
+    for r in rows:
+        cases.setdefault((r["case"], r["mode"], r["dtype"], r["format"]), {})[r["provider"]] = r
+        if r["provider"] != "eager" and r["provider"] not in providers:
+            providers.append(r["provider"])
+    lines = ["| case | mode | dtype | format | eager ms | " + " | ".join(providers) + " |",
+             "|---|---|---|---|---|" + "---|" * len(providers)]
+    for (case, mode, dtype, fmt), by in cases.items():
+        eager = by.get("eager")
+        cells = []
+        for p in providers:
+            r = by.get(p)
+            cells.append("" if r is None else f"{r['speedup_vs_eager']:.2f}x" +
+                         (" (wrong)" if r.get("check", "ok") != "ok" else ""))
+        eager_ms = "" if eager is None else f"{eager['median_ms']:.3f}"
+        lines.append(f"| {case} | {mode} | {dtype} | {fmt} | {eager_ms} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def backend_comparison(rows: list[dict], ratio_pair: tuple[str, str] = ("fused-cuda", "fused-triton"),
                        within: float = 0.10) -> str:
     """Per case, the fused backends side by side: the fastest one (what ``auto`` should pick there) and,
@@ -265,7 +288,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(table)
     print(f"wrote {stem}.md and {stem}.png")
     if args.readme:
-        _update_readme(args.readme, table, os.path.relpath(stem + ".png", os.path.dirname(args.readme) or "."))
+        here = os.path.dirname(args.readme) or "."
+        compact = (f"Measured on {title}. Speedup over eager (higher is faster); every figure with its p20-p80, "
+                   f"host time and roofline in [{os.path.basename(stem)}.md]({os.path.relpath(stem + '.md', here)})."
+                   f"\n\n{speedup_matrix(rows)}\n")
+        _update_readme(args.readme, compact, os.path.relpath(stem + ".png", here))
         print(f"updated the results section of {args.readme}")
     if args.auto_table:
         choices = auto_choices(rows, args.auto_margin)

@@ -3,7 +3,7 @@ backends side by side (what decides auto's choice per shape)."""
 
 import json
 
-from fused_resnet.cli import backend_comparison, main
+from fused_resnet.cli import backend_comparison, main, speedup_matrix
 
 
 def _row(case, provider, ms, eager_ms):
@@ -26,6 +26,14 @@ def test_backend_comparison_names_the_fastest_and_the_ratio():
     assert backend_comparison([r for r in ROWS if r["case"] == "c"]) == ""
 
 
+def test_speedup_matrix_marks_a_wrong_result():
+    rows = [dict(r) for r in ROWS if r["case"] == "c"]
+    rows[1]["check"] = "output: error 1e-1 > bound 1e-5"
+    lines = speedup_matrix(rows).splitlines()
+    assert lines[0] == "| case | mode | dtype | format | eager ms | fused-cpp |"
+    assert lines[2] == "| c | eval | bfloat16 | nhwc | 1.000 | 1.11x (wrong) |"
+
+
 def test_report_writes_table_plot_and_readme_section(tmp_path):
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -39,7 +47,10 @@ def test_report_writes_table_plot_and_readme_section(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("rest\n") and "old text" not in text
-    assert "do not edit by hand" in text and "results.png" in text and "1.25 (outside 10%)" in text
+    assert "do not edit by hand" in text and "results.png" in text and "(results.md)" in text
+    # The README gets the compact view: a line per case, eager's time and each provider's speedup.
+    assert "| a | eval | bfloat16 | nhwc | 2.000 | 2.00x | 1.85x |  |" in text
+    assert "| c | eval | bfloat16 | nhwc | 1.000 |  |  | 1.11x |" in text
 
 
 def test_auto_choices_take_a_fused_backend_only_when_it_beats_eager():

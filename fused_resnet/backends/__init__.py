@@ -35,9 +35,9 @@ BACKEND_NAMES = tuple(_MODULES)
 # Preference per (device type, mode) for "auto", from measurements; every list ends in "torch" or the seed
 # route, so auto always succeeds. SEED_ROUTE is not a backend: where no fused backend was measured at least as fast
 # as the seed block in eager PyTorch, auto runs the block's own seed forward (PyTorch's conv, BN, ReLU).
-# CPU, float32 NCHW, batch 8, the 96-resize seed shapes, 2-core x86, torch 2.14.1, 2026-11-25 (providers
-# timed in interleaved rounds; benchmarks/results/2026-11-25-cpu-x86-2core): eval, cpp 0.97-1.40x eager;
-# train forward+backward, cpp 0.86-0.94x and torch 0.74-0.87x -- so CPU training takes the seed route.
+# CPU, float32 NCHW, batch 8, the 96-resize seed shapes, 2-core x86, torch 2.14.1, 2026-11-26 (providers
+# timed in interleaved rounds; benchmarks/results/2026-11-26-cpu-x86-2core): eval, cpp 0.97-1.02x eager;
+# train forward+backward, cpp 0.87-0.94x and torch 0.62-0.86x -- so CPU training takes the seed route.
 SEED_ROUTE = "seed"
 AUTO_ORDER = {
     ("cuda", "eval"): ("triton", "cuda", "torch"),
