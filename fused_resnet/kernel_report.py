@@ -463,22 +463,25 @@ def main(args: argparse.Namespace) -> int:
                         f"{markdown(ext, EXTENSION_COLUMNS)}\n")
         print(f"wrote {args.markdown}")
     if args.readme:
-        _readme_section(args.readme, f"\n{generated}\n\n{markdown(summary(launches, metrics), SUMMARY_COLUMNS)}\n")
+        replace_section(args.readme, README_BEGIN, README_END,
+                        f"\n{generated}\n\n{markdown(summary(launches, metrics), SUMMARY_COLUMNS)}\n")
         print(f"updated the kernel section of {args.readme}")
     for (kernel, config), error in list(failed.items())[:20]:
         print(f"FAILED {kernel} {config}: {error}")
     return 1 if failed else 0
 
 
-def _readme_section(path: str, body: str) -> None:
+def replace_section(path: str, begin: str, end: str, body: str) -> None:
+    """Replace what lies between the markers ``begin`` and ``end`` of the file at ``path`` (a README's
+    generated section) with ``body``; an error names the markers when the file lacks them."""
     with open(path) as f:
         text = f.read()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"{path} has no {README_BEGIN} ... {README_END} section")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no {begin} ... {end} section")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     with open(path, "w") as f:
-        f.write(head + README_BEGIN + body + README_END + tail)
+        f.write(head + begin + body + end + tail)
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "record":

@@ -17,7 +17,7 @@ import fused_resnet
 from fused_resnet import FusedBlock
 from fused_resnet.testing import compare_models, failures, randomize_
 
-from tests.conftest import HAS_CUDA, backends_for
+from tests.conftest import HAS_CUDA, assert_compiled_step_matches, backends_for
 
 tv = pytest.importorskip("torchvision", reason="torchvision is a test-only dependency: "
                                                "pip install torch==2.14.1 torchvision==0.29.1")
@@ -250,13 +250,4 @@ def test_compiled_bottleneck_training_step_has_no_graph_breaks(backend):
     torch.manual_seed(0)
     ref = randomize_(BLOCKS["bottleneck-downsample-s2"]()).to(DEVICE)
     fused = fused_resnet.convert(copy.deepcopy(ref), backend=backend)
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager" if not HAS_CUDA else "inductor")
-    x = torch.randn(2, 16, 6, 6, device=DEVICE)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, want = compiled(x1), ref(x2)
-    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
-    out.sum().backward()
-    want.sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=2e-3, atol=2e-3)
-    for (name, a), (_, b) in zip(ref.state_dict().items(), fused.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3, msg=name)
+    assert_compiled_step_matches(fused, ref, torch.randn(2, 16, 6, 6, device=DEVICE))

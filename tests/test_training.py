@@ -12,7 +12,7 @@ from fused_resnet.backends import get_backend
 from fused_resnet.backends.torch_ref import TorchBackend, tile_stats
 from fused_resnet.testing import compare_models, failures, randomize_, rel_err
 
-from tests.conftest import HAS_CUDA, backends_for, device_dtype_params
+from tests.conftest import HAS_CUDA, assert_compiled_step_matches, backends_for, device_dtype_params
 
 REF = TorchBackend()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -208,16 +208,7 @@ def test_compiled_training_step_has_no_graph_breaks(backend):
     seed = randomize_(torch.nn.Sequential(reference.Residual(4, 4), reference.Residual(4, 8, True, 2)))
     fused = fused_resnet.convert(copy.deepcopy(seed), backend=backend).to(DEVICE).train()
     seed = seed.to(DEVICE).train()
-    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager" if not HAS_CUDA else "inductor")
-    x = torch.randn(2, 4, 7, 7, device=DEVICE)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out, want = compiled(x1), seed(x2)
-    torch.testing.assert_close(out, want, rtol=2e-3, atol=2e-3)
-    out.sum().backward()
-    want.sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=2e-3, atol=2e-3)
-    for (name, a), (_, b) in zip(seed.state_dict().items(), fused.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-3, msg=name)
+    assert_compiled_step_matches(fused, seed, torch.randn(2, 4, 7, 7, device=DEVICE))
 
 
 @pytest.mark.gpu

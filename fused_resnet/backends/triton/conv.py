@@ -50,6 +50,20 @@ def _tile_moments(v, row_ok):
     return mean, tl.sum(dev * dev, axis=0)
 
 
+@triton.jit
+def _shortcut_dot(acc, scx_ptr, scw_ptr, sx_row, sw_col, ssc, sswc, rk, row_ok, col_ok, SC_C, BLOCK_K: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """acc + the 1x1 shortcut convolution's tile: rows at ``sx_row`` of the shortcut input, columns at
+    ``sw_col`` of its weights, reduced over its SC_C channels in BLOCK_K chunks."""
+    for c0 in range(0, SC_C, BLOCK_K):
+        c = c0 + rk
+        c_ok = c < SC_C
+        a = tl.load(scx_ptr + sx_row[:, None] + c[None, :] * ssc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(scw_ptr + sw_col[None, :] + c[:, None] * sswc, mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def conv_bn_act_kernel(
     x_ptr, w_ptr, out_ptr,
@@ -154,14 +168,8 @@ def conv_bn_act_kernel(
             # The 1x1 shortcut, accumulated straight into the epilogue's result: one accumulator live.
             if HAS_SC_BIAS:
                 z += tl.load(scb_ptr + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            for c0 in range(0, SC_C, BLOCK_K):
-                c = c0 + rk
-                c_ok = c < SC_C
-                a = tl.load(scx_ptr + sx_row[:, None] + c[None, :] * ssc, mask=row_ok[:, None] & c_ok[None, :],
-                            other=0.0)
-                b = tl.load(scw_ptr + sw_col[None, :] + c[:, None] * sswc, mask=c_ok[:, None] & col_ok[None, :],
-                            other=0.0)
-                z = tl.dot(a, b, z, input_precision=PRECISION)
+            z = _shortcut_dot(z, scx_ptr, scw_ptr, sx_row, sw_col, ssc, sswc, rk, row_ok, col_ok, SC_C, BLOCK_K,
+                              PRECISION)
     out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_RES:
         z += tl.load(res_ptr + _tile_offsets(n, p, q, rn, srn, srk, srp, srq, INDEX64), mask=out_mask,
@@ -174,15 +182,8 @@ def conv_bn_act_kernel(
         if SC_SEPARATE:
             # Training keeps the shortcut apart (its own output for K3): computed once the main result is
             # stored, so again one accumulator is live.
-            acc_sc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for c0 in range(0, SC_C, BLOCK_K):
-                c = c0 + rk
-                c_ok = c < SC_C
-                a = tl.load(scx_ptr + sx_row[:, None] + c[None, :] * ssc, mask=row_ok[:, None] & c_ok[None, :],
-                            other=0.0)
-                b = tl.load(scw_ptr + sw_col[None, :] + c[:, None] * sswc, mask=c_ok[:, None] & col_ok[None, :],
-                            other=0.0)
-                acc_sc = tl.dot(a, b, acc_sc, input_precision=PRECISION)
+            acc_sc = _shortcut_dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), scx_ptr, scw_ptr, sx_row, sw_col,
+                                   ssc, sswc, rk, row_ok, col_ok, SC_C, BLOCK_K, PRECISION)
             if SC_STATS:  # the shortcut's own batch norm: its statistics, before its bias as above
                 sc_mean, sc_m2 = _tile_moments(acc_sc, row_ok)
                 if HAS_SC_BIAS:
