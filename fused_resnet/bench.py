@@ -135,7 +135,8 @@ def providers(device: str, case: BenchCase, suite_name: str = "full") -> list[st
     """Providers that can run ``case`` on ``device``: eager, torch.compile variants, fused backends.
 
     Compiling costs tens of seconds per case (max-autotune minutes), so outside the ``full`` suite
-    torch.compile runs on the head shape and the whole ResNet-18, max-autotune on the head shape's eval.
+    torch.compile runs on the head shape and the whole models (ResNet-18, ResNet-50), max-autotune on the
+    head shape's eval.
     """
     from .backends import available_backends, get_backend
 
