@@ -164,8 +164,18 @@ def _normalizer(be: Backend, part: tuple, batch_stats: bool, gamma: Tensor, beta
         part = sync.gather_partials(*be.bn_merge(*part), group)
         count = part[2].sum()
     update = factor >= 0
-    return be.bn_finalize(*part, gamma, beta, eps, running_mean if update else None,
-                          running_var if update else None, factor), count
+    fold = be.bn_finalize(*part, gamma, beta, eps, running_mean if update else None,
+                          running_var if update else None, factor)
+    if update and not torch.compiler.is_compiling():
+        _updated(running_mean, running_var)
+    return fold, count
+
+
+def _updated(*tensors: Tensor) -> None:
+    """Bump the version counters of tensors a kernel wrote in place through their pointers, as an in-place
+    PyTorch operation would: caches keyed on them (the eval shortcut's folded weights) see the change."""
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
 
 
 def _bn_backward(be: Backend, grad: Tensor, mask_src: Tensor, z: Tensor, f: tuple, batch_stats: bool, group,

@@ -172,6 +172,29 @@ def test_folded_shortcut_follows_its_parameters():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", backends_for(DEVICE, training=True))
+def test_eval_after_a_training_step_sees_the_new_running_statistics(backend):
+    """A training loop's validation: eval (the shortcut's BN folded and cached), a training step (the kernels
+    update the running statistics in place), eval again -- the second eval folds the new statistics (their
+    version counters move, as a cache keyed on them needs), every backend."""
+    torch.manual_seed(0)
+    ref = randomize_(BLOCKS["basic-downsample-s2"]()).to(DEVICE)
+    fused = fused_resnet.convert(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(2, 8, 8, 8, device=DEVICE)
+    stats = fused.downsample[1].running_mean, fused.downsample[1].running_var, fused.bn2.running_var
+    for step in range(3):
+        with torch.no_grad():
+            torch.testing.assert_close(fused.eval()(x), ref.eval()(x), rtol=1e-5, atol=1e-5, msg=f"eval {step}")
+        if step == 2:
+            break
+        versions = [t._version for t in stats]
+        for m in (ref, fused):
+            m.train()(x * 3 + 1).sum().backward()
+        assert all(t._version > v for t, v in zip(stats, versions)), "running statistics updated unseen"
+        for a, b in zip(fused.buffers(), ref.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_what_cannot_be_fused_is_left_alone_and_correct():
     """Groups (ResNeXt), dilation, another norm and a custom downsample: not converted, outputs unchanged."""
     torch.manual_seed(0)
