@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .backends import Backend, BNFold, get_backend, resolve_backend
 from .backends.torch_ref import bn_fold
 from . import sync
+from . import profiling
 from .profiling import stage
 
 __all__ = ["BlockLayout", "block_forward", "check_input", "eager_forward"]
@@ -417,6 +418,12 @@ def _needs_grad(x: Tensor, chain: list, shortcut) -> bool:
 
 def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
               sc_weight: Optional[Tensor], groups: list) -> Tensor:
+    # The compiled backends run the same composition as one C++ autograd node (csrc/block_train.cpp): one
+    # operator call per block and one node in the backward instead of three Python ones. Here the Python
+    # Functions stay: synchronized batch norm (its collectives are torch.distributed's), torch.compile
+    # (which traces them), and profiler ranges on (NVTX ranges come from Python).
+    if be.block_node and not (profiling.ENABLED or torch.compiler.is_compiling()) and all(g is None for g in groups):
+        return _training_node(be, chain, shortcut, x, x_res, weights, sc_weight)
     conv, bn = chain[0]
     bs = [_uses_batch_stats(b) for _, b in chain]
     z, pm, pm2, pc = _FirstConv.apply(be.name, conv.stride[0], conv.padding[0], bs[0], x, weights[0], conv.bias)
@@ -442,6 +449,49 @@ def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weig
         (groups[len(chain) - 1], groups[len(chain)] if sc_bn is not None else None),
         z, pm, pm2, pc, *_bn_params(last_bn), x_res if kind == "identity" else s,
         sc_pm if kind == "conv+bn" else None, sc_pm2 if kind == "conv+bn" else None, *_bn_params(sc_bn))
+
+
+def _training_node(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
+                   sc_weight: Optional[Tensor]) -> Tensor:
+    """``_training`` as one call of ``torch.ops.fused_resnet.block_train``: the same primitives in the same
+    order (bit-identical results), composed in C++ (its Plan: the layout of the lists built here)."""
+    sc_conv, sc_bn = shortcut if shortcut is not None else (None, None)
+    kind = 0 if sc_conv is None else 1 if sc_bn is None else 2
+    tensors = [x, x_res if kind == 0 else None]
+    kernel_weights, means, variances = [], [], []
+    geometry, stats, eps_factors = [], [], []
+    for (conv, bn), w in zip(chain, weights):
+        p, b = bn._parameters, bn._buffers
+        tensors += (w, conv._parameters.get("bias"), p["weight"], p["bias"])
+        kernel_weights.append(be.kernel_weight(w))
+        geometry += (conv.stride[0], conv.padding[0])
+        stats.append(_uses_batch_stats(bn))
+        means.append(b.get("running_mean"))
+        variances.append(b.get("running_var"))
+        eps_factors += (bn.eps, _bn_update_factor(bn))
+    if sc_conv is None:
+        tensors += (None, None, None, None)
+        geometry.append(1)
+    else:
+        tensors += (sc_weight, sc_conv._parameters.get("bias"))
+        kernel_weights.append(be.kernel_weight(sc_weight))
+        geometry.append(sc_conv.stride[0])
+    if sc_bn is None:
+        if sc_conv is not None:
+            tensors += (None, None)
+        means.append(None)
+        variances.append(None)
+        stats.append(False)
+        eps_factors += (0.0, -1.0)
+    else:
+        p, b = sc_bn._parameters, sc_bn._buffers
+        tensors += (p["weight"], p["bias"])
+        means.append(b.get("running_mean"))
+        variances.append(b.get("running_var"))
+        stats.append(_uses_batch_stats(sc_bn))
+        eps_factors += (sc_bn.eps, _bn_update_factor(sc_bn))
+    return torch.ops.fused_resnet.block_train.default(tensors, kernel_weights, means, variances,
+                                                      [len(chain), kind, *geometry, *stats], eps_factors)
 
 
 def _inference(be: Backend, block: nn.Module, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,

@@ -63,6 +63,9 @@ class Backend:
 
     name: str = "?"
     complete: bool = True
+    # Whether the training block runs as one compiled autograd node (torch.ops.fused_resnet.block_train)
+    # over this backend's primitives, rather than functional.py's three Python autograd Functions.
+    block_node: bool = False
 
     def available(self) -> bool:
         """Whether this installation can run the backend at all (a library loaded, a compiler present)."""

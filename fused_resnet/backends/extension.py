@@ -169,6 +169,15 @@ class _ExtensionBackend(TorchBackend):
     def __init__(self) -> None:
         self.native = {op for op in OPS if has_kernel(op, self.dispatch_key)}
         self.complete = self.native == set(OPS)
+        # The training block as one C++ autograd node over these primitives (csrc/block_train.cpp).
+        self.block_node = self.complete and has_kernel("block_train", "CompositeImplicitAutograd")
+
+    def kernel_weight(self, weight: Tensor) -> Tensor:
+        """A convolution weight as this backend's convolution kernel reads it best."""
+        if self.device_type == "cuda" and not torch.compiler.is_compiling():
+            # Channels-contiguous weights: what the kernel's cp.async loop reads (backends/packing.py).
+            return channels_dense_weight(weight)
+        return weight
 
     def available(self) -> bool:
         if self.device_type == "cuda" and not torch.cuda.is_available():
@@ -198,10 +207,8 @@ class _ExtensionBackend(TorchBackend):
                                       sc_separate=sc_separate, relu=relu, stats=stats, out_dtype=out_dtype,
                                       sc_stats=sc_stats)
         out_dtype = out_dtype or x.dtype
-        if self.device_type == "cuda" and not torch.compiler.is_compiling():
-            # Channels-contiguous weights: what the kernel's cp.async loop reads (backends/packing.py).
-            weight = channels_dense_weight(weight)
-            sc_weight = channels_dense_weight(sc_weight) if sc_weight is not None else None
+        weight = self.kernel_weight(weight)
+        sc_weight = self.kernel_weight(sc_weight) if sc_weight is not None else None
         mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
         if in_scale is not None:
             in_mean, in_scale, in_shift = as_f32(in_mean), as_f32(in_scale), as_f32(in_shift)

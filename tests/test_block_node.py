@@ -1,0 +1,200 @@
+"""The training block as one C++ autograd node (csrc/block_train.cpp), the compiled backends' training
+path: the same primitives as functional.py's three Python autograd Functions, in the same order, so the
+two paths give the same bits -- output, every gradient, running statistics -- for every block the
+composition serves (chains of 2 and 3; identity, 1x1 and 1x1+BN shortcuts; frozen or mixed BN modes,
+cumulative momentum, no running statistics, frozen weights, autocast). Also: a training call is one
+operator and one backward node; opcheck; the operator's argument checks."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_resnet
+from fused_resnet import functional, reference
+from fused_resnet.backends import extension, get_backend
+from fused_resnet.testing import randomize_
+
+from tests.conftest import DEVICES
+
+pytestmark = pytest.mark.skipif(not (extension.has_ops() and extension.has_kernel("block_train",
+                                                                                  "CompositeImplicitAutograd")),
+                                reason="fused_resnet._C is not built (pip install --no-build-isolation -e .)")
+
+BACKENDS = [name for name, dev in (("cpp", "cpu"), ("cuda", "cuda")) if dev in DEVICES]
+
+
+def _downsample(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def _tv(kind: str):
+    tv = pytest.importorskip("torchvision", reason="torchvision is a test-only dependency")
+    r = tv.models.resnet
+    return {"basic-ds": lambda: r.BasicBlock(8, 16, stride=2, downsample=_downsample(8, 16, 2)),
+            "bneck-id": lambda: r.Bottleneck(32, 8),
+            "bneck-ds": lambda: r.Bottleneck(16, 8, stride=2, downsample=_downsample(16, 32, 2))}[kind]()
+
+
+BLOCKS = {  # (chain length, shortcut kind): 2/identity, 2/1x1+bias, 2/1x1+BN, 3/identity, 3/1x1+BN
+    "seed-id": lambda: reference.Residual(4, 4),
+    "seed-1x1": lambda: reference.Residual(4, 8, True, 2),
+    "basic-ds": lambda: _tv("basic-ds"),
+    "bneck-id": lambda: _tv("bneck-id"),
+    "bneck-ds": lambda: _tv("bneck-ds"),
+}
+
+
+def _bns(block: nn.Module) -> list[nn.Module]:
+    return [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def _no_running_stats(block: nn.Module) -> None:
+    for name, m in list(block.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(m, child_name, nn.BatchNorm2d(child.num_features, track_running_stats=False))
+
+
+VARIANTS = {
+    "train": lambda m: None,
+    "frozen-bn": lambda m: [bn.eval() for bn in _bns(m)],           # fine-tuning: running stats, no update
+    "mixed-bn": lambda m: _bns(m)[0].eval(),                        # one BN frozen, the others training
+    "momentum-none": lambda m: [setattr(bn, "momentum", None) for bn in _bns(m)],
+    "no-running-stats": _no_running_stats,
+    "frozen-weights": lambda m: m.conv1.weight.requires_grad_(False),
+}
+
+
+def _run(block: nn.Module, x: torch.Tensor, node: bool, monkeypatch, autocast: bool) -> list:
+    monkeypatch.setattr(get_backend(block.backend), "block_node", node)
+    calls = []
+    real = functional._training_node
+    monkeypatch.setattr(functional, "_training_node", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator(device=x.device).manual_seed(1)
+    for step in range(2):
+        xi = (x * (1 + step)).detach().requires_grad_(x.requires_grad)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = block(xi)
+        (y.float() * torch.randn(y.shape, generator=g, device=x.device)).sum().backward()
+    assert len(calls) == (2 if node else 0)
+    return [y, xi.grad] + [p.grad for p in block.parameters()] + [b.clone() for b in block.buffers()]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("block_name", list(BLOCKS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_node_gives_the_python_functions_bits(backend, block_name, variant, monkeypatch):
+    device = "cuda" if backend == "cuda" else "cpu"
+    torch.manual_seed(0)
+    seed = BLOCKS[block_name]()
+    VARIANTS[variant](seed)
+    seed = randomize_(seed).to(device)
+    fmt = torch.channels_last if block_name.endswith("ds") else torch.contiguous_format
+    x = torch.randn(2, seed.conv1.in_channels, 8, 8, device=device).contiguous(memory_format=fmt)
+    x.requires_grad_(variant != "frozen-weights")  # frozen weights: the input needs no gradient either
+    results = []
+    for node in (True, False):
+        block = fused_resnet.convert(copy.deepcopy(seed), backend=backend)
+        if variant in ("frozen-bn", "mixed-bn"):
+            VARIANTS[variant](block)
+        results.append(_run(block, x, node, monkeypatch, autocast=False))
+    for i, (a, b) in enumerate(zip(*results)):
+        assert (a is None) == (b is None), i
+        assert a is None or torch.equal(a, b), f"result {i} differs"
+    assert results[0][1] is None or results[0][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("block_name", ["seed-id", "bneck-id"])
+def test_node_under_autocast_keeps_the_identity_in_its_dtype(block_name, monkeypatch):
+    """Under autocast the convolutions take a bfloat16 copy of X while the identity adds X itself in float32:
+    two different inputs of the node, both with their gradient."""
+    torch.manual_seed(0)
+    seed = randomize_(BLOCKS[block_name]())
+    x = torch.randn(2, seed.conv1.in_channels, 8, 8, requires_grad=True)
+    results = [_run(fused_resnet.convert(copy.deepcopy(seed), backend="cpp"), x, node, monkeypatch, autocast=True)
+               for node in (True, False)]
+    assert results[0][0].dtype == torch.float32
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"result {i} differs"
+
+
+def _count_nodes(fn) -> int:
+    seen, todo = set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen or type(f).__name__ == "AccumulateGrad":
+            continue
+        seen.add(f)
+        todo += [g for g, _ in f.next_functions]
+    return len(seen)
+
+
+def test_a_training_call_is_one_operator_and_one_backward_node():
+    """The seed block in eager records seven backward nodes; the fused block one, whose edges go straight
+    to the parameters and the input."""
+    seed = randomize_(reference.Residual(4, 4)).train()
+    fused = fused_resnet.convert(copy.deepcopy(seed), backend="cpp")
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    assert _count_nodes(seed(x).grad_fn) == 7
+    with torch.profiler.profile() as prof:
+        y = fused(x)
+    assert _count_nodes(y.grad_fn) == 1
+    ops = [e.key for e in prof.events() if e.key.startswith("fused_resnet::")]
+    assert ops.count("fused_resnet::block_train") == 1 and ops.count("fused_resnet::conv_fused") == 2, ops
+    edges = [type(g).__name__ for g, _ in y.grad_fn.next_functions]
+    # x twice (the convolutions' input and the identity), each conv's weight and bias, each BN's gamma and beta
+    assert edges.count("AccumulateGrad") == 2 + 2 * 4
+
+
+def test_profiler_ranges_take_the_python_functions(monkeypatch):
+    """With profiler ranges on (`python -m fused_resnet profile`) training takes the Python Functions, whose
+    stages carry NVTX ranges; the results are the same bits."""
+    from fused_resnet import profiling
+    seed = randomize_(reference.Residual(4, 4)).train()
+    x = torch.randn(2, 4, 6, 6)
+    outs = []
+    for ranges in (True, False):
+        monkeypatch.setattr(profiling, "ENABLED", ranges)
+        fused = fused_resnet.convert(copy.deepcopy(seed), backend="cpp")
+        with torch.profiler.profile() as prof:
+            outs.append(fused(x))
+        keys = {e.key for e in prof.events()}
+        assert ("fused_resnet::block_train" in keys) != ranges
+        assert ("fused_resnet::K1 conv+stats" in keys)  # a range from Python or a scope from C++
+    assert torch.equal(*outs)
+
+
+def _op_args(requires_grad: bool):
+    """block_train's arguments for a seed block with a 1x1 shortcut (chain 2, kind 1), by hand."""
+    t = lambda *s: torch.randn(*s).requires_grad_(requires_grad)  # noqa: E731
+    x = torch.randn(2, 3, 6, 6).requires_grad_(requires_grad)
+    w1, w2, sw = t(5, 3, 3, 3), t(5, 5, 3, 3), t(5, 3, 1, 1)
+    tensors = [x, None, w1, t(5), 1 + t(5).detach(), t(5), w2, t(5), 1 + t(5).detach(), t(5), sw, t(5), None, None]
+    means, variances = [torch.zeros(5), torch.zeros(5), None], [torch.ones(5), torch.ones(5), None]
+    config = [2, 1, 2, 1, 1, 1, 2, 1, 1, 0]  # L, kind, (stride, padding) x 2, shortcut stride, batch stats x 3
+    return tensors, [w1.detach(), w2.detach(), sw.detach()], means, variances, config, [1e-5, 0.1, 1e-5, 0.1, 0.0, -1.0]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_block_train_passes_opcheck(requires_grad):
+    torch.library.opcheck(torch.ops.fused_resnet.block_train.default, _op_args(requires_grad))
+
+
+def test_block_train_rejects_bad_arguments():
+    op = torch.ops.fused_resnet.block_train.default
+    tensors, kw, means, variances, config, ef = _op_args(False)
+    with pytest.raises(RuntimeError, match="chain length"):
+        op(tensors, kw, means, variances, [4] + config[1:], ef)
+    with pytest.raises(RuntimeError, match="config must have 10 entries"):
+        op(tensors, kw, means, variances, config[:-1], ef)
+    with pytest.raises(RuntimeError, match="tensors must have 14 entries"):
+        op(tensors[:-1], kw, means, variances, config, ef)
+    with pytest.raises(RuntimeError, match="kernel_weights must have 3 entries"):
+        op(tensors, kw[:2], means, variances, config, ef)
+    with pytest.raises(RuntimeError, match="needs its weight"):
+        op(tensors[:2] + [None] + tensors[3:], kw, means, variances, config, ef)
+    no_stats = config[:7] + [0, 1, 0]  # the first BN without batch statistics, and no running statistics
+    with pytest.raises(RuntimeError, match="BN 0 without batch statistics needs running statistics"):
+        op(tensors, kw, [None] * 3, [None] * 3, no_stats, ef)
