@@ -1,10 +1,12 @@
-// The block in training as one autograd node in C++ (DESIGN.md section 4): the primitives functional.py's
-// three Python autograd Functions call (_FirstConv, _BnReluConv, _Output), in the same order with the same
-// arguments, but called through the dispatcher below autograd, so that a block call costs one operator
-// call from Python and its backward one node. Device-agnostic (registered CompositeImplicitAutograd): the
-// primitives dispatch to their CPU or CUDA kernels. functional.py takes this path for the compiled
-// backends outside torch.compile and without synchronized batch norm; both paths give the same bits
-// (tests/test_block_node.py).
+// The block in training composed in C++ (DESIGN.md section 4): functional.py's Python autograd Functions
+// (_FirstConv, _BnReluConv, _Output) as torch::autograd::Functions calling the same primitives in the same
+// order with the same arguments, through the dispatcher below autograd. A block call costs one operator
+// call from Python; its backward keeps one node per convolution and one for the output, as the Python
+// composition does (each node's weight gradients are accumulated and released before the next runs:
+// docs/measurements.md, "Weight gradients one at a time"). Device-agnostic (registered
+// CompositeImplicitAutograd): the primitives dispatch to their CPU or CUDA kernels. functional.py takes
+// this path for the compiled backends outside torch.compile and without synchronized batch norm; both
+// paths give the same bits (tests/test_block_node.py).
 //
 // The block: a chain of L convolutions (2 or 3), each followed by batch norm and, all but the last, ReLU;
 // a shortcut that is the input itself (kind 0), a 1x1 convolution (kind 1) or a 1x1 convolution and its
@@ -89,14 +91,13 @@ struct Plan {
   std::array<double, 4> eps{}, factor{};
   std::vector<Tensor> kernel_weights;  // the weights as the kernels read them (chain, then shortcut)
   std::vector<Opt> running_mean, running_var;
-  std::vector<int64_t> pos;  // per flattened tensor (below), its index among the node's inputs, or -1 if absent
 
   static int64_t size_for(int64_t L) { return 2 + 2 * L + 1 + L + 1; }
 };
 
-// Differentiable tensors, flattened: x (the convolutions' input), x_res (the identity shortcut's), then
-// (weight, bias, gamma, beta) per chain conv and its BN, then the shortcut's (weight, bias, gamma, beta).
-// Absent ones are undefined here; the node's inputs are the present ones only (Plan::pos maps them).
+// block_train's differentiable tensors, flattened: x (the convolutions' input), x_res (the identity
+// shortcut's), then (weight, bias, gamma, beta) per chain conv and its BN, then the shortcut's (weight,
+// bias, gamma, beta). Absent ones are undefined.
 constexpr int kX = 0, kXRes = 1;
 inline int w_at(int i) { return 2 + 4 * i; }
 inline int sc_at(int64_t L) { return 2 + 4 * static_cast<int>(L); }
@@ -137,154 +138,245 @@ std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad, const Tenso
 
 Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
-class BlockTrain : public torch::autograd::Function<BlockTrain> {
+// A node's differentiable inputs by slot; absent ones (undefined) are not inputs of the node at all (an
+// autograd Function cannot take an undefined tensor), so each slot maps to its input index or -1.
+struct Slots {
+  std::vector<int64_t> pos;
+  std::vector<Tensor> inputs;
+
+  Slots(std::initializer_list<Tensor> slots) {
+    for (const Tensor& t : slots) {
+      pos.push_back(t.defined() ? static_cast<int64_t>(inputs.size()) : -1);
+      if (t.defined()) inputs.push_back(t);
+    }
+  }
+};
+
+std::vector<Tensor> unpack(at::TensorList inputs, const std::vector<int64_t>& pos) {
+  std::vector<Tensor> v(pos.size());
+  for (size_t i = 0; i < pos.size(); ++i)
+    if (pos[i] >= 0) v[i] = inputs[pos[i]];
+  return v;
+}
+
+// What every node's backward shares: which slots need a gradient, and its results in the node's order.
+struct Grads {
+  AutogradContext* ctx;
+  std::vector<int64_t> pos;
+  variable_list g;  // per slot
+
+  explicit Grads(AutogradContext* c) : ctx(c), pos(c->saved_data["pos"].toIntVector()), g(pos.size()) {}
+  bool needs(int slot) const { return pos[slot] >= 0 && ctx->needs_input_grad(pos[slot]); }
+  variable_list result() const {  // one per input, and one (none) for the non-tensor argument
+    variable_list out(ctx->saved_data["inputs"].toInt() + 1);
+    for (size_t i = 0; i < pos.size(); ++i)
+      if (pos[i] >= 0) out[pos[i]] = g[i];
+    return out;
+  }
+};
+
+// Every node's set-up: its slots, and no zero tensors made for the gradients of outputs nothing used (the
+// statistics, an absent shortcut): its backward reads only those it needs and checks them.
+void save_slots(AutogradContext* ctx, const std::vector<int64_t>& pos, size_t inputs) {
+  ctx->saved_data["pos"] = pos;
+  ctx->saved_data["inputs"] = static_cast<int64_t>(inputs);
+  ctx->set_materialize_grads(false);
+}
+
+Tensor zero_bias(const Tensor& w) { return at::zeros({w.size(0)}, w.options()); }
+
+// _FirstConv: Z = conv(x) + b and its BN's per-tile statistics (not differentiable). Slots: x, w, b.
+struct FirstArgs {
+  std::vector<int64_t> pos;
+  Tensor kernel_weight;
+  int64_t stride, padding;
+  bool batch_stats;
+};
+
+class FirstConv : public torch::autograd::Function<FirstConv> {
  public:
-  static Tensor forward(AutogradContext* ctx, at::TensorList inputs, const Plan& p) {
+  static variable_list forward(AutogradContext* ctx, at::TensorList inputs, const FirstArgs& a) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    std::vector<Tensor> v(p.pos.size());
-    for (size_t i = 0; i < v.size(); ++i)
-      if (p.pos[i] >= 0) v[i] = inputs[p.pos[i]];
-    const Ops& o = ops();
-    const int64_t L = p.L;
-    const Tensor& x = v[kX];
-    const int sc = sc_at(L);
-    const bool has_sc = p.kind != 0;
-    std::vector<Tensor> z(L);
-    std::vector<Fold> f(L);
-    Tensor pm, pm2, pc, s, sc_pm, sc_pm2;
+    const std::vector<Tensor> v = unpack(inputs, a.pos);
+    const Tensor &x = v[0], &w = v[1], &b = v[2];
+    RECORD_USER_SCOPE("fused_resnet::K1 conv+stats");
+    auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = ops().conv_fused.call(
+        x, a.kernel_weight, opt(b), a.stride, a.padding, {}, {}, {}, {}, 0.0, {}, {}, {}, {}, {}, {}, {}, 1, false, false,
+        a.batch_stats, x.scalar_type(), false);
+    ctx->save_for_backward({x, w});
+    save_slots(ctx, a.pos, inputs.size());
+    ctx->saved_data["geometry"] = std::vector<int64_t>{a.stride, a.padding, a.batch_stats};
+    ctx->mark_non_differentiable({pm, pm2, pc});
+    return {z, pm, pm2, pc};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Grads r(ctx);
+    if (!grads[0].defined()) return r.result();  // nothing downstream used the output
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1];
+    const std::vector<int64_t> geo = ctx->saved_data["geometry"].toIntVector();
+    const bool bs = geo[2];
+    RECORD_USER_SCOPE("fused_resnet::B conv backward");
+    std::tie(r.g[0], r.g[1], r.g[2]) = conv_backward(grads[0], x, w, geo[0], geo[1],
+                                                     {r.needs(0), r.needs(1), r.needs(2) && !bs});
+    // A conv bias followed by a batch-statistics BN shifts the batch mean by itself: its gradient is exactly 0.
+    if (bs && r.needs(2)) r.g[2] = zero_bias(w);
+    return r.result();
+  }
+};
+
+// _BnReluConv: the previous BN (finalize, running statistics) and ReLU in the prologue of the next chain
+// convolution, which takes its own BN's statistics; for the last, the shortcut convolution too (apart, with
+// its statistics when a BN follows it). Slots: z_prev, gamma, beta, w, b, sc_x, sc_w, sc_b.
+struct BnReluConvArgs {
+  std::vector<int64_t> pos;
+  Tensor part_mean, part_m2, part_count, kernel_weight, sc_kernel_weight;
+  Opt running_mean, running_var;
+  int64_t stride, padding, sc_stride;
+  bool bs_prev, bs_next, sc_stats;
+  double eps, factor;
+};
+
+class BnReluConv : public torch::autograd::Function<BnReluConv> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList inputs, const BnReluConvArgs& a) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const std::vector<Tensor> v = unpack(inputs, a.pos);
+    const Tensor &z_prev = v[0], &gamma = v[1], &beta = v[2], &w = v[3], &b = v[4], &sc_x = v[5], &sc_w = v[6],
+                 &sc_b = v[7];
+    const bool with_sc = sc_w.defined();
+    Fold f;
     {
-      RECORD_USER_SCOPE("fused_resnet::K1 conv+stats");
-      std::tie(z[0], std::ignore, pm, pm2, pc, std::ignore, std::ignore) = o.conv_fused.call(
-          x, p.kernel_weights[0], opt(v[w_at(0) + 1]), p.stride[0], p.padding[0], {}, {}, {}, {}, 0.0, {}, {}, {},
-          {}, {}, {}, {}, 1, false, false, p.batch_stats[0], x.scalar_type(), false);
+      RECORD_USER_SCOPE("fused_resnet::F bn_finalize");
+      f = normalize(a.part_mean, a.part_m2, a.part_count, a.bs_prev, gamma, beta, a.eps, a.running_mean,
+                    a.running_var, a.factor);
     }
-    for (int64_t i = 1; i < L; ++i) {
-      const int b = w_at(static_cast<int>(i) - 1);
-      f[i - 1] = normalize(pm, pm2, pc, p.batch_stats[i - 1], v[b + 2], v[b + 3], p.eps[i - 1], p.running_mean[i - 1],
-                           p.running_var[i - 1], p.factor[i - 1]);
-      const bool with_sc = i == L - 1 && has_sc;
-      RECORD_USER_SCOPE(with_sc ? "fused_resnet::K bn+relu>conv+stats+conv1x1" : "fused_resnet::K bn+relu>conv+stats");
-      std::tie(z[i], s, pm, pm2, pc, sc_pm, sc_pm2) = o.conv_fused.call(
-          z[i - 1], p.kernel_weights[i], opt(v[w_at(static_cast<int>(i)) + 1]), p.stride[i], p.padding[i], {}, {}, {},
-          {}, 0.0, as_f32(f[i - 1].mean), as_f32(f[i - 1].scale), as_f32(f[i - 1].shift), {}, with_sc ? Opt(x) : Opt(),
-          with_sc ? Opt(p.kernel_weights[L]) : Opt(), with_sc ? opt(v[sc + 1]) : Opt(), with_sc ? p.sc_stride : 1, true,
-          false, p.batch_stats[i], z[i - 1].scalar_type(), with_sc && p.kind == 2 && p.batch_stats[3]);
+    RECORD_USER_SCOPE(with_sc ? "fused_resnet::K bn+relu>conv+stats+conv1x1" : "fused_resnet::K bn+relu>conv+stats");
+    auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = ops().conv_fused.call(
+        z_prev, a.kernel_weight, opt(b), a.stride, a.padding, {}, {}, {}, {}, 0.0, as_f32(f.mean), as_f32(f.scale),
+        as_f32(f.shift), {}, opt(sc_x), with_sc ? Opt(a.sc_kernel_weight) : Opt(), opt(sc_b), a.sc_stride, true, false,
+        a.bs_next, z_prev.scalar_type(), a.sc_stats);
+    ctx->save_for_backward({z_prev, w, f.mean, f.invstd, f.scale, f.shift, sc_x, sc_w});
+    save_slots(ctx, a.pos, inputs.size());
+    ctx->saved_data["geometry"] = std::vector<int64_t>{a.stride, a.padding, a.sc_stride, a.bs_prev, a.bs_next,
+                                                       a.sc_stats, static_cast<int64_t>(gamma.scalar_type())};
+    ctx->mark_non_differentiable({pm, pm2, pc, sc_pm, sc_pm2});
+    return {z, pm, pm2, pc, s, sc_pm, sc_pm2};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Grads r(ctx);
+    if (!grads[0].defined()) return r.result();  // nothing downstream used the output
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor &z = saved[0], &w = saved[1], &mean = saved[2], &invstd = saved[3], &scale = saved[4],
+                 &shift = saved[5], &sc_x = saved[6], &sc_w = saved[7];
+    const std::vector<int64_t> geo = ctx->saved_data["geometry"].toIntVector();
+    const bool bs_prev = geo[3], bs_next = geo[4], sc_stats = geo[5];
+    const auto pd = static_cast<at::ScalarType>(geo[6]);
+    Tensor y, dy;
+    {
+      RECORD_USER_SCOPE("fused_resnet::B conv backward (input recomputed)");
+      y = ops().bn_act.call(z, as_f32(mean), as_f32(scale), as_f32(shift), {}, true, z.scalar_type(), {}, {}, {});
+      std::tie(dy, r.g[3], r.g[4]) = conv_backward(grads[0], y, w, geo[0], geo[1], {true, r.needs(3), r.needs(4) && !bs_next});
     }
-    const int last = w_at(static_cast<int>(L) - 1);
-    f[L - 1] = normalize(pm, pm2, pc, p.batch_stats[L - 1], v[last + 2], v[last + 3], p.eps[L - 1],
-                         p.running_mean[L - 1], p.running_var[L - 1], p.factor[L - 1]);
-    Fold fs;
-    if (p.kind == 2)
-      fs = normalize(sc_pm, sc_pm2, pc, p.batch_stats[3], v[sc + 2], v[sc + 3], p.eps[3], p.running_mean[L],
-                     p.running_var[L], p.factor[3]);
-    if (!has_sc) s = v[kXRes];
-    const Tensor& zl = z[L - 1];
-    const at::ScalarType out_dtype = c10::promoteTypes(zl.scalar_type(), s.scalar_type());
+    if (bs_next && r.needs(4)) r.g[4] = zero_bias(w);
+    {
+      RECORD_USER_SCOPE("fused_resnet::B relu+bn backward");
+      Tensor sg, sgx;
+      std::tie(r.g[0], std::ignore) = bn_backward(dy, y, z, mean, invstd, scale, bs_prev, false, sg, sgx);
+      if (r.needs(1)) r.g[1] = cast(sgx, pd);
+      if (r.needs(2)) r.g[2] = cast(sg, pd);
+    }
+    y.reset();
+    dy.reset();
+    if (sc_w.defined() && grads[4].defined()) {
+      RECORD_USER_SCOPE("fused_resnet::B shortcut conv backward");
+      std::tie(r.g[5], r.g[6], r.g[7]) = conv_backward(grads[4], sc_x, sc_w, geo[2], 0,
+                                                       {r.needs(5), r.needs(6), r.needs(7) && !sc_stats});
+      if (sc_stats && r.needs(7)) r.g[7] = zero_bias(sc_w);
+    }
+    return r.result();
+  }
+};
+
+// _Output: the last BN (finalize), the shortcut -- X, conv(X), or BN(conv(X)) with its own finalize -- the
+// add and the ReLU in one kernel. Slots: z, gamma, beta, s, sc_gamma, sc_beta.
+struct OutputArgs {
+  std::vector<int64_t> pos;
+  Tensor part_mean, part_m2, part_count, sc_part_mean, sc_part_m2;
+  Opt running_mean, running_var, sc_running_mean, sc_running_var;
+  int64_t kind;
+  bool bs, sc_bs;
+  double eps, factor, sc_eps, sc_factor;
+};
+
+class Output : public torch::autograd::Function<Output> {
+ public:
+  static Tensor forward(AutogradContext* ctx, at::TensorList inputs, const OutputArgs& a) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const std::vector<Tensor> v = unpack(inputs, a.pos);
+    const Tensor &z = v[0], &gamma = v[1], &beta = v[2], &s = v[3], &sc_gamma = v[4], &sc_beta = v[5];
+    Fold f, fs;
+    {
+      RECORD_USER_SCOPE("fused_resnet::F bn_finalize");
+      f = normalize(a.part_mean, a.part_m2, a.part_count, a.bs, gamma, beta, a.eps, a.running_mean, a.running_var,
+                    a.factor);
+    }
+    const bool sc_bn = a.kind == 2;
+    if (sc_bn) {
+      RECORD_USER_SCOPE("fused_resnet::F shortcut bn_finalize");
+      fs = normalize(a.sc_part_mean, a.sc_part_m2, a.part_count, a.sc_bs, sc_gamma, sc_beta, a.sc_eps,
+                     a.sc_running_mean, a.sc_running_var, a.sc_factor);
+    }
+    const at::ScalarType out_dtype = c10::promoteTypes(z.scalar_type(), s.scalar_type());
     Tensor out;
     {
-      RECORD_USER_SCOPE(p.kind == 2 ? "fused_resnet::K bn+bn+add+relu" : "fused_resnet::K bn+add+relu");
-      out = o.bn_act.call(zl, as_f32(f[L - 1].mean), as_f32(f[L - 1].scale), as_f32(f[L - 1].shift),
-                          cast(s, p.kind == 2 ? zl.scalar_type() : out_dtype), true, out_dtype,
-                          p.kind == 2 ? Opt(fs.mean) : Opt(), p.kind == 2 ? Opt(fs.scale) : Opt(),
-                          p.kind == 2 ? Opt(fs.shift) : Opt());
+      RECORD_USER_SCOPE(sc_bn ? "fused_resnet::K bn+bn+add+relu" : "fused_resnet::K bn+add+relu");
+      out = ops().bn_act.call(z, as_f32(f.mean), as_f32(f.scale), as_f32(f.shift),
+                              cast(s, sc_bn ? z.scalar_type() : out_dtype), true, out_dtype,
+                              sc_bn ? Opt(as_f32(fs.mean)) : Opt(), sc_bn ? Opt(as_f32(fs.scale)) : Opt(),
+                              sc_bn ? Opt(as_f32(fs.shift)) : Opt());
     }
-    // Saved: what the three Python nodes save, no more activations than eager.
-    variable_list saved{x, out};
-    for (int64_t i = 0; i < L; ++i) saved.insert(saved.end(), {z[i], f[i].mean, f[i].invstd, f[i].scale, f[i].shift});
-    saved.insert(saved.end(), {p.kind == 2 ? s : Tensor(), fs.mean, fs.invstd, fs.scale});  // s: for its BN's backward
-    for (int64_t i = 0; i < L; ++i) saved.push_back(v[w_at(static_cast<int>(i))]);
-    saved.push_back(v[sc]);
-    ctx->save_for_backward(saved);
-    ctx->saved_data["config"] = std::vector<int64_t>{
-        L, p.kind, p.stride[0], p.stride[1], p.stride[2], p.padding[0], p.padding[1], p.padding[2], p.sc_stride,
-        p.batch_stats[0], p.batch_stats[1], p.batch_stats[2], p.batch_stats[3],
-        static_cast<int64_t>(v[w_at(static_cast<int>(L) - 1) + 2].scalar_type()),
-        static_cast<int64_t>(s.scalar_type())};
-    ctx->saved_data["pos"] = p.pos;
-    ctx->saved_data["inputs"] = static_cast<int64_t>(inputs.size());
+    // s itself only for its BN's backward (the identity's and a plain conv's gradient is the masked grad).
+    ctx->save_for_backward({z, out, f.mean, f.invstd, f.scale, sc_bn ? s : Tensor(), fs.mean, fs.invstd, fs.scale});
+    save_slots(ctx, a.pos, inputs.size());
+    ctx->saved_data["flags"] = std::vector<int64_t>{a.kind, a.bs, a.sc_bs, static_cast<int64_t>(gamma.scalar_type()),
+                                                    static_cast<int64_t>(s.scalar_type())};
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Ops& o = ops();
-    const std::vector<int64_t> c = ctx->saved_data["config"].toIntVector();
-    const int64_t L = c[0], kind = c[1], sc_stride = c[8];
-    const bool sc_bs = c[12];
-    const auto pd = static_cast<at::ScalarType>(c[13]), s_dtype = static_cast<at::ScalarType>(c[14]);
+    Grads r(ctx);
+    if (!grads[0].defined()) return r.result();  // nothing downstream used the output
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &out = saved[1];
-    auto Z = [&](int64_t i) -> const Tensor& { return saved[2 + 5 * i]; };
-    auto F = [&](int64_t i, int k) -> const Tensor& { return saved[2 + 5 * i + 1 + k]; };  // mean, invstd, scale, shift
-    const int64_t sb = 2 + 5 * L;
-    const Tensor &s = saved[sb], &s_mean = saved[sb + 1], &s_invstd = saved[sb + 2], &s_scale = saved[sb + 3];
-    auto W = [&](int64_t i) -> const Tensor& { return saved[sb + 4 + i]; };  // i == L: the shortcut's
-    const int sc = sc_at(L);
-    const std::vector<int64_t> pos = ctx->saved_data["pos"].toIntVector();
-    auto needs = [&](int idx) { return pos[idx] >= 0 && ctx->needs_input_grad(pos[idx]); };
-    variable_list result(ctx->saved_data["inputs"].toInt() + 1);  // one per input, and one for the plan
-    if (!grads[0].defined()) return result;
-    variable_list g(pos.size());  // per flattened tensor
+    const Tensor &z = saved[0], &out = saved[1], &mean = saved[2], &invstd = saved[3], &scale = saved[4],
+                 &s = saved[5];
+    const std::vector<int64_t> fl = ctx->saved_data["flags"].toIntVector();
+    const int64_t kind = fl[0];
+    const bool bs = fl[1], sc_bs = fl[2];
+    const auto pd = static_cast<at::ScalarType>(fl[3]), s_dtype = static_cast<at::ScalarType>(fl[4]);
     const Tensor grad = grads[0].contiguous(conv_output_format(out));
-    Tensor sg, sgx, ds, dz, gm;
+    Tensor gm, sg, sgx;
     {
       RECORD_USER_SCOPE("fused_resnet::B relu+bn backward");
-      std::tie(dz, gm) = bn_backward(grad, out, Z(L - 1), F(L - 1, 0), F(L - 1, 1), F(L - 1, 2), c[9 + L - 1],
-                                     kind != 2, sg, sgx);
+      std::tie(r.g[0], gm) = bn_backward(grad, out, z, mean, invstd, scale, bs, kind != 2, sg, sgx);
     }
-    const int last = w_at(static_cast<int>(L) - 1);
-    if (needs(last + 2)) g[last + 2] = cast(sgx, pd);
-    if (needs(last + 3)) g[last + 3] = cast(sg, pd);
+    if (r.needs(1)) r.g[1] = cast(sgx, pd);
+    if (r.needs(2)) r.g[2] = cast(sg, pd);
     if (kind == 2) {
       RECORD_USER_SCOPE("fused_resnet::B shortcut relu+bn backward");
       Tensor ssg, ssgx;
-      std::tie(ds, std::ignore) = bn_backward(grad, out, s, s_mean, s_invstd, s_scale, sc_bs, false, ssg, ssgx);
-      if (needs(sc + 2)) g[sc + 2] = cast(ssgx, pd);
-      if (needs(sc + 3)) g[sc + 3] = cast(ssg, pd);
-    } else if (kind == 0) {
-      if (needs(kXRes)) g[kXRes] = cast(gm, s_dtype);
-    } else {
-      ds = cast(gm, s_dtype);
+      std::tie(r.g[3], std::ignore) = bn_backward(grad, out, s, saved[6], saved[7], saved[8], sc_bs, false, ssg, ssgx);
+      if (r.needs(4)) r.g[4] = cast(ssgx, pd);
+      if (r.needs(5)) r.g[5] = cast(ssg, pd);
+    } else if (r.needs(3)) {
+      r.g[3] = cast(gm, s_dtype);
     }
-    Tensor dx_sc;
-    for (int64_t i = L - 1; i >= 1; --i) {
-      const int wi = w_at(static_cast<int>(i));
-      const bool bs = c[9 + i];
-      Tensor y, dy;
-      {
-        RECORD_USER_SCOPE("fused_resnet::B conv backward (input recomputed)");
-        y = o.bn_act.call(Z(i - 1), as_f32(F(i - 1, 0)), as_f32(F(i - 1, 2)), as_f32(F(i - 1, 3)), {}, true,
-                          Z(i - 1).scalar_type(), {}, {}, {});
-        std::tie(dy, g[wi], g[wi + 1]) = conv_backward(dz, y, W(i), c[2 + i], c[5 + i], {true, needs(wi), needs(wi + 1) && !bs});
-      }
-      if (bs && needs(wi + 1)) g[wi + 1] = at::zeros({W(i).size(0)}, W(i).options());
-      {
-        RECORD_USER_SCOPE("fused_resnet::B relu+bn backward");
-        std::tie(dz, std::ignore) = bn_backward(dy, y, Z(i - 1), F(i - 1, 0), F(i - 1, 1), F(i - 1, 2), c[9 + i - 1],
-                                                false, sg, sgx);
-      }
-      const int prev = w_at(static_cast<int>(i) - 1);
-      if (needs(prev + 2)) g[prev + 2] = cast(sgx, pd);
-      if (needs(prev + 3)) g[prev + 3] = cast(sg, pd);
-      if (i == L - 1 && kind != 0 && ds.defined()) {
-        RECORD_USER_SCOPE("fused_resnet::B shortcut conv backward");
-        const bool sc_stats = kind == 2 && sc_bs;
-        std::tie(dx_sc, g[sc], g[sc + 1]) =
-            conv_backward(ds, x, W(L), sc_stride, 0, {needs(kX), needs(sc), needs(sc + 1) && !sc_stats});
-        if (sc_stats && needs(sc + 1)) g[sc + 1] = at::zeros({W(L).size(0)}, W(L).options());
-      }
-    }
-    {
-      RECORD_USER_SCOPE("fused_resnet::B conv backward");
-      const bool bs0 = c[9];
-      std::tie(g[kX], g[w_at(0)], g[w_at(0) + 1]) =
-          conv_backward(dz, x, W(0), c[2], c[5], {needs(kX), needs(w_at(0)), needs(w_at(0) + 1) && !bs0});
-      if (bs0 && needs(w_at(0) + 1)) g[w_at(0) + 1] = at::zeros({W(0).size(0)}, W(0).options());
-    }
-    if (dx_sc.defined()) g[kX] = g[kX].defined() ? g[kX] + dx_sc : dx_sc;
-    for (size_t i = 0; i < pos.size(); ++i)
-      if (pos[i] >= 0) result[pos[i]] = g[i];
-    return result;
+    return r.result();
   }
 };
 
@@ -324,28 +416,49 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
   p.kernel_weights = kernel_weights.vec();
   p.running_mean = optionals(running_means);
   p.running_var = optionals(running_vars);
-  std::vector<Tensor> v, inputs;
+  std::vector<Tensor> v;
   v.reserve(tensors.size());
-  for (const Opt& t : tensors) {
-    v.push_back(t.has_value() ? *t : Tensor());
-    p.pos.push_back(v.back().defined() ? static_cast<int64_t>(inputs.size()) : -1);
-    if (v.back().defined()) inputs.push_back(v.back());
-  }
+  for (const Opt& t : tensors) v.push_back(t.has_value() ? *t : Tensor());
   const int sc = sc_at(L);
   TORCH_CHECK(v[kX].defined() && (p.kind != 0 || v[kXRes].defined()), name, ": x (and x_res for the identity) needed");
   for (int64_t i = 0; i < L; ++i) {
     const int b = w_at(static_cast<int>(i));
     TORCH_CHECK(v[b].defined() && v[b + 2].defined() && v[b + 3].defined(), name, ": chain conv ", i,
                 " needs its weight and its BN's gamma and beta");
-    const Opt& rm = p.running_mean[i];
-    TORCH_CHECK(p.batch_stats[i] || (rm.has_value() && p.running_var[i].has_value()), name, ": BN ", i,
+    TORCH_CHECK(p.batch_stats[i] || (p.running_mean[i].has_value() && p.running_var[i].has_value()), name, ": BN ", i,
                 " without batch statistics needs running statistics");
   }
   TORCH_CHECK(p.kind == 0 || v[sc].defined(), name, ": the shortcut convolution needs its weight");
   TORCH_CHECK(p.kind != 2 || (v[sc + 2].defined() && v[sc + 3].defined() &&
                               (p.batch_stats[3] || (p.running_mean[L].has_value() && p.running_var[L].has_value()))),
               name, ": the shortcut's BN needs gamma, beta and (without batch statistics) running statistics");
-  return BlockTrain::apply(at::TensorList(inputs), p);
+
+  // The chain: FirstConv, then one BnReluConv per further convolution (the last with the shortcut), Output.
+  const Tensor& x = v[kX];
+  Slots first{x, v[w_at(0)], v[w_at(0) + 1]};
+  variable_list k = FirstConv::apply(at::TensorList(first.inputs),
+                                     FirstArgs{first.pos, p.kernel_weights[0], p.stride[0], p.padding[0], p.batch_stats[0]});
+  Tensor s, sc_pm, sc_pm2;
+  for (int64_t i = 1; i < L; ++i) {
+    const int prev = w_at(static_cast<int>(i) - 1), cur = w_at(static_cast<int>(i));
+    const bool with_sc = i == L - 1 && p.kind != 0;
+    Slots slots{k[0], v[prev + 2], v[prev + 3], v[cur], v[cur + 1], with_sc ? x : Tensor(), with_sc ? v[sc] : Tensor(),
+                with_sc ? v[sc + 1] : Tensor()};
+    BnReluConvArgs a{slots.pos, k[1], k[2], k[3], p.kernel_weights[i], with_sc ? p.kernel_weights[L] : Tensor(),
+                     p.running_mean[i - 1], p.running_var[i - 1], p.stride[i], p.padding[i], with_sc ? p.sc_stride : 1,
+                     p.batch_stats[i - 1], p.batch_stats[i], with_sc && p.kind == 2 && p.batch_stats[3], p.eps[i - 1],
+                     p.factor[i - 1]};
+    k = BnReluConv::apply(at::TensorList(slots.inputs), a);
+    if (with_sc) s = k[4], sc_pm = k[5], sc_pm2 = k[6];
+  }
+  const int last = w_at(static_cast<int>(L) - 1);
+  const bool sc_bn = p.kind == 2;
+  Slots out{k[0], v[last + 2], v[last + 3], p.kind == 0 ? v[kXRes] : s, sc_bn ? v[sc + 2] : Tensor(),
+            sc_bn ? v[sc + 3] : Tensor()};
+  OutputArgs a{out.pos, k[1], k[2], k[3], sc_pm, sc_pm2, p.running_mean[L - 1], p.running_var[L - 1],
+               sc_bn ? p.running_mean[L] : Opt(), sc_bn ? p.running_var[L] : Opt(), p.kind, p.batch_stats[L - 1],
+               p.batch_stats[3], p.eps[L - 1], p.factor[L - 1], p.eps[3], p.factor[3]};
+  return Output::apply(at::TensorList(out.inputs), a);
 }
 
 }  // namespace

@@ -3,7 +3,7 @@ path: the same primitives as functional.py's three Python autograd Functions, in
 two paths give the same bits -- output, every gradient, running statistics -- for every block the
 composition serves (chains of 2 and 3; identity, 1x1 and 1x1+BN shortcuts; frozen or mixed BN modes,
 cumulative momentum, no running statistics, frozen weights, autocast). Also: a training call is one
-operator and one backward node; opcheck; the operator's argument checks."""
+operator and three C++ backward nodes; opcheck; the operator's argument checks."""
 
 import copy
 
@@ -120,32 +120,35 @@ def test_node_under_autocast_keeps_the_identity_in_its_dtype(block_name, monkeyp
         assert torch.equal(a, b), f"result {i} differs"
 
 
-def _count_nodes(fn) -> int:
-    seen, todo = set(), [fn]
+def _nodes(fn) -> list:
+    seen, todo = [], [fn]
     while todo:
         f = todo.pop()
         if f is None or f in seen or type(f).__name__ == "AccumulateGrad":
             continue
-        seen.add(f)
+        seen.append(f)
         todo += [g for g, _ in f.next_functions]
-    return len(seen)
+    return seen
 
 
-def test_a_training_call_is_one_operator_and_one_backward_node():
-    """The seed block in eager records seven backward nodes; the fused block one, whose edges go straight
-    to the parameters and the input."""
+def test_a_training_call_is_one_operator_and_three_compiled_nodes():
+    """Eager records seven backward nodes for the seed block; the fused block one operator call from
+    Python and three C++ nodes -- one per convolution and one for the output, so each node's weight
+    gradients are accumulated before the next runs, as in eager -- whose edges go straight to the
+    parameters and the input."""
     seed = randomize_(reference.Residual(4, 4)).train()
     fused = fused_resnet.convert(copy.deepcopy(seed), backend="cpp")
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    assert _count_nodes(seed(x).grad_fn) == 7
+    assert len(_nodes(seed(x).grad_fn)) == 7
     with torch.profiler.profile() as prof:
         y = fused(x)
-    assert _count_nodes(y.grad_fn) == 1
+    nodes = _nodes(y.grad_fn)
+    assert [n.name().rsplit("::", 1)[-1].rstrip(">") for n in nodes] == ["Output", "BnReluConv", "FirstConv"]
     ops = [e.key for e in prof.events() if e.key.startswith("fused_resnet::")]
     assert ops.count("fused_resnet::block_train") == 1 and ops.count("fused_resnet::conv_fused") == 2, ops
-    edges = [type(g).__name__ for g, _ in y.grad_fn.next_functions]
+    leaves = sum(type(g).__name__ == "AccumulateGrad" for n in nodes for g, _ in n.next_functions)
     # x twice (the convolutions' input and the identity), each conv's weight and bias, each BN's gamma and beta
-    assert edges.count("AccumulateGrad") == 2 + 2 * 4
+    assert leaves == 2 + 2 * 4
 
 
 def test_profiler_ranges_take_the_python_functions(monkeypatch):
