@@ -159,29 +159,36 @@ std::vector<Tensor> unpack(at::TensorList inputs, const std::vector<int64_t>& po
   return v;
 }
 
-// What every node's backward shares: which slots need a gradient, and its results in the node's order.
+// Every node's set-up, in one saved entry: its slots (see Slots), its non-tensor parameters, and no zero
+// tensors made for the gradients of outputs nothing used (the statistics, an absent shortcut): its backward
+// reads only those it needs and checks them.
+void save_node(AutogradContext* ctx, const std::vector<int64_t>& pos, size_t inputs,
+               std::initializer_list<int64_t> params) {
+  std::vector<int64_t> v{static_cast<int64_t>(inputs), static_cast<int64_t>(pos.size())};
+  v.insert(v.end(), pos.begin(), pos.end());
+  v.insert(v.end(), params);
+  ctx->saved_data["node"] = std::move(v);
+  ctx->set_materialize_grads(false);
+}
+
+// What every node's backward shares: which slots need a gradient, its parameters, and its results in the
+// node's input order.
 struct Grads {
   AutogradContext* ctx;
-  std::vector<int64_t> pos;
-  variable_list g;  // per slot
+  std::vector<int64_t> v;  // as save_node wrote it
+  variable_list g;         // per slot
 
-  explicit Grads(AutogradContext* c) : ctx(c), pos(c->saved_data["pos"].toIntVector()), g(pos.size()) {}
-  bool needs(int slot) const { return pos[slot] >= 0 && ctx->needs_input_grad(pos[slot]); }
+  explicit Grads(AutogradContext* c) : ctx(c), v(c->saved_data["node"].toIntVector()), g(v[1]) {}
+  int64_t pos(size_t slot) const { return v[2 + slot]; }
+  int64_t param(size_t i) const { return v[2 + v[1] + i]; }
+  bool needs(int slot) const { return pos(slot) >= 0 && ctx->needs_input_grad(pos(slot)); }
   variable_list result() const {  // one per input, and one (none) for the non-tensor argument
-    variable_list out(ctx->saved_data["inputs"].toInt() + 1);
-    for (size_t i = 0; i < pos.size(); ++i)
-      if (pos[i] >= 0) out[pos[i]] = g[i];
+    variable_list out(v[0] + 1);
+    for (size_t i = 0; i < g.size(); ++i)
+      if (pos(i) >= 0) out[pos(i)] = g[i];
     return out;
   }
 };
-
-// Every node's set-up: its slots, and no zero tensors made for the gradients of outputs nothing used (the
-// statistics, an absent shortcut): its backward reads only those it needs and checks them.
-void save_slots(AutogradContext* ctx, const std::vector<int64_t>& pos, size_t inputs) {
-  ctx->saved_data["pos"] = pos;
-  ctx->saved_data["inputs"] = static_cast<int64_t>(inputs);
-  ctx->set_materialize_grads(false);
-}
 
 Tensor zero_bias(const Tensor& w) { return at::zeros({w.size(0)}, w.options()); }
 
@@ -204,8 +211,7 @@ class FirstConv : public torch::autograd::Function<FirstConv> {
         x, a.kernel_weight, opt(b), a.stride, a.padding, {}, {}, {}, {}, 0.0, {}, {}, {}, {}, {}, {}, {}, 1, false, false,
         a.batch_stats, x.scalar_type(), false);
     ctx->save_for_backward({x, w});
-    save_slots(ctx, a.pos, inputs.size());
-    ctx->saved_data["geometry"] = std::vector<int64_t>{a.stride, a.padding, a.batch_stats};
+    save_node(ctx, a.pos, inputs.size(), {a.stride, a.padding, a.batch_stats});
     ctx->mark_non_differentiable({pm, pm2, pc});
     return {z, pm, pm2, pc};
   }
@@ -216,10 +222,9 @@ class FirstConv : public torch::autograd::Function<FirstConv> {
     if (!grads[0].defined()) return r.result();  // nothing downstream used the output
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &w = saved[1];
-    const std::vector<int64_t> geo = ctx->saved_data["geometry"].toIntVector();
-    const bool bs = geo[2];
+    const bool bs = r.param(2);
     RECORD_USER_SCOPE("fused_resnet::B conv backward");
-    std::tie(r.g[0], r.g[1], r.g[2]) = conv_backward(grads[0], x, w, geo[0], geo[1],
+    std::tie(r.g[0], r.g[1], r.g[2]) = conv_backward(grads[0], x, w, r.param(0), r.param(1),
                                                      {r.needs(0), r.needs(1), r.needs(2) && !bs});
     // A conv bias followed by a batch-statistics BN shifts the batch mean by itself: its gradient is exactly 0.
     if (bs && r.needs(2)) r.g[2] = zero_bias(w);
@@ -259,9 +264,8 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
         as_f32(f.shift), {}, opt(sc_x), with_sc ? Opt(a.sc_kernel_weight) : Opt(), opt(sc_b), a.sc_stride, true, false,
         a.bs_next, z_prev.scalar_type(), a.sc_stats);
     ctx->save_for_backward({z_prev, w, f.mean, f.invstd, f.scale, f.shift, sc_x, sc_w});
-    save_slots(ctx, a.pos, inputs.size());
-    ctx->saved_data["geometry"] = std::vector<int64_t>{a.stride, a.padding, a.sc_stride, a.bs_prev, a.bs_next,
-                                                       a.sc_stats, static_cast<int64_t>(gamma.scalar_type())};
+    save_node(ctx, a.pos, inputs.size(), {a.stride, a.padding, a.sc_stride, a.bs_prev, a.bs_next, a.sc_stats,
+                                          static_cast<int64_t>(gamma.scalar_type())});
     ctx->mark_non_differentiable({pm, pm2, pc, sc_pm, sc_pm2});
     return {z, pm, pm2, pc, s, sc_pm, sc_pm2};
   }
@@ -273,14 +277,13 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &z = saved[0], &w = saved[1], &mean = saved[2], &invstd = saved[3], &scale = saved[4],
                  &shift = saved[5], &sc_x = saved[6], &sc_w = saved[7];
-    const std::vector<int64_t> geo = ctx->saved_data["geometry"].toIntVector();
-    const bool bs_prev = geo[3], bs_next = geo[4], sc_stats = geo[5];
-    const auto pd = static_cast<at::ScalarType>(geo[6]);
+    const bool bs_prev = r.param(3), bs_next = r.param(4), sc_stats = r.param(5);
+    const auto pd = static_cast<at::ScalarType>(r.param(6));
     Tensor y, dy;
     {
       RECORD_USER_SCOPE("fused_resnet::B conv backward (input recomputed)");
       y = ops().bn_act.call(z, as_f32(mean), as_f32(scale), as_f32(shift), {}, true, z.scalar_type(), {}, {}, {});
-      std::tie(dy, r.g[3], r.g[4]) = conv_backward(grads[0], y, w, geo[0], geo[1], {true, r.needs(3), r.needs(4) && !bs_next});
+      std::tie(dy, r.g[3], r.g[4]) = conv_backward(grads[0], y, w, r.param(0), r.param(1), {true, r.needs(3), r.needs(4) && !bs_next});
     }
     if (bs_next && r.needs(4)) r.g[4] = zero_bias(w);
     {
@@ -294,7 +297,7 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
     dy.reset();
     if (sc_w.defined() && grads[4].defined()) {
       RECORD_USER_SCOPE("fused_resnet::B shortcut conv backward");
-      std::tie(r.g[5], r.g[6], r.g[7]) = conv_backward(grads[4], sc_x, sc_w, geo[2], 0,
+      std::tie(r.g[5], r.g[6], r.g[7]) = conv_backward(grads[4], sc_x, sc_w, r.param(2), 0,
                                                        {r.needs(5), r.needs(6), r.needs(7) && !sc_stats});
       if (sc_stats && r.needs(7)) r.g[7] = zero_bias(sc_w);
     }
@@ -342,9 +345,8 @@ class Output : public torch::autograd::Function<Output> {
     }
     // s itself only for its BN's backward (the identity's and a plain conv's gradient is the masked grad).
     ctx->save_for_backward({z, out, f.mean, f.invstd, f.scale, sc_bn ? s : Tensor(), fs.mean, fs.invstd, fs.scale});
-    save_slots(ctx, a.pos, inputs.size());
-    ctx->saved_data["flags"] = std::vector<int64_t>{a.kind, a.bs, a.sc_bs, static_cast<int64_t>(gamma.scalar_type()),
-                                                    static_cast<int64_t>(s.scalar_type())};
+    save_node(ctx, a.pos, inputs.size(), {a.kind, a.bs, a.sc_bs, static_cast<int64_t>(gamma.scalar_type()),
+                                          static_cast<int64_t>(s.scalar_type())});
     return out;
   }
 
@@ -355,10 +357,9 @@ class Output : public torch::autograd::Function<Output> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &z = saved[0], &out = saved[1], &mean = saved[2], &invstd = saved[3], &scale = saved[4],
                  &s = saved[5];
-    const std::vector<int64_t> fl = ctx->saved_data["flags"].toIntVector();
-    const int64_t kind = fl[0];
-    const bool bs = fl[1], sc_bs = fl[2];
-    const auto pd = static_cast<at::ScalarType>(fl[3]), s_dtype = static_cast<at::ScalarType>(fl[4]);
+    const int64_t kind = r.param(0);
+    const bool bs = r.param(1), sc_bs = r.param(2);
+    const auto pd = static_cast<at::ScalarType>(r.param(3)), s_dtype = static_cast<at::ScalarType>(r.param(4));
     const Tensor grad = grads[0].contiguous(conv_output_format(out));
     Tensor gm, sg, sgx;
     {
