@@ -18,6 +18,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <array>
@@ -171,6 +172,10 @@ void save_node(AutogradContext* ctx, const std::vector<int64_t>& pos, size_t inp
   ctx->set_materialize_grads(false);
 }
 
+constexpr const char* kDoubleBackward =
+    "fused_resnet: the fused block's backward is not differentiable (double backward, e.g. a gradient penalty "
+    "through the block): run that model unconverted (eager modules)";
+
 // What every node's backward shares: which slots need a gradient, its parameters, and its results in the
 // node's input order.
 struct Grads {
@@ -182,11 +187,17 @@ struct Grads {
   int64_t pos(size_t slot) const { return v[2 + slot]; }
   int64_t param(size_t i) const { return v[2 + v[1] + i]; }
   bool needs(int slot) const { return pos(slot) >= 0 && ctx->needs_input_grad(pos(slot)); }
-  variable_list result() const {  // one per input, and one (none) for the non-tensor argument
+  // One per input, and one (none) for the non-tensor argument. Under create_graph=True the results carry a
+  // node that raises when differentiated (functional.DOUBLE_BACKWARD's message): the primitives ran below
+  // autograd, so a second derivative through them would be silently partial.
+  variable_list result() const {
     variable_list out(v[0] + 1);
     for (size_t i = 0; i < g.size(); ++i)
       if (pos(i) >= 0) out[pos(i)] = g[i];
-    return out;
+    if (!at::GradMode::is_enabled()) return out;
+    for (Tensor& t : out)
+      if (t.defined()) t = t.detach().requires_grad_();
+    return torch::autograd::DelayedError(kDoubleBackward, static_cast<int64_t>(out.size())).apply(std::move(out));
   }
 };
 

@@ -208,6 +208,25 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+DOUBLE_BACKWARD = ("fused_resnet: the fused block's backward is not differentiable (double backward, e.g. a "
+                   "gradient penalty through the block): run that model unconverted (eager modules)")
+
+
+def _first_order(backward):
+    """A backward whose results are not differentiable: under ``create_graph=True`` they carry a node that
+    raises ``DOUBLE_BACKWARD`` when differentiated (PyTorch's ``once_differentiable``, with a message naming
+    the block), never a silently partial second derivative."""
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        err = torch._C._functions.DelayedError(DOUBLE_BACKWARD, len(out))
+        return err(*[g.detach().requires_grad_() if isinstance(g, Tensor) else g for g in out])
+    wrapper.__doc__ = backward.__doc__
+    return wrapper
+
+
 class _FirstConv(torch.autograd.Function):
     """The chain's first convolution (+ bias) and its BN's per-tile statistics (returned, not
     differentiable)."""
@@ -225,6 +244,7 @@ class _FirstConv(torch.autograd.Function):
         return (k.out, *parts)
 
     @staticmethod
+    @_first_order
     def backward(ctx, dz: Tensor, *_):
         be: Backend = get_backend(ctx.backend_name)
         x, w = ctx.saved_tensors
@@ -270,6 +290,7 @@ class _BnReluConv(torch.autograd.Function):
         return k.out, outs[0], outs[1], outs[2], k.shortcut, outs[3], outs[4]
 
     @staticmethod
+    @_first_order
     def backward(ctx, dz: Tensor, _pm, _pm2, _pc, d_sc: Optional[Tensor], *_):
         be: Backend = get_backend(ctx.backend_name)
         z, w, mean, invstd, scale, shift, sc_x, sc_w = ctx.saved_tensors
@@ -334,6 +355,7 @@ class _Output(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order
     def backward(ctx, grad: Tensor):
         be: Backend = get_backend(ctx.backend_name)
         z, out, mean, invstd, scale, s, s_mean, s_invstd, s_scale = ctx.saved_tensors
