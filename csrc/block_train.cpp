@@ -201,7 +201,14 @@ struct Grads {
   }
 };
 
-Tensor zero_bias(const Tensor& w) { return at::zeros({w.size(0)}, w.options()); }
+// A convolution's gradients (input, weight, bias) where `need` asks. With `bias_before_bs` (a batch-statistics
+// BN follows the convolution) the bias gradient is exactly 0: the bias shifts the batch mean by itself.
+std::tuple<Tensor, Tensor, Tensor> conv_grads(const Tensor& grad, const Tensor& x, const Tensor& w, int64_t stride,
+                                              int64_t padding, std::array<bool, 3> need, bool bias_before_bs) {
+  auto [dx, dw, db] = conv_backward(grad, x, w, stride, padding, {need[0], need[1], need[2] && !bias_before_bs});
+  if (bias_before_bs && need[2]) db = at::zeros({w.size(0)}, w.options());
+  return {dx, dw, db};
+}
 
 // _FirstConv: Z = conv(x) + b and its BN's per-tile statistics (not differentiable). Slots: x, w, b.
 struct FirstArgs {
@@ -235,10 +242,8 @@ class FirstConv : public torch::autograd::Function<FirstConv> {
     const Tensor &x = saved[0], &w = saved[1];
     const bool bs = r.param(2);
     RECORD_USER_SCOPE("fused_resnet::B conv backward");
-    std::tie(r.g[0], r.g[1], r.g[2]) = conv_backward(grads[0], x, w, r.param(0), r.param(1),
-                                                     {r.needs(0), r.needs(1), r.needs(2) && !bs});
-    // A conv bias followed by a batch-statistics BN shifts the batch mean by itself: its gradient is exactly 0.
-    if (bs && r.needs(2)) r.g[2] = zero_bias(w);
+    std::tie(r.g[0], r.g[1], r.g[2]) =
+        conv_grads(grads[0], x, w, r.param(0), r.param(1), {r.needs(0), r.needs(1), r.needs(2)}, bs);
     return r.result();
   }
 };
@@ -294,9 +299,9 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
     {
       RECORD_USER_SCOPE("fused_resnet::B conv backward (input recomputed)");
       y = ops().bn_act.call(z, as_f32(mean), as_f32(scale), as_f32(shift), {}, true, z.scalar_type(), {}, {}, {});
-      std::tie(dy, r.g[3], r.g[4]) = conv_backward(grads[0], y, w, r.param(0), r.param(1), {true, r.needs(3), r.needs(4) && !bs_next});
+      std::tie(dy, r.g[3], r.g[4]) =
+          conv_grads(grads[0], y, w, r.param(0), r.param(1), {true, r.needs(3), r.needs(4)}, bs_next);
     }
-    if (bs_next && r.needs(4)) r.g[4] = zero_bias(w);
     {
       RECORD_USER_SCOPE("fused_resnet::B relu+bn backward");
       Tensor sg, sgx;
@@ -308,9 +313,8 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
     dy.reset();
     if (sc_w.defined() && grads[4].defined()) {
       RECORD_USER_SCOPE("fused_resnet::B shortcut conv backward");
-      std::tie(r.g[5], r.g[6], r.g[7]) = conv_backward(grads[4], sc_x, sc_w, r.param(2), 0,
-                                                       {r.needs(5), r.needs(6), r.needs(7) && !sc_stats});
-      if (sc_stats && r.needs(7)) r.g[7] = zero_bias(sc_w);
+      std::tie(r.g[5], r.g[6], r.g[7]) =
+          conv_grads(grads[4], sc_x, sc_w, r.param(2), 0, {r.needs(5), r.needs(6), r.needs(7)}, sc_stats);
     }
     return r.result();
   }
