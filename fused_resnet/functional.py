@@ -440,8 +440,8 @@ def _needs_grad(x: Tensor, chain: list, shortcut) -> bool:
 
 def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
               sc_weight: Optional[Tensor], groups: list) -> Tensor:
-    # The compiled backends run the same composition as one C++ autograd node (csrc/block_train.cpp): one
-    # operator call per block and one node in the backward instead of three Python ones. Here the Python
+    # The compiled backends run the same composition in C++ (csrc/block_train.cpp): one operator call per
+    # block, and the same three nodes as torch::autograd::Functions instead of Python ones. Here the Python
     # Functions stay: synchronized batch norm (its collectives are torch.distributed's), torch.compile
     # (which traces them), and profiler ranges on (NVTX ranges come from Python).
     if be.block_node and not (profiling.ENABLED or torch.compiler.is_compiling()) and all(g is None for g in groups):

@@ -1,4 +1,4 @@
-"""The training block as one C++ autograd node (csrc/block_train.cpp), the compiled backends' training
+"""The training block composed in C++ autograd nodes (csrc/block_train.cpp), the compiled backends' training
 path: the same primitives as functional.py's three Python autograd Functions, in the same order, so the
 two paths give the same bits -- output, every gradient, running statistics -- for every block the
 composition serves (chains of 2 and 3; identity, 1x1 and 1x1+BN shortcuts; frozen or mixed BN modes,

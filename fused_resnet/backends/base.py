@@ -63,8 +63,8 @@ class Backend:
 
     name: str = "?"
     complete: bool = True
-    # Whether the training block runs as one compiled autograd node (torch.ops.fused_resnet.block_train)
-    # over this backend's primitives, rather than functional.py's three Python autograd Functions.
+    # Whether the training block runs composed in C++ (torch.ops.fused_resnet.block_train: C++ autograd
+    # nodes over this backend's primitives), rather than as functional.py's three Python autograd Functions.
     block_node: bool = False
 
     def available(self) -> bool:

@@ -169,7 +169,7 @@ class _ExtensionBackend(TorchBackend):
     def __init__(self) -> None:
         self.native = {op for op in OPS if has_kernel(op, self.dispatch_key)}
         self.complete = self.native == set(OPS)
-        # The training block as one C++ autograd node over these primitives (csrc/block_train.cpp).
+        # The training block composed in C++ over these primitives (csrc/block_train.cpp).
         self.block_node = self.complete and has_kernel("block_train", "CompositeImplicitAutograd")
 
     def kernel_weight(self, weight: Tensor) -> Tensor:
