@@ -61,8 +61,12 @@ def extensions():
         _env_flag("FORCE_CUDA") or (cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None))
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fdiagnostics-color=always"]
+    # libstdc++ is linked as a shared library, the one torch uses: a toolchain that links it statically
+    # by default (-static-libstdc++ in a g++ wrapper, as on one GPU machine's image) gives the extension
+    # its own copy, whose streams cannot format a number -- an error message with one crashed there.
+    # The explicit -lstdc++ comes before the driver's own, so the shared library serves every symbol.
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx},
-                  py_limited_api=False)
+                  extra_link_args=["-Wl,-Bdynamic", "-lstdc++"], py_limited_api=False)
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # -Xptxas=-v prints each kernel's registers, shared memory, stack frame and spills in the build log.

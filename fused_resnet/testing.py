@@ -83,49 +83,87 @@ def randomize_(model: nn.Module, generator: Optional[torch.Generator] = None) ->
 
 def compare_models(fused: nn.Module, ref: nn.Module, x: Tensor, *, train: bool, dtype: torch.dtype,
                    device: torch.device | str, grads: bool = True, steps: int = 1,
-                   memory_format: torch.memory_format = torch.contiguous_format) -> list[Check]:
-    """Run ``fused`` and ``ref`` (same state) side by side with a float64 CPU copy of ``ref``.
+                   memory_format: torch.memory_format = torch.contiguous_format,
+                   draws: Optional[int] = None) -> list[Check]:
+    """Run ``fused`` and ``ref`` (same state) side by side with a float64 CPU copy of ``ref``: the
+    checks of one draw (``x``), or with ``draws`` > 1 each quantity's median check over that many draws
+    (``x``, then fresh normal inputs of its shape). By default gradients in the coarse dtypes -- bfloat16,
+    and float32 as TF32 -- take three draws: a ReLU inside the model whose pre-activation lies within
+    rounding of zero can flip either way (in eager as in fused code), and one flip among a few hundred
+    elements moves a small block's gradients by several percent; in bfloat16 that failed 3 of 48 single
+    draws of the small block cases (torch backend, CPU). A wrong result fails every draw.
+    """
+    if draws is None:
+        draws = 3 if grads and (dtype == torch.bfloat16 or floor_for(dtype, device) == TF32_FLOOR) else 1
+    runs = [_compare_once(fused, ref, x if d == 0 else torch.randn(x.shape, dtype=x.dtype), train=train,
+                          dtype=dtype, device=device, grads=grads, steps=steps, memory_format=memory_format)
+            for d in range(draws)]
+    return [sorted(same, key=lambda c: c.fused_err / c.bound)[len(same) // 2] for same in zip(*runs)]
+
+
+def _compare_once(fused: nn.Module, ref: nn.Module, x: Tensor, *, train: bool, dtype: torch.dtype,
+                  device: torch.device | str, grads: bool, steps: int,
+                  memory_format: torch.memory_format) -> list[Check]:
+    """One draw of ``compare_models``: ``fused`` and ``ref`` (same state) side by side with a float64 CPU
+    copy of ``ref``.
 
     ``steps`` forward(+backward) passes are run (running statistics evolve in train mode); the output,
     every parameter gradient, the input gradient and, in train mode, every buffer are compared after the
     last one. The models are copied, never modified.
+
+    Where the output is a ReLU's (nonnegative in the reference), an element that the model under test and
+    the reference disagree about -- zero in one, positive in the other, a pre-activation within rounding
+    of zero -- gets no upstream gradient, in that model's backward and in the reference backward it is
+    compared with (one reference backward per model). Such a flip is a coin toss of the dtype, not an
+    error of the code, and one flip among a few hundred elements moves a gradient by several percent.
     """
     ref64 = copy.deepcopy(ref).double().cpu().train(train)
     eager = copy.deepcopy(ref).to(device=device, dtype=dtype).train(train)
     fused = copy.deepcopy(fused).to(device=device, dtype=dtype).train(train)
     fused.load_state_dict(eager.state_dict())
     floor = floor_for(dtype, device)
-    results: dict[str, list[Tensor]] = {}
+    models = ((ref64, torch.float64, "cpu"), (eager, dtype, device), (fused, dtype, device))
+    results: list[dict[str, Tensor]] = []
+    ref_grads: list[dict[str, Tensor]] = []  # the reference's gradients for eager's and fused's upstream
     for _ in range(steps):
         runs = []
-        g64 = None
-        for model, model_dtype, model_device in ((ref64, torch.float64, "cpu"), (eager, dtype, device),
-                                                 (fused, dtype, device)):
+        for model, model_dtype, model_device in models:
             xi = x.detach().to(device=model_device, dtype=model_dtype).contiguous(memory_format=memory_format)
             xi.requires_grad_(grads)
             with torch.set_grad_enabled(grads):
-                out = model(xi)
-            record = {"output": out.detach()}
-            if grads:
-                if g64 is None:
-                    g64 = torch.randn(out.shape, dtype=torch.float64)
-                out.backward(g64.to(device=model_device, dtype=out.dtype))
-                record["grad input"] = xi.grad
-                for name, p in model.named_parameters():
-                    record[f"grad {name}"] = p.grad
+                runs.append((xi, model(xi)))
+        results = [{"output": out.detach()} for _, out in runs]
+        ref_grads = [{}, {}]
+        if not grads:
+            continue
+        ref_x, ref_out = runs[0]
+        g64 = torch.randn(ref_out.shape, dtype=torch.float64)
+        relu_output = bool((ref_out.detach() >= 0).all())
+        for k in (1, 2):
+            model, _, model_device = models[k]
+            xi, out = runs[k]
+            g = g64
+            if relu_output:
+                g = g64 * ((out.detach().double().cpu() > 0) == (ref_out.detach() > 0))
+            out.backward(g.to(device=model_device, dtype=out.dtype))
+            ref_out.backward(g, retain_graph=k == 1)
+            for rec, m, inp in ((results[k], model, xi), (ref_grads[k - 1], ref64, ref_x)):
+                rec["grad input"] = inp.grad
+                inp.grad = None
+                for name, p in m.named_parameters():
+                    rec[f"grad {name}"] = p.grad
                     p.grad = None
-            runs.append(record)
-        results = runs
     checks = []
     ref_rec, eager_rec, fused_rec = results
     if train:
         for (name, b64), (_, be), (_, bf) in zip(ref64.named_buffers(), eager.named_buffers(),
                                                  fused.named_buffers()):
             ref_rec[name], eager_rec[name], fused_rec[name] = b64, be, bf
-    for name, ref_t in ref_rec.items():
-        scale = _zero_grad_scale(name, ref_rec, ref64) if train else None
-        e = rel_err(eager_rec[name], ref_t, scale)
-        f = rel_err(fused_rec[name], ref_t, scale)
+    ref_for_eager, ref_for_fused = ({**ref_rec, **g} for g in ref_grads)
+    for name in ["output"] + list(ref_grads[0]) + [n for n in ref_rec if n != "output"]:
+        e_ref, f_ref = ref_for_eager[name], ref_for_fused[name]
+        e = rel_err(eager_rec[name], e_ref, _zero_grad_scale(name, ref_for_eager, ref64) if train else None)
+        f = rel_err(fused_rec[name], f_ref, _zero_grad_scale(name, ref_for_fused, ref64) if train else None)
         checks.append(Check(name, f, e, max(2 * e, floor)))
     return checks
 

@@ -51,6 +51,22 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 tests run in float32 (TF32 off, which the fused kernels follow as eager's convolutions
+    do): TF32's rounding moves pre-activations near zero across a ReLU, a coin toss that no bound on a
+    small block's gradients absorbs. TF32 itself is tested on its own (tests/test_block.py)."""
+    if not HAS_CUDA:
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.fixture
 def unpoisoned(monkeypatch):
     """Outputs allocated as a user's run allocates them: no NaN fill (which is a kernel launch too)."""

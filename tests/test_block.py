@@ -14,7 +14,7 @@ import torch
 import fused_resnet
 from fused_resnet import reference
 from fused_resnet.cases import SMALL_BLOCK_CASES
-from fused_resnet.testing import compare_models, failures, randomize_
+from fused_resnet.testing import compare_models, failures, randomize_, rel_err
 
 from tests.conftest import DEVICES, backends_for, device_dtype_params
 
@@ -73,6 +73,32 @@ def test_running_statistics_after_several_steps(device, dtype, backend, momentum
     stats = {c.name for c in checks}
     assert {"bn1.running_mean", "bn2.running_var", "bn2.num_batches_tracked"} <= stats
     assert not failures(checks), "\n".join(failures(checks))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", [p.values[2] for p in _params(True)
+                                     if p.values[0] == "cuda" and p.values[1] == torch.float32
+                                     and p.values[2] in ("triton", "cuda")])
+def test_float32_follows_the_tf32_switch(backend, train):
+    """cuDNN's TF32 switch (on by default in PyTorch, off in the other tests) is followed as eager's
+    convolutions follow it: on, the block matches the reference within the TF32 floor, gradients too
+    (three draws, compare_models); on and off give different bits, and off is float32-exact."""
+    case = SMALL_BLOCK_CASES[2]  # 13 channels: 117 products per output, enough for TF32 to round
+    fused, ref = _pair(case, backend)
+    x = torch.randn(case.input_shape)
+    torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores it
+    checks = compare_models(fused, ref, x, train=train, dtype=torch.float32, device="cuda")
+    assert not failures(checks), "\n".join(failures(checks))
+    fused.load_state_dict(ref.state_dict())
+    fused = fused.cuda().eval()
+    outs = {}
+    for tf32 in (True, False):
+        torch.backends.cudnn.allow_tf32 = tf32
+        with torch.no_grad():
+            outs[tf32] = fused(x.cuda()).cpu()
+    assert not torch.equal(outs[True], outs[False])
+    want = ref.double().eval()(x.double())
+    assert rel_err(outs[False], want) < 1e-5 < rel_err(outs[True], want)
 
 
 @pytest.mark.parametrize("device", DEVICES)

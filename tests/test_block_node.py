@@ -201,3 +201,12 @@ def test_block_train_rejects_bad_arguments():
     no_stats = config[:7] + [0, 1, 0]  # the first BN without batch statistics, and no running statistics
     with pytest.raises(RuntimeError, match="BN 0 without batch statistics needs running statistics"):
         op(tensors, kw, [None] * 3, [None] * 3, no_stats, ef)
+
+
+def test_extension_shares_torchs_libstdcxx():
+    """The extension links libstdc++ as the shared library torch uses (setup.py): built with a toolchain
+    that linked it statically, its own copy's streams could not format a number, and the error messages
+    above came out cut short (this machine) or crashed the process (the GPU machine's image)."""
+    import fused_resnet._C as ext
+    with open(ext.__file__, "rb") as f:
+        assert b"libstdc++.so.6" in f.read(), "libstdc++ is not a shared-library dependency of the extension"
