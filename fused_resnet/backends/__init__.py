@@ -38,10 +38,14 @@ BACKEND_NAMES = tuple(_MODULES)
 # CPU, float32 NCHW, batch 8, the 96-resize seed shapes, 2-core x86, torch 2.14.1, 2026-11-26 (providers
 # timed in interleaved rounds; benchmarks/results/2026-11-26-cpu-x86-2core): eval, cpp 0.97-1.02x eager;
 # train forward+backward, cpp 0.87-0.94x and torch 0.62-0.86x -- so CPU training takes the seed route.
+# H100, bfloat16 channels_last, torch 2.11, Triton 3.6, 2026-11-26 (benchmarks/results/2026-11-26-h100):
+# training, cuda 0.72-1.64x eager and triton 0.21-0.64x (whole ResNet-18/50: cuda 0.85x/0.72x) -- so an
+# unmeasured training shape takes the seed route, and a synchronized (fused-only) block the cuda backend;
+# eval, triton 0.64-1.57x (1.57x on ResNet-50 at batch 256, where the GPU rather than the host is busy).
 SEED_ROUTE = "seed"
 AUTO_ORDER = {
     ("cuda", "eval"): ("triton", "cuda", "torch"),
-    ("cuda", "train"): ("triton", "cuda", "torch"),
+    ("cuda", "train"): (SEED_ROUTE, "cuda", "triton", "torch"),
     ("cpu", "eval"): ("cpp", "torch"),
     ("cpu", "train"): (SEED_ROUTE,),
 }

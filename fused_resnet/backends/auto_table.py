@@ -7,6 +7,7 @@ value: a backend name, or "seed" for the seed route (no fused backend beat eager
 
 SOURCES = {
     'cpu': 'benchmarks/results/2026-11-26-cpu-x86-2core/results.json',
+    'cuda': 'benchmarks/results/2026-11-26-h100/results.jsonl',
 }
 
 BY_SHAPE = {
@@ -24,4 +25,20 @@ BY_SHAPE = {
     ('cpu', 'train', 'float32', 'nchw', 256, 256, 1, 6, 6, 8): 'seed',
     ('cpu', 'train', 'float32', 'nchw', 256, 512, 2, 6, 6, 8): 'seed',
     ('cpu', 'train', 'float32', 'nchw', 512, 512, 1, 3, 3, 8): 'seed',
+    ('cuda', 'eval', 'bfloat16', 'nhwc', 64, 64, 1, 56, 56, 32): 'seed',
+    ('cuda', 'eval', 'bfloat16', 'nhwc', 64, 64, 1, 56, 56, 64): 'triton',
+    ('cuda', 'eval', 'bfloat16', 'nhwc', 64, 128, 2, 56, 56, 32): 'cuda',
+    ('cuda', 'eval', 'bfloat16', 'nhwc', 128, 128, 1, 28, 28, 32): 'seed',
+    ('cuda', 'eval', 'bfloat16', 'nhwc', 128, 256, 2, 28, 28, 32): 'cuda',
+    ('cuda', 'eval', 'bfloat16', 'nhwc', 256, 256, 1, 14, 14, 32): 'cuda',
+    ('cuda', 'eval', 'bfloat16', 'nhwc', 256, 512, 2, 14, 14, 32): 'cuda',
+    ('cuda', 'eval', 'bfloat16', 'nhwc', 512, 512, 1, 7, 7, 32): 'cuda',
+    ('cuda', 'train', 'bfloat16', 'nhwc', 64, 64, 1, 56, 56, 32): 'seed',
+    ('cuda', 'train', 'bfloat16', 'nhwc', 64, 64, 1, 56, 56, 64): 'seed',
+    ('cuda', 'train', 'bfloat16', 'nhwc', 64, 128, 2, 56, 56, 32): 'seed',
+    ('cuda', 'train', 'bfloat16', 'nhwc', 128, 128, 1, 28, 28, 32): 'cuda',
+    ('cuda', 'train', 'bfloat16', 'nhwc', 128, 256, 2, 28, 28, 32): 'cuda',
+    ('cuda', 'train', 'bfloat16', 'nhwc', 256, 256, 1, 14, 14, 32): 'cuda',
+    ('cuda', 'train', 'bfloat16', 'nhwc', 256, 512, 2, 14, 14, 32): 'cuda',
+    ('cuda', 'train', 'bfloat16', 'nhwc', 512, 512, 1, 7, 7, 32): 'seed',
 }
