@@ -2,15 +2,18 @@
 # Everything GPU-only, in one call, on a machine with an NVIDIA GPU, this checkout, its own torch, Triton
 # and nvcc, and no package registry. The steps, most valuable first:
 #   env      environment facts (GPU, driver, nvcc, torch/Triton/CUDA versions, optional packages)
-#   build    the extension for this GPU's architecture only, while the Triton kernel variants of the
-#            benchmark suite and of the test shapes compile ahead of time in parallel (warm cache)
+#   build    the extension for this GPU's architecture only (or the one GPU_RUN_PREBUILT names), while
+#            the Triton kernel variants of the benchmark suite compile ahead of time in parallel
 #   tests-a  the CUDA extension's tests and the block on CUDA, both fused backends
-#   tests-b  the rest of the test suite on CUDA
 #   bench    benchmarks: eager and the fused backends (each case checked against float64 first)
+#   compile  benchmarks: torch.compile against eager (the head shape and the whole models)
+#   tests-b  the rest of the test suite on CUDA
 #   sanitize compute-sanitizer: memcheck on a fused forward+backward, racecheck on one CUDA conv launch
-#   compile  benchmarks: torch.compile against eager (the head shape and ResNet-18)
 #   autotune benchmarks: torch.compile max-autotune, if time remains
 #   report   the results table and plot, and the summary at the end of log.txt
+# The tests run in pytest-xdist processes where it is installed (the GPU machine has it): each Triton
+# variant JIT-compiles in the process that first needs it, in parallel. The first GPU run (2026-11-26)
+# compiled the tests' 579 variants ahead in 12 processes instead, which did not finish in 240 s.
 #
 # Usage: bash benchmarks/gpu_run.sh OUTDIR
 #   GPU_RUN_BUDGET_S  seconds for the whole run (default 510, inside a 9-minute call; with 240 the
@@ -18,10 +21,13 @@
 #   GPU_RUN_DRY=1     run every step on the CPU (Triton interpreter, the quick benchmarks, no sanitizer;
 #                     caps and budget x3): CI does, so the script has run end to end before it meets a GPU
 #   PYTHON            the interpreter (default python3)
+#   GPU_RUN_PREBUILT  a gzipped extension a previous run saved (OUTDIR/extension.so.gz): used instead of
+#                     building, when csrc/ has not changed since (a build takes minutes of device time)
+#   GPU_RUN_TEST_PROCS  pytest-xdist processes for the tests (default 12; 0: none)
 # Each step runs under `timeout -s INT` with a kill grace, so pytest prints its summary and writes its
 # XML when cut; a step gets at most its own cap and what is left of the budget after a reserve for the
 # report. Output: at most 8 files in OUTDIR (log.txt, results.jsonl, results.md, results.png,
-# kernels.md, logs.tar.gz with everything else). log.txt alone says what passed, what failed and the
+# kernels.md, extension.so.gz, logs.tar.gz with everything else). log.txt alone says what passed, what failed and the
 # headline speedups. Then copy OUTDIR to benchmarks/results/<date>-<gpu>/ and run
 #   python -m fused_resnet report benchmarks/results/<date>-<gpu>/results.jsonl --readme README.md \
 #     --auto-table fused_resnet/backends/auto_table.py
@@ -126,18 +132,23 @@ if [ "$DRY" = 1 ]; then
 else
   ARCH=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo "9.0")
   KARCH=$(echo "$ARCH" | tr -d .)
-  WARM_TESTS="tests"
+  WARM_TESTS=""   # the tests compile their variants in parallel themselves (xdist processes)
   WARM_SUITES="default"
-  if [ "$SHORT" = 1 ]; then WARM_TESTS=""; WARM_SUITES="short"; fi
+  if [ "$SHORT" = 1 ]; then WARM_SUITES="short"; fi
 fi
 if [ "$DRY" != 1 ] && [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 build_and_warm() {
   # The build uses a few cores (one nvcc per .cu file); meanwhile the Triton variants the later steps
   # need are listed and compiled ahead on the others, into Triton's cache (a test run on a new GPU would
   # otherwise JIT-compile some 300 variants one after another).
-  ( if [ -n "$ARCH" ]; then export TORCH_CUDA_ARCH_LIST=$ARCH; fi
-    MAX_JOBS=${MAX_JOBS:-4} $PY setup.py build_ext --inplace > "$LOGS/build-full.log" 2>&1
-    echo "build exit $?" ) &
+  ( if [ -n "${GPU_RUN_PREBUILT:-}" ]; then
+      so=$($PY -c "import sysconfig; print('fused_resnet/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
+      gunzip -c "$GPU_RUN_PREBUILT" > "$so" && echo "prebuilt extension: $GPU_RUN_PREBUILT -> $so"
+    else
+      if [ -n "$ARCH" ]; then export TORCH_CUDA_ARCH_LIST=$ARCH; fi
+      MAX_JOBS=${MAX_JOBS:-4} $PY setup.py build_ext --inplace > "$LOGS/build-full.log" 2>&1
+      echo "build exit $?"
+    fi ) &
   local build_pid=$!
   # The tests' variants: the test suite with every launch listed and none run (results are garbage and
   # failures expected; torch.compile tests left out: they would compile Inductor's kernels for nothing).
@@ -153,8 +164,13 @@ build_and_warm() {
       --json "$LOGS/kernels-$s.json" || echo "warm $s: some variants failed to compile"
   done
   wait $build_pid
-  grep -E "error|Error" "$LOGS/build-full.log" | head -n 20
-  grep -E "spill|stack frame" "$LOGS/build-full.log" | sort | uniq -c | sort -rn | head -n 5
+  if [ -f "$LOGS/build-full.log" ]; then
+    grep -E "error|Error" "$LOGS/build-full.log" | head -n 20
+    grep -E "spill|stack frame" "$LOGS/build-full.log" | sort | uniq -c | sort -rn | head -n 5
+    # saved for a later call to carry (GPU_RUN_PREBUILT), skipping the build
+    [ "$DRY" != 1 ] && gzip -c fused_resnet/_C*$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))") \
+      > "$OUT/extension.so.gz" 2>/dev/null
+  fi
   $PY -c "from fused_resnet.backends import extension as e; import sys; \
 print('extension:', 'CPU' if e.has_kernel('bn_act', 'CPU') else 'none', '+ CUDA' if e.has_kernel('bn_act', 'CUDA') \
 else '(no CUDA kernels)'); sys.exit(0 if e.has_ops() else 1)"
@@ -165,15 +181,13 @@ run_step build $([ "$SHORT" = 1 ] && echo 150 || echo 240) build_and_warm
 
 # ------------------------------------------------------------------------------------------------- tests
 PYTEST=($PY -m pytest -q -rfE --maxfail=25 -p no:cacheprovider)
+PROCS=${GPU_RUN_TEST_PROCS:-12}
+TEST_PROCS=()
+if [ "$PROCS" -gt 0 ] && $PY -c "import xdist" 2>/dev/null; then TEST_PROCS=(-n "$PROCS"); fi
 A_FILES="tests/test_ops.py tests/test_primitives.py tests/test_block.py"
 A_EXPR="cuda and (test_ops or test_primitives or test_block)"
-run_step tests-a 150 "${PYTEST[@]}" tests -k "$A_EXPR" --junitxml="$LOGS/tests-a.xml"
+run_step tests-a 150 "${PYTEST[@]}" "${TEST_PROCS[@]}" tests -k "$A_EXPR" --junitxml="$LOGS/tests-a.xml"
 skip() { say "=== $1: skipped ($2)"; printf '%s\tskipped (%s)\t0\t0\n' "$1" "$2" >> "$STATUS"; }
-if [ "$SHORT" = 1 ]; then skip tests-b "short budget"; else
-  # The dry run (CI, on the CPU) proves the step, on one file: CI's own test run covers the whole suite.
-  B_FILES=(tests); [ "$DRY" = 1 ] && B_FILES=(tests/test_block.py -m "not slow")
-  run_step tests-b 150 "${PYTEST[@]}" "${B_FILES[@]}" -k "not ($A_EXPR)" --junitxml="$LOGS/tests-b.xml"
-fi
 
 # ------------------------------------------------------------------------------------------- benchmarks
 if [ "$DRY" = 1 ]; then BENCH=(--bench-device cpu --bench-suite quick --bench-iters 3); \
@@ -186,6 +200,14 @@ bench() {  # bench NAME PROVIDERS: rows append to results.jsonl as they are meas
 export BENCH_ARGS="${BENCH[*]}" PYTEST_ARGS="${PYTEST[*]}"
 export -f bench
 run_step bench 200 bench bench "$FUSED"
+
+if [ "$SHORT" = 1 ]; then skip compile "short budget"; else run_step compile 200 bench compile "eager,compile"; fi
+
+if [ "$SHORT" = 1 ]; then skip tests-b "short budget"; else
+  # The dry run (CI, on the CPU) proves the step, on one file: CI's own test run covers the whole suite.
+  B_FILES=(tests); [ "$DRY" = 1 ] && B_FILES=(tests/test_block.py -m "not slow")
+  run_step tests-b 150 "${PYTEST[@]}" "${TEST_PROCS[@]}" "${B_FILES[@]}" -k "not ($A_EXPR)" --junitxml="$LOGS/tests-b.xml"
+fi
 
 sanitize() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=0 $PY benchmarks/sanitize_case.py --backends cuda,triton  # warm the Triton cache
@@ -209,7 +231,6 @@ elif ! command -v compute-sanitizer >/dev/null; then skip sanitize "compute-sani
 else run_step sanitize 180 sanitize
 fi
 
-if [ "$SHORT" = 1 ]; then skip compile "short budget"; else run_step compile 200 bench compile "eager,compile"; fi
 if [ "$DRY" = 1 ]; then skip autotune "dry run: max-autotune is a GPU provider"
 elif [ "$SHORT" = 1 ]; then skip autotune "short budget"
 else run_step autotune 240 bench autotune "eager,compile-max-autotune"
