@@ -122,12 +122,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if wrong else 0
 
 
+def _ms(v: Optional[float]) -> str:
+    return "" if v is None or v != v else f"{v:.3f}"
+
+
 def markdown_table(rows: list[dict], predicted: Optional[dict] = None) -> str:
     """Speedup table: one line per case and provider. ``host us`` is the host time of one call (on CUDA
-    the time to enqueue it); ``predicted ms`` the model of ``fused_resnet.predict`` (GPU runs, Triton)."""
+    the time to enqueue it); ``device ms`` the GPU's busy time per call (its kernels' durations, what the
+    call costs when the host keeps up; runs before it was measured leave it blank); ``predicted ms`` the
+    model of ``fused_resnet.predict`` (GPU runs, Triton)."""
     predicted = predicted or {}
     lines = ["| case | mode | dtype | format | provider | median ms (p20-p80) | speedup vs eager | host us | "
-             "floor ms | of floor | predicted ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "device ms | floor ms | of floor | predicted ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         provider = r["provider"] + (" (WRONG RESULT)" if r.get("check", "ok") != "ok" else "")
         host = r.get("host_us", float("nan"))
@@ -135,14 +141,15 @@ def markdown_table(rows: list[dict], predicted: Optional[dict] = None) -> str:
             else None
         lines.append(f"| {r['case']} | {r['mode']} | {r['dtype']} | {r['format']} | {provider} | "
                      f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | "
-                     f"{r['speedup_vs_eager']:.2f}x | {host:.0f} | {r['floor_ms']:.3f} | "
+                     f"{r['speedup_vs_eager']:.2f}x | {host:.0f} | {_ms(r.get('device_ms'))} | {r['floor_ms']:.3f} | "
                      f"{100 * r['floor_fraction']:.0f}% | {'' if pred is None else f'{pred:.3f}'} |")
     return "\n".join(lines)
 
 
 def speedup_matrix(rows: list[dict]) -> str:
     """The README's compact view: one line per case (case, mode, dtype, format), eager's median, and each
-    other provider's speedup over eager (a wrong result marked, a provider that did not run blank)."""
+    other provider's speedup over eager (a wrong result marked, a provider that did not run blank; a case
+    only eager ran left out)."""
     cases: dict[tuple, dict[str, dict]] = {}
     providers: list[str] = []
     for r in rows:
@@ -152,6 +159,8 @@ def speedup_matrix(rows: list[dict]) -> str:
     lines = ["| case | mode | dtype | format | eager ms | " + " | ".join(providers) + " |",
              "|---|---|---|---|---|" + "---|" * len(providers)]
     for (case, mode, dtype, fmt), by in cases.items():
+        if not set(by) - {"eager"}:
+            continue  # a case no other provider ran (a run cut short): nothing to compare
         eager = by.get("eager")
         cells = []
         for p in providers:
@@ -274,7 +283,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             predicted = predictions(json.load(f), rows)
     from .bench import CEILINGS_HOW
     table = (f"Measured on {title}.\n\n" + markdown_table(rows, predicted) + "\n\n" + CEILINGS_HOW +
-             " Host us: the host time of one call (on a GPU, the time it takes to enqueue its work)." +
+             " Host us: the host time of one call (on a GPU, the time it takes to enqueue its work)."
+             " Device ms: the GPU's busy time per call, its kernels' durations (torch.profiler); where the median"
+             " is close to the host time and far above this, the case measures the host, not the kernels." +
              (" Predicted: the launch-by-launch model of `fused_resnet/predict.py` from the compiled kernels' "
               "occupancy (`--kernels`)." if predicted else "") + "\n")
     side_by_side = backend_comparison(rows)
