@@ -216,7 +216,7 @@ import torch  # noqa: E402
 from ..base import new_output  # noqa: E402
 from .configs import elementwise_config  # noqa: E402
 from .conv import output_memory_format  # noqa: E402
-from .launch import launch  # noqa: E402
+from .launch import cdiv, launch, next_power_of_2  # noqa: E402
 
 BLOCK_T = 32            # partial rows a merge step reads at once
 MERGE_ROWS = 128        # rows one first-level program merges; a single level below this many
@@ -244,7 +244,7 @@ def _planar(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
 
 def _grid(m: int, c: int) -> tuple[tuple[int, int], int, int, int]:
     block_r, block_c, warps = elementwise_config(c)
-    return (triton.cdiv(m, block_r), triton.cdiv(c, block_c)), block_r, block_c, warps
+    return (cdiv(m, block_r), cdiv(c, block_c)), block_r, block_c, warps
 
 
 def launch_bn_merge(part_mean, part_m2, part_count):
@@ -253,8 +253,8 @@ def launch_bn_merge(part_mean, part_m2, part_count):
     dev = part_mean.device
     mean, m2 = new_output((1, c), torch.float32, dev), new_output((1, c), torch.float32, dev)
     count = new_output((1,), torch.float32, dev)
-    rows = max(BLOCK_T, triton.next_power_of_2(t))
-    launch(bn_merge_kernel, (1, triton.cdiv(c, FINALIZE_BLOCK_C)), (part_mean, part_m2, part_count, mean, m2, count, t, c),
+    rows = max(BLOCK_T, next_power_of_2(t))
+    launch(bn_merge_kernel, (1, cdiv(c, FINALIZE_BLOCK_C)), (part_mean, part_m2, part_count, mean, m2, count, t, c),
            dict(ROWS=rows, BLOCK_T=BLOCK_T, BLOCK_C=FINALIZE_BLOCK_C), num_warps=4, device=dev)
     return mean.view(c), m2.view(c), count
 
@@ -264,17 +264,17 @@ def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running
     dev = part_mean.device
     block_c = FINALIZE_BLOCK_C
     if t > MERGE_ROWS:  # first level: chunks of MERGE_ROWS tiles in parallel
-        chunks = triton.cdiv(t, MERGE_ROWS)
+        chunks = cdiv(t, MERGE_ROWS)
         merged = (new_output((chunks, c), torch.float32, dev), new_output((chunks, c), torch.float32, dev),
                   new_output((chunks,), torch.float32, dev))
-        launch(bn_merge_kernel, (chunks, triton.cdiv(c, block_c)),
+        launch(bn_merge_kernel, (chunks, cdiv(c, block_c)),
                (part_mean, part_m2, part_count, *merged, t, c),
                dict(ROWS=MERGE_ROWS, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
         part_mean, part_m2, part_count = merged
         t = chunks
     outs = [new_output((c,), torch.float32, dev) for _ in range(4)]
     update = running_mean is not None
-    launch(bn_finalize_kernel, (triton.cdiv(c, block_c),),
+    launch(bn_finalize_kernel, (cdiv(c, block_c),),
            (part_mean, part_m2, part_count, gamma, beta,
             running_mean if update else part_mean, running_var if update else part_m2, *outs,
             t, c, float(eps), float(momentum)),
@@ -311,18 +311,18 @@ def launch_bn_backward_reduce(grad, mask_src, z, mean, invstd):
     m = n * h * w
     _, block_r, block_c, warps = _grid(m, c)
     rows = max(block_r, REDUCE_ROWS // block_r * block_r)
-    tiles = triton.cdiv(m, rows)
+    tiles = cdiv(m, rows)
     dev = z.device
     psum = new_output((tiles, c), torch.float32, dev)
     psumx = new_output((tiles, c), torch.float32, dev)
-    launch(bn_relu_backward_reduce_kernel, (tiles, triton.cdiv(c, block_c)),
+    launch(bn_relu_backward_reduce_kernel, (tiles, cdiv(c, block_c)),
            (grad, mask_src, z, mean, invstd, psum, psumx, m, c, h * w, *gs, *ms, *zs),
            dict(ROWS=rows, BLOCK_R=block_r, BLOCK_C=block_c), num_warps=warps, device=dev)
     while True:  # merge the partial rows, MERGE_ROWS per program, until one row is left
-        chunks = triton.cdiv(tiles, MERGE_ROWS)
+        chunks = cdiv(tiles, MERGE_ROWS)
         shape = (chunks, c) if chunks > 1 else (c,)
         sums, sumsx = new_output(shape, torch.float32, dev), new_output(shape, torch.float32, dev)
-        launch(sum_partials_kernel, (chunks, triton.cdiv(c, block_c)), (psum, psumx, sums, sumsx, tiles, c),
+        launch(sum_partials_kernel, (chunks, cdiv(c, block_c)), (psum, psumx, sums, sumsx, tiles, c),
                dict(ROWS=MERGE_ROWS, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
         if chunks == 1:
             return sums, sumsx

@@ -204,7 +204,7 @@ import torch  # noqa: E402
 from ..base import new_output  # noqa: E402
 from ..packing import channels_dense_weight  # noqa: E402
 from .configs import conv_config, device_model  # noqa: E402
-from .launch import launch  # noqa: E402
+from .launch import cdiv, launch  # noqa: E402
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -266,7 +266,7 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
     none = empty()
     has_sc = sc_weight is not None
     sc_out = new_output((n, k, p, q), out_dtype, dev, fmt) if has_sc and sc_separate else empty()
-    tiles_m = triton.cdiv(m, cfg.BLOCK_M)
+    tiles_m = cdiv(m, cfg.BLOCK_M)
     sc_stats = bool(sc_stats) and has_sc and bool(sc_separate)
     stats = bool(stats) or sc_stats  # the shortcut's statistics share the main ones' tiles and counts
     if stats:
@@ -289,7 +289,7 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
         sc_wstrides = (0, 0)
     # fp32 follows cuDNN's TF32 switch as eager's convolutions do; 16-bit inputs take the default (MMA).
     precision = "ieee" if (x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32) else "tf32"
-    grid = (tiles_m * triton.cdiv(k, cfg.BLOCK_N),)
+    grid = (tiles_m * cdiv(k, cfg.BLOCK_N),)
     args = (
         x, weight, out,
         bias if bias is not None else none,

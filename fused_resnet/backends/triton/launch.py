@@ -30,6 +30,17 @@ SIZE_ARGS = ("N", "H", "W", "P", "Q", "M", "T", "HW", "SC_H", "SC_W")
 _INT32 = (-(2**31), 2**31 - 1)
 
 
+# Host-side arithmetic of the launchers, in plain Python: Triton 3.8's ``triton.cdiv`` and
+# ``triton.next_power_of_2`` are constexpr functions whose calls from host code cost microseconds each
+# (argument unwrapping), some two dozen times per training block.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """One kernel variant as the JIT sees it. ``args`` holds, per positional argument, ``("tensor",
