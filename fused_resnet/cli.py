@@ -190,7 +190,9 @@ def backend_comparison(rows: list[dict], ratio_pair: tuple[str, str] = ("fused-c
         ratio = ""
         if a in times and b in times:
             x = times[a] / times[b]
-            ratio = f"{x:.2f} ({'within' if x <= 1 + within else 'outside'} {100 * within:.0f}%)"
+            verdict = "faster" if x < 1 - within else ("within" if x <= 1 + within else "outside") + \
+                f" {100 * within:.0f}%"
+            ratio = f"{x:.2f} ({verdict})"
         lines.append(f"| {case} | {mode} | {dtype} | {fmt} | {fastest} | {ratio} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 

@@ -24,6 +24,8 @@ def test_backend_comparison_names_the_fastest_and_the_ratio():
     assert "| a |" in table[2] and "fused-triton" in table[2] and "1.08 (within 10%)" in table[2]
     assert "| b |" in table[3] and "1.25 (outside 10%)" in table[3]
     assert backend_comparison([r for r in ROWS if r["case"] == "c"]) == ""
+    faster = [_row("d", "fused-triton", 2.0, 2.0), _row("d", "fused-cuda", 1.0, 2.0)]
+    assert "| d |" in backend_comparison(faster).splitlines()[2] and "0.50 (faster)" in backend_comparison(faster)
 
 
 def test_speedup_matrix_marks_a_wrong_result():
