@@ -48,10 +48,11 @@ class TritonBackend(Backend):
         mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
         if in_scale is not None:
             in_mean, in_scale, in_shift = (as_f32(v) for v in (in_mean, in_scale, in_shift))
-        fn = ops.conv_fused_op if torch.compiler.is_compiling() else conv_kernels.launch_conv
-        return ConvOut(*fn(x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale,
-                           in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats,
-                           out_dtype or x.dtype, sc_stats))
+        args = (x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale, in_shift,
+                residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype or x.dtype, sc_stats)
+        if torch.compiler.is_compiling():
+            return ConvOut(*ops.conv_fused_op(*args))
+        return ConvOut(*conv_kernels.launch_conv(*args, distinct_placeholders=False))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
                     momentum) -> BNFold:

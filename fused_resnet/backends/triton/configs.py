@@ -144,6 +144,12 @@ def conv_config(in_channels: int, out_channels: int, m: int, positions: int, ker
     tuned = TUNED_CONV.get((in_channels, out_channels, positions, kernel, dtype))
     if tuned is not None:
         return tuned
+    return _modelled_conv_config(in_channels, out_channels, m, positions, kernel, dtype, device)
+
+
+@lru_cache(maxsize=4096)  # a pure function, asked at every launch: ~15 us of host time per call uncached
+def _modelled_conv_config(in_channels: int, out_channels: int, m: int, positions: int, kernel: int,
+                          dtype: torch.dtype, device: DeviceModel) -> ConvConfig:
     # K tiles of 128 bytes of channels (64 x 16-bit, 32 x fp32), fewer where the layer has fewer.
     cap_k = 32 if dtype == torch.float32 else 64
     block_k = _pow2_at_least_16(in_channels, cap_k)

@@ -249,9 +249,12 @@ def _needs_int64(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale, in_shift,
-                residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype, sc_stats=False):
+                residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype, sc_stats=False,
+                distinct_placeholders=True):
     """Allocate the outputs and launch ``conv_bn_act_kernel``; returns (out, shortcut, mean, m2, count,
-    shortcut mean, shortcut m2)."""
+    shortcut mean, shortcut m2). The outputs a call did not ask for are empty placeholders: distinct ones
+    for the custom op (its outputs must not alias), one shared one for eager callers (an allocation each
+    is host time: six per call at inference)."""
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
     p, q, m, cfg = conv_plan(x, weight, stride, padding)
@@ -260,10 +263,11 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
     dev = x.device
     out = new_output((n, k, p, q), out_dtype, dev, fmt)
 
-    def empty() -> torch.Tensor:  # a distinct placeholder per unused output (custom ops forbid aliasing)
-        return torch.empty(0, device=dev, dtype=torch.float32)
+    none = torch.empty(0, device=dev, dtype=torch.float32)
 
-    none = empty()
+    def empty() -> torch.Tensor:
+        return torch.empty(0, device=dev, dtype=torch.float32) if distinct_placeholders else none
+
     has_sc = sc_weight is not None
     sc_out = new_output((n, k, p, q), out_dtype, dev, fmt) if has_sc and sc_separate else empty()
     tiles_m = cdiv(m, cfg.BLOCK_M)
