@@ -279,7 +279,7 @@ def device_time_ms(step: Callable, inputs: list, device: str, iters: int = 5) ->
     """The GPU's busy time per call: the summed durations of the kernels (and copies) one call of ``step``
     runs, read by torch.profiler (CUPTI) over ``iters`` calls -- what the call would take if the host kept
     up. Where the host cannot (a small batch: eager's 56x56x64 block took 0.22 ms on the first GPU run,
-    its kernels a tenth of that), the median measures the host and this the kernels. NaN on the CPU, or
+    ten times its roofline floor), the median measures the host and this the kernels. NaN on the CPU, or
     where the profiler gives no device times."""
     if device != "cuda":
         return float("nan")
