@@ -139,20 +139,20 @@ def _compare_once(fused: nn.Module, ref: nn.Module, x: Tensor, *, train: bool, d
         ref_x, ref_out = runs[0]
         g64 = torch.randn(ref_out.shape, dtype=torch.float64)
         relu_output = bool((ref_out.detach() >= 0).all())
+        upstream = [g64 * ((runs[k][1].detach().double().cpu() > 0) == (ref_out.detach() > 0)) if relu_output
+                    else g64 for k in (1, 2)]
+        shared = torch.equal(*upstream)  # no flips in either model: one reference backward serves both
         for k in (1, 2):
             model, _, model_device = models[k]
             xi, out = runs[k]
-            g = g64
-            if relu_output:
-                g = g64 * ((out.detach().double().cpu() > 0) == (ref_out.detach() > 0))
+            g = upstream[k - 1]
             out.backward(g.to(device=model_device, dtype=out.dtype))
-            ref_out.backward(g, retain_graph=k == 1)
-            for rec, m, inp in ((results[k], model, xi), (ref_grads[k - 1], ref64, ref_x)):
-                rec["grad input"] = inp.grad
-                inp.grad = None
-                for name, p in m.named_parameters():
-                    rec[f"grad {name}"] = p.grad
-                    p.grad = None
+            _take_grads(results[k], model, xi)
+            if k == 1 or not shared:
+                ref_out.backward(g, retain_graph=k == 1 and not shared)
+                _take_grads(ref_grads[k - 1], ref64, ref_x)
+            else:
+                ref_grads[1] = dict(ref_grads[0])
     checks = []
     ref_rec, eager_rec, fused_rec = results
     if train:
@@ -166,6 +166,15 @@ def _compare_once(fused: nn.Module, ref: nn.Module, x: Tensor, *, train: bool, d
         f = rel_err(fused_rec[name], f_ref, _zero_grad_scale(name, ref_for_fused, ref64) if train else None)
         checks.append(Check(name, f, e, max(2 * e, floor)))
     return checks
+
+
+def _take_grads(record: dict[str, Tensor], model: nn.Module, x: Tensor) -> None:
+    """Move the input's and every parameter's gradient into ``record`` (clearing them for the next pass)."""
+    record["grad input"] = x.grad
+    x.grad = None
+    for name, p in model.named_parameters():
+        record[f"grad {name}"] = p.grad
+        p.grad = None
 
 
 def _zero_grad_scale(name: str, grads: dict[str, Tensor], model: nn.Module) -> Optional[float]:
