@@ -13,6 +13,9 @@ launches are listed on a machine without a GPU (``python -m fused_resnet kernels
 
 from __future__ import annotations
 
+import functools
+import operator
+import os
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,6 +155,112 @@ def counting() -> Iterator[Counter]:
         result.update(LAUNCHES - before)
 
 
+# ------------------------------------------------------------------------------------------ direct launches
+# ``kernel[grid](...)`` re-derives at every call what picks the compiled variant (each argument's
+# specialisation, the cache key, the options): ~30 us of Python per launch on a CI-class CPU, a dozen
+# launches per training block. The first launch of a variant goes through it; later launches whose
+# arguments key the same call that compiled kernel's launcher directly, with the arguments Triton's own
+# ``JITFunction.run`` passes it (the path ``CompiledKernel[grid]`` takes). The key is at least as fine as
+# the JIT's: each tensor's dtype and 16-byte alignment, every other argument's value, the constexprs,
+# warps, stages and device. Off under the interpreter (nothing compiled), while a launch hook is set (a
+# profiler such as Proton reads the JIT path's launch metadata), and with FUSED_RESNET_TRITON_DIRECT=0.
+# Recorders of ``offline.offline_launches()`` (Triton compiling for a GPU this machine does not have).
+OFFLINE: list = []
+
+
+def offline() -> bool:
+    """True while launches are recorded offline: the Triton backend takes CPU tensors as stand-ins."""
+    return bool(OFFLINE)
+
+
+DIRECT = os.environ.get("FUSED_RESNET_TRITON_DIRECT", "1") != "0"
+_DIRECT: dict[tuple, tuple] = {}      # key -> (compiled kernel, the constexpr/default tail of its arguments)
+_NO_DIRECT: set = set()               # ids of kernels whose launch returned no compiled kernel (interpreter)
+DIRECT_LAUNCHES: Counter = Counter()  # launches that took the direct path, per kernel (tests read it)
+
+
+_LAYOUTS: dict[tuple, tuple] = {}      # (kernel, argument types) -> getters of its tensors and its other args
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
+
+
+def forget_direct_launches() -> None:
+    """Drop every remembered compiled kernel (another driver became active)."""
+    _DIRECT.clear()
+    _NO_DIRECT.clear()
+    _LAYOUTS.clear()
+
+
+def _direct_key(fn, args: tuple, constexprs: dict, num_warps: int, num_stages: int, device: int) -> tuple:
+    types = tuple(map(type, args))
+    layout = _LAYOUTS.get((id(fn), types))
+    if layout is None:
+        is_tensor = [issubclass(t, torch.Tensor) for t in types]
+        picks = ([i for i, t in enumerate(is_tensor) if t], [i for i, t in enumerate(is_tensor) if not t])
+        layout = _LAYOUTS[(id(fn), types)] = tuple(
+            (lambda a, i=i[0]: (a[i],)) if len(i) == 1 else (lambda a: ()) if not i else operator.itemgetter(*i)
+            for i in picks)
+    tensors = layout[0](args)
+    misaligned = functools.reduce(operator.or_, map(_data_ptr, tensors), 0) & 15
+    # all 16-byte aligned (the usual case) in one test; else which ones are
+    aligned = True if not misaligned else tuple(p & 15 == 0 for p in map(_data_ptr, tensors))
+    return (id(fn), num_warps, num_stages, device, tuple(constexprs.items()), types, layout[1](args),
+            tuple(map(_dtype_of, tensors)), aligned)
+
+
+@functools.lru_cache(maxsize=None)
+def _runtime():
+    """Triton's driver config and runtime knobs (imported on the first launch)."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+    return driver, knobs.runtime
+
+
+def _hooks_idle(runtime) -> bool:
+    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    return all(h is None or not getattr(h, "calls", True) for h in hooks)
+
+
+def _remember(key: tuple, fn, compiled, nargs: int, constexprs: dict) -> None:
+    """Keep ``compiled`` for ``key`` when it carries what a direct launch needs."""
+    if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
+        _NO_DIRECT.add(id(fn))
+        return
+    import inspect
+    params = list(inspect.signature(fn.fn).parameters.values())
+    tail = tuple(constexprs[p.name] if p.name in constexprs else p.default for p in params[nargs:])
+    if any(v is inspect.Parameter.empty for v in tail):
+        _NO_DIRECT.add(id(fn))
+        return
+    _DIRECT[key] = (compiled, tail)
+
+
+def _run(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
+    if not DIRECT or id(kernel) in _NO_DIRECT:
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    if not hasattr(kernel, "device_caches"):   # the interpreter's functions: nothing is compiled
+        _NO_DIRECT.add(id(kernel))
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    driver, runtime = _runtime()
+    drv = driver.active
+    device = drv.get_current_device()
+    key = _direct_key(kernel, args, constexprs, num_warps, num_stages, device)
+    entry = _DIRECT.get(key)
+    if entry is None or not _hooks_idle(runtime):
+        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        if entry is None:
+            _remember(key, kernel, compiled, len(args), constexprs)
+        return
+    compiled, tail = entry
+    n = len(grid)
+    compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
+                 compiled.function, compiled.packed_metadata, None, runtime.launch_enter_hook,
+                 runtime.launch_exit_hook, *args, *tail)
+    DIRECT_LAUNCHES[kernel.fn.__name__] += 1
+
+
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int = 1,
            device: Optional[torch.device] = None) -> None:
     """Launch ``kernel[grid](*args, **constexprs)`` on ``device`` (the inputs' device)."""
@@ -166,6 +275,6 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int
     if device is not None and device.type == "cuda" and device.index is not None \
             and device.index != torch.cuda.current_device():
         with torch.cuda.device(device.index):
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            _run(kernel, grid, args, constexprs, num_warps, num_stages)
         return
-    kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+    _run(kernel, grid, args, constexprs, num_warps, num_stages)

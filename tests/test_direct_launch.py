@@ -1,0 +1,94 @@
+"""Direct Triton launches (``launch._run``): a launch whose arguments key an earlier one's compiled variant
+calls that variant's launcher without Triton's binder. Without a GPU, proven offline: Triton compiles for
+sm_90 and the launcher's arguments are recorded (``fused_resnet.backends.triton.offline``); with one,
+the direct and the JIT path must give the same bits."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import reference
+from fused_resnet.backends.triton import launch as L
+from fused_resnet.testing import randomize_
+
+from tests.conftest import HAS_CUDA
+
+pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
+                                reason="Triton needs a GPU or TRITON_INTERPRET=1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _key(*args, constexprs=None):
+    return L._direct_key(L, args, constexprs or {"A": 1}, 4, 1, 0)
+
+
+def test_direct_key_is_at_least_as_fine_as_the_jits_specialisation():
+    """What the JIT compiles a separate variant for must key separately: a tensor's dtype and 16-byte
+    alignment, an int's value (1, divisibility, width), an int against a float or a bool of equal
+    value, constexprs, warps, stages, device."""
+    buf = torch.empty(64)
+    a, b = buf[:8], buf[4:12]                 # b: 16 bytes in, aligned; c below is not
+    c = buf[1:9]
+    assert _key(a, 3) == _key(b, 3)
+    assert _key(a, 3) != _key(c, 3)
+    assert _key(a, 3) != _key(a.to(torch.float16), 3)
+    assert _key(a, 16) != _key(a, 32) and _key(a, 1) != _key(a, 2)
+    assert _key(a, 1) != _key(a, 1.0) and _key(a, 1) != _key(a, True)
+    assert _key(a, 3) != _key(a, 3, constexprs={"A": 2})
+    assert _key(a, c) != _key(a, a)           # which tensor is misaligned, not only whether one is
+    assert len({L._direct_key(L, (a,), {}, w, s, d) for w, s, d in [(4, 1, 0), (8, 1, 0), (4, 2, 0), (4, 1, 1)]}) == 4
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
+def test_direct_launches_pass_what_the_jit_passes_offline():
+    """Every kernel of a block's training step and inference call (both block kinds, float32 and
+    bfloat16, the two-level statistics merge), launched through ``kernel[grid]`` and directly: the same
+    compiled variant, grid and arguments. In a process with the interpreter off (Triton compiles for
+    sm_90, the launches are recorded); CI runs the same check with the GPU machine's Triton release."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-m", "fused_resnet.backends.triton.offline"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and ": OK;" in run.stdout, run.stdout + run.stderr[-3000:]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs without a GPU")
+def test_the_interpreter_never_takes_the_direct_path():
+    before = sum(L.DIRECT_LAUNCHES.values())
+    blk = randomize_(fused_resnet.Residual(4, 4, backend="triton")).eval()
+    with torch.no_grad():
+        for _ in range(2):
+            blk(torch.randn(1, 4, 4, 4))
+    assert sum(L.DIRECT_LAUNCHES.values()) == before
+    from fused_resnet.backends.triton.conv import conv_bn_act_kernel
+    assert id(conv_bn_act_kernel) in L._NO_DIRECT
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_and_jit_launches_give_the_same_bits(dtype, unpoisoned):
+    seed = randomize_(reference.Residual(16, 32, use_1x1conv=True, stride=2))
+    blk = fused_resnet.convert(copy.deepcopy(seed), backend="triton").cuda().to(dtype)
+    x = torch.randn(4, 16, 12, 12, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    results = {}
+    for direct in (False, True, True):
+        L.DIRECT = direct
+        try:
+            xi = x.clone().requires_grad_()
+            before = sum(L.DIRECT_LAUNCHES.values())
+            y = blk(xi)
+            y.float().square().sum().backward()
+            grads = [xi.grad] + [p.grad.clone() for p in blk.parameters()]
+            blk.zero_grad()
+            results.setdefault(direct, []).append((y.detach(), grads, sum(L.DIRECT_LAUNCHES.values()) - before))
+        finally:
+            L.DIRECT = True
+    (jit_y, jit_g, jit_direct), = results[False]
+    _, (y, g, direct_count) = results[True]
+    assert jit_direct == 0 and direct_count >= 12
+    assert torch.equal(jit_y, y) and all(torch.equal(a, b) for a, b in zip(jit_g, g))
