@@ -147,6 +147,12 @@ def providers(device: str, case: BenchCase, suite_name: str = "full") -> list[st
     if device == "cuda" and (suite_name == "full" or (head and case.mode == "eval" and not case.model)):
         names.append("compile-max-autotune")
     training = case.mode != "eval"
+    if suite_name == "host" and device == "cpu":
+        from .backends.triton.offline import possible
+        if possible():
+            # The Triton path a GPU call takes, up to the driver's launch call: Triton compiles each
+            # variant for sm_90 and the launches are recorded, not run (backends/triton/offline.py).
+            names.append("fused-triton-offline")
     for be in available_backends():
         if be == "triton" and device == "cpu":
             continue  # the Triton interpreter is a test tool, not a CPU implementation
@@ -191,6 +197,8 @@ def build_model(provider: str, case: BenchCase, device: str) -> nn.Module:
     if provider.endswith("+sync"):  # synchronized batch norm in a group of one process: what sync costs
         one_process_group(device)
         return convert(seed, backend=provider[len("fused-"):-len("+sync")], sync_batchnorm=True)
+    if provider == "fused-triton-offline":
+        return convert(seed, backend="triton")
     if provider.startswith("fused-"):
         return convert(seed, backend=provider[len("fused-"):])
     if provider == "compile":

@@ -92,3 +92,20 @@ def test_direct_and_jit_launches_give_the_same_bits(dtype, unpoisoned):
     _, (y, g, direct_count) = results[True]
     assert jit_direct == 0 and direct_count >= 12
     assert torch.equal(jit_y, y) and all(torch.equal(a, b) for a, b in zip(jit_g, g))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
+def test_host_suite_times_the_triton_path_offline(tmp_path):
+    """``bench --suite host`` with the interpreter off adds the Triton path a GPU call takes (offline
+    launches): rows timed, marked as not checked (nothing ran), and not counted as wrong."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "0"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, "-m", "fused_resnet", "bench", "--device", "cpu", "--suite", "host",
+                          "--threads", "1", "--iters", "4", "--rounds", "2", "--providers", "fused-triton-offline",
+                          "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    import json
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["provider"] == "fused-triton-offline"]
+    assert len(rows) == 4 and all(r["check"].startswith("not run") and r["host_us"] > 0 for r in rows)

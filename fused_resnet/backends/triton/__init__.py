@@ -16,7 +16,7 @@ from torch import Tensor
 from ..base import Backend, BNFold, ConvOut, as_f32
 from . import bn as bn_kernels, conv as conv_kernels, ops
 from .configs import interpreting
-from .launch import LAUNCHES, counting, executing, offline, recording
+from .launch import LAUNCHES, counting, executing, offline_active, recording
 
 __all__ = ["TritonBackend", "LAUNCHES", "counting", "recording"]
 
@@ -27,10 +27,10 @@ class TritonBackend(Backend):
     name = "triton"
 
     def available(self) -> bool:
-        return torch.cuda.is_available() or interpreting() or offline()
+        return torch.cuda.is_available() or interpreting() or offline_active()
 
     def supports(self, device_type: str, dtype: torch.dtype, training: bool) -> Optional[str]:
-        if device_type == "cpu" and not (interpreting() or offline()):
+        if device_type == "cpu" and not (interpreting() or offline_active()):
             return "it runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
         if device_type not in ("cuda", "cpu"):
             return f"it runs CUDA tensors, got a {device_type} tensor"

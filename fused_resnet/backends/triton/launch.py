@@ -168,7 +168,7 @@ def counting() -> Iterator[Counter]:
 OFFLINE: list = []
 
 
-def offline() -> bool:
+def offline_active() -> bool:
     """True while launches are recorded offline: the Triton backend takes CPU tensors as stand-ins."""
     return bool(OFFLINE)
 

@@ -118,17 +118,20 @@ class _Driver:
         return ty_to_cpp(ty)
 
 
+def possible() -> bool:
+    """Whether ``offline_launches`` can run in this process (compiled kernels, no CUDA device)."""
+    from . import conv
+    return type(conv.conv_bn_act_kernel).__name__ == "JITFunction" and not torch.cuda.is_available()
+
+
 @contextmanager
 def offline_launches(arch: int = 90, keep: bool = True) -> Iterator[Recorder]:
     """Triton compiles for sm_<arch> and records every launch inside the block (see the module)."""
     from triton.runtime.driver import driver
 
-    from . import conv
-    if type(conv.conv_bn_act_kernel).__name__ != "JITFunction":
-        raise RuntimeError("offline launches need the Triton kernels compiled, not interpreted: import "
-                           "fused_resnet.backends.triton with TRITON_INTERPRET unset")
-    if torch.cuda.is_available():
-        raise RuntimeError("offline launches are for machines without a CUDA device")
+    if not possible():
+        raise RuntimeError("offline launches need the Triton kernels compiled, not interpreted (import "
+                           "fused_resnet.backends.triton with TRITON_INTERPRET unset), and no CUDA device")
     recorder = Recorder(keep=keep)
     driver.set_active(_Driver(arch, recorder))
     _launch.forget_direct_launches()
