@@ -10,11 +10,21 @@ repacks, so a cached copy is never stale.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
-_PACKED = WeakIdKeyDictionary()
+# id(weight) -> (weak reference to it, its storage/version key, the packed copy). A plain dict keyed by
+# id, the entry dropped when the weight dies: a lookup is one dict probe (a WeakIdKeyDictionary builds a
+# weak reference per lookup, microseconds on every launch).
+_PACKED: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+
+
+def _forget(ident: int, ref: weakref.ref) -> None:
+    entry = _PACKED.get(ident)
+    if entry is not None and entry[0] is ref:
+        del _PACKED[ident]
 
 
 def is_channels_dense(w: Tensor) -> bool:
@@ -27,9 +37,10 @@ def channels_dense_weight(w: Tensor) -> Tensor:
     if is_channels_dense(w):
         return w
     key = (w.data_ptr(), w._version, w.dtype, w.shape)
-    entry = _PACKED.get(w)
-    if entry is not None and entry[0] == key:
-        return entry[1]
+    ident = id(w)
+    entry = _PACKED.get(ident)
+    if entry is not None and entry[0]() is w and entry[1] == key:
+        return entry[2]
     packed = w.detach().contiguous(memory_format=torch.channels_last)
-    _PACKED[w] = (key, packed)
+    _PACKED[ident] = (weakref.ref(w, lambda ref, ident=ident: _forget(ident, ref)), key, packed)
     return packed

@@ -227,10 +227,11 @@ FINALIZE_BLOCK_C = 64
 def plane_strides(t: torch.Tensor) -> Optional[tuple[int, int, int]]:
     """(stride_n, stride_c, stride_hw) when t's (H, W) plane is dense (NCHW, channels_last), else None."""
     _, _, h, w = t.shape
+    sn, sc, sh, sw = t.stride()
     if w == 1:
-        return t.stride(0), t.stride(1), t.stride(2)
-    if h == 1 or t.stride(2) == w * t.stride(3):
-        return t.stride(0), t.stride(1), t.stride(3)
+        return sn, sc, sh
+    if h == 1 or sh == w * sw:
+        return sn, sc, sw
     return None
 
 
