@@ -6,6 +6,7 @@
 #            the Triton kernel variants of the benchmark suite compile ahead of time in parallel
 #   tests-a  the CUDA extension's tests and the block on CUDA, both fused backends
 #   bench    benchmarks: eager and the fused backends (each case checked against float64 first)
+#   host     host time per block call (tiny blocks), Triton's direct launches on and off
 #   compile  benchmarks: torch.compile against eager (the head shape and the whole models)
 #   tests-b  the rest of the test suite on CUDA
 #   sanitize compute-sanitizer: memcheck on a fused forward+backward, racecheck on one CUDA conv launch
@@ -200,6 +201,18 @@ bench() {  # bench NAME PROVIDERS: rows append to results.jsonl as they are meas
 export BENCH_ARGS="${BENCH[*]}" PYTEST_ARGS="${PYTEST[*]}"
 export -f bench
 run_step bench 200 bench bench "$FUSED"
+
+# Host time per block call (tiny blocks, one thread): Triton's direct launches against its own launch path.
+host_times() {
+  local dev=cuda; [ "$DRY" = 1 ] && dev=cpu   # the CPU times the Triton path offline (interpreter off)
+  for direct in 1 0; do
+    echo "--- FUSED_RESNET_TRITON_DIRECT=$direct"
+    TRITON_INTERPRET=0 FUSED_RESNET_TRITON_DIRECT=$direct $PY -m fused_resnet bench --device $dev --suite host \
+      --threads 1 --iters 40 --rounds 10 --json "$LOGS/host-direct$direct.json" | grep -E "^\| [a-z0-9]" | cut -d'|' -f2-9
+  done
+}
+export -f host_times
+if [ "$SHORT" = 1 ]; then skip host "short budget"; else TAIL_LINES=40 run_step host 90 host_times; fi
 
 if [ "$SHORT" = 1 ]; then skip compile "short budget"; else run_step compile 200 bench compile "eager,compile"; fi
 
