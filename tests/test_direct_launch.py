@@ -44,6 +44,14 @@ def test_direct_key_is_at_least_as_fine_as_the_jits_specialisation():
     assert len({L._direct_key(L, (a,), {}, w, s, d) for w, s, d in [(4, 1, 0), (8, 1, 0), (4, 2, 0), (4, 1, 1)]}) == 4
 
 
+def test_direct_launches_only_on_checked_triton_releases(monkeypatch):
+    import triton
+    for version, checked in (("3.6.0", True), ("3.8.0", True), ("3.9.0", False), ("4.0.0+git1", False),
+                             ("3.10.0", False)):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert L._triton_checked() is checked, version
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
 def test_direct_launches_pass_what_the_jit_passes_offline():
     """Every kernel of a block's training step and inference call (both block kinds, float32 and

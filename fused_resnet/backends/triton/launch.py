@@ -163,7 +163,9 @@ def counting() -> Iterator[Counter]:
 # ``JITFunction.run`` passes it (the path ``CompiledKernel[grid]`` takes). The key is at least as fine as
 # the JIT's: each tensor's dtype and 16-byte alignment, every other argument's value, the constexprs,
 # warps, stages and device. Off under the interpreter (nothing compiled), while a launch hook is set (a
-# profiler such as Proton reads the JIT path's launch metadata), and with FUSED_RESNET_TRITON_DIRECT=0.
+# profiler such as Proton reads the JIT path's launch metadata), with a Triton release not in
+# CHECKED_TRITON, and with FUSED_RESNET_TRITON_DIRECT=0.
+
 # Recorders of ``offline.offline_launches()`` (Triton compiling for a GPU this machine does not have).
 OFFLINE: list = []
 
@@ -173,7 +175,20 @@ def offline_active() -> bool:
     return bool(OFFLINE)
 
 
-DIRECT = os.environ.get("FUSED_RESNET_TRITON_DIRECT", "1") != "0"
+# The Triton releases whose launch interface the offline check has passed (``JITFunction.run`` and
+# ``CompiledKernel.run`` as used below); another release takes Triton's own path until checked.
+CHECKED_TRITON = ((3, 6), (3, 7), (3, 8))
+
+
+def _triton_checked() -> bool:
+    import triton
+    try:
+        return tuple(int(p) for p in triton.__version__.split(".")[:2]) in CHECKED_TRITON
+    except ValueError:
+        return False
+
+
+DIRECT = os.environ.get("FUSED_RESNET_TRITON_DIRECT", "1") != "0" and _triton_checked()
 _DIRECT: dict[tuple, tuple] = {}      # key -> (compiled kernel, the constexpr/default tail of its arguments)
 _NO_DIRECT: set = set()               # ids of kernels whose launch returned no compiled kernel (interpreter)
 DIRECT_LAUNCHES: Counter = Counter()  # launches that took the direct path, per kernel (tests read it)
