@@ -8,6 +8,7 @@
 #   bench    benchmarks: eager and the fused backends (each case checked against float64 first)
 #   host     host time per block call (tiny blocks), Triton's direct launches on and off
 #   compile  benchmarks: torch.compile against eager (the head shape and the whole models)
+#   tune     the Triton tile table for the seed's 3x3 layers (benchmarks/tune_conv.py)
 #   tests-b  the rest of the test suite on CUDA
 #   sanitize compute-sanitizer: memcheck on a fused forward+backward, racecheck on one CUDA conv launch
 #   autotune benchmarks: torch.compile max-autotune, if time remains
@@ -186,7 +187,7 @@ PROCS=${GPU_RUN_TEST_PROCS:-12}
 TEST_PROCS=()
 if [ "$PROCS" -gt 0 ] && $PY -c "import xdist" 2>/dev/null; then TEST_PROCS=(-n "$PROCS"); fi
 A_FILES="tests/test_ops.py tests/test_primitives.py tests/test_block.py"
-A_EXPR="cuda and (test_ops or test_primitives or test_block)"
+A_EXPR="(cuda and (test_ops or test_primitives or test_block)) or test_direct_and_jit"
 run_step tests-a 150 "${PYTEST[@]}" "${TEST_PROCS[@]}" tests -k "$A_EXPR" --junitxml="$LOGS/tests-a.xml"
 skip() { say "=== $1: skipped ($2)"; printf '%s\tskipped (%s)\t0\t0\n' "$1" "$2" >> "$STATUS"; }
 
@@ -216,6 +217,15 @@ if [ "$SHORT" = 1 ]; then skip host "short budget"; else TAIL_LINES=40 run_step 
 
 if [ "$SHORT" = 1 ]; then skip compile "short budget"; else run_step compile 200 bench compile "eager,compile"; fi
 
+# The Triton tile table: each seed 3x3 layer (bf16, batch 32) under every no-spill candidate against the
+# heuristic; the entries that beat it are printed for configs.TUNED_CONV (commit them with the GPU's name).
+tune() {
+  if [ "$DRY" = 1 ]; then TRITON_INTERPRET=1 $PY -m benchmarks.tune_conv --smoke --jobs 2 --rounds 1
+  else $PY -m benchmarks.tune_conv --dtype bfloat16 --batch 32 --budget-s 100 --json "$LOGS/tune-bf16.json"; fi
+}
+export -f tune
+if [ "$SHORT" = 1 ]; then skip tune "short budget"; else TAIL_LINES=30 run_step tune 140 tune; fi
+
 if [ "$SHORT" = 1 ]; then skip tests-b "short budget"; else
   # The dry run (CI, on the CPU) proves the step, on one file: CI's own test run covers the whole suite.
   B_FILES=(tests); [ "$DRY" = 1 ] && B_FILES=(tests/test_block.py -m "not slow")
@@ -223,22 +233,23 @@ if [ "$SHORT" = 1 ]; then skip tests-b "short budget"; else
 fi
 
 sanitize() {
-  PYTORCH_NO_CUDA_MEMORY_CACHING=0 $PY benchmarks/sanitize_case.py --backends cuda,triton  # warm the Triton cache
+  PYTORCH_NO_CUDA_MEMORY_CACHING=0 $PY -m benchmarks.sanitize_case --backends cuda,triton  # warm the Triton cache
   echo "--- memcheck: fused forward+backward, cuda and triton backends"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT 100 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    $PY benchmarks/sanitize_case.py --backends cuda,triton
+    $PY -m benchmarks.sanitize_case --backends cuda,triton
   local mem=$?
   [ $mem -eq 124 ] && echo "memcheck: TIMED OUT after 100 s"
   echo "--- racecheck: one CUDA conv launch"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT 60 compute-sanitizer --tool racecheck --error-exitcode 3 \
-    $PY benchmarks/sanitize_case.py --backends cuda --one-conv
+    $PY -m benchmarks.sanitize_case --backends cuda --one-conv
   local race=$?
   [ $race -eq 124 ] && echo "racecheck: TIMED OUT after 60 s"
   echo "memcheck exit $mem, racecheck exit $race"
   [ $mem -eq 0 ] && [ $race -eq 0 ]
 }
 export -f sanitize
-if [ "$DRY" = 1 ]; then skip sanitize "dry run: no GPU"
+if [ "$DRY" = 1 ]; then  # the script without the sanitizer, on the CPU backend: it runs, its blocks are finite
+  run_step sanitize 60 $PY -m benchmarks.sanitize_case --device cpu --backends cpp
 elif [ "$SHORT" = 1 ]; then skip sanitize "short budget"
 elif ! command -v compute-sanitizer >/dev/null; then skip sanitize "compute-sanitizer not found"
 else run_step sanitize 180 sanitize

@@ -1,66 +1,157 @@
-"""Tune the Triton convolution's tile configuration for the seed's shapes on this GPU, and print the
-entries for ``TUNED_CONV`` in fused_resnet/backends/triton/configs.py (with the GPU and date beside).
+"""Tune the Triton convolution's tile configuration for the seed's 3x3 layers on this GPU, and print the
+entries for ``TUNED_CONV`` in fused_resnet/backends/triton/configs.py (keyed by architecture; the GPU,
+versions and date printed beside them).
 
-    python benchmarks/tune_conv.py [--dtype bfloat16] [--batch 64]
+    python -m benchmarks.tune_conv [--dtype bfloat16] [--batch 32] [--json OUT] [--budget-s 120]
+    TRITON_INTERPRET=1 python -m benchmarks.tune_conv --smoke    # CPU: the script's mechanics only
 
-Each candidate is installed in the table, the fused convolution of each seed layer (K1: conv1 with
-folded BN; K2: conv2 with the residual or the 1x1 shortcut) is timed with CUDA events over rotating
-inputs, and the fastest candidate per key is kept.
+Candidates are the tiles the kernel-quality tests hold to no spills (``configs.conv_tile_candidates``:
+3x3 convolutions at most 4 warps) x BLOCK_K x pipeline stages, within the architecture's shared memory.
+All of them are compiled first, in parallel (``fused_resnet kernels``' ahead-of-time compile fills
+Triton's cache), then each seed layer's inference convolution (K1: folded BN + ReLU) is timed with CUDA
+events under every candidate, interleaved with the heuristic's own choice. An entry is printed only
+where a candidate beats the heuristic by more than ``--margin`` (default 3%): elsewhere the heuristic
+stays. Every entry committed is run under the interpreter by the tests (``reachable_conv_configs``).
 """
 
 import argparse
 import datetime
 import itertools
+import json
+import os
+import statistics
 import sys
+import time
 
 import torch
+
+
+def candidates(dtype: torch.dtype, shared_limit: int, smoke: bool):
+    from fused_resnet.backends.triton import configs
+
+    out = []
+    for (bm, bn, warps), bk, stages in itertools.product(configs.conv_tile_candidates(3, dtype), (32, 64),
+                                                         (2, 3, 4)):
+        cfg = configs.ConvConfig(bm, bn, bk, 8, warps, stages)
+        if cfg.shared_bytes(dtype) <= shared_limit:
+            out.append(cfg)
+    return out[:2] if smoke else out
+
+
+def layers(batch: int, smoke: bool):
+    """(in_channels, out_channels, input size, stride) of the seed's 3x3 convolutions."""
+    from fused_resnet.cases import SEED_STAGES_224
+
+    if smoke:
+        return [(16, 16, 8, 1)]
+    out = []
+    for c, size in SEED_STAGES_224:
+        out.append((c, c, size, 1))
+        if c > 64:
+            out.append((c // 2, c, size * 2, 2))
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--json", default=None, help="write the measurements and entries here")
+    parser.add_argument("--budget-s", type=float, default=600.0, help="stop timing new layers after this")
+    parser.add_argument("--margin", type=float, default=0.03, help="a candidate must beat the heuristic by this")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per layer")
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--smoke", action="store_true", help="CPU under the Triton interpreter: one tiny layer, "
+                                                             "two candidates (the mechanics, not the timings)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("tune_conv needs a CUDA GPU")
-        return 1
+    start = time.time()
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke runs under the Triton interpreter: set TRITON_INTERPRET=1")
+            return 1
+        device, dtype, batch, iters = "cpu", torch.float32, 1, 2
+    else:
+        if not torch.cuda.is_available():
+            print("tune_conv needs a CUDA GPU (or --smoke on the CPU)")
+            return 1
+        device, dtype, batch, iters = "cuda", getattr(torch, args.dtype), args.batch, 20
     from fused_resnet.backends import get_backend
-    from fused_resnet.backends.triton import configs
+    from fused_resnet.backends.triton import configs, launch
     from fused_resnet.bench import time_step
-    from fused_resnet.cases import SEED_STAGES_224
 
-    dtype = getattr(torch, args.dtype)
+    model = configs.device_model(torch.device(device))
     be = get_backend("triton")
-    candidates = [configs.ConvConfig(bm, bn, bk, 8, w, s)
-                  for bm, bn, bk, w, s in itertools.product((64, 128), (64, 128), (32, 64), (4, 8), (3, 4))
-                  if not (bm == 64 and bn == 64 and w == 8)]
-    entries = []
-    for c, size in SEED_STAGES_224:
-        for cin, stride in ((c, 1), (c // 2, 2)) if c > 64 else ((c, 1),):
-            x = torch.randn(args.batch, cin, size * stride, size * stride, device="cuda", dtype=dtype)
-            x = x.contiguous(memory_format=torch.channels_last)
-            w = torch.randn(c, cin, 3, 3, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-            p = (x.shape[2] - 1) // stride + 1
-            key = (cin, c, p * p, 3, dtype)
-            best = None
-            for cfg in candidates:
-                configs.TUNED_CONV[key] = cfg
-                try:
-                    ms = time_step(lambda _: be.conv_fused(x, w, None, stride=stride, padding=1, relu=True),
-                                   [None], "cuda", warmup=3, iters=20).median_ms
-                except Exception as exc:  # a configuration this GPU cannot compile (shared memory, registers)
-                    print(f"  {key[:3]} {cfg}: {type(exc).__name__}")
-                    continue
-                if best is None or ms < best[0]:
-                    best = (ms, cfg)
-            configs.TUNED_CONV[key] = best[1]
-            entries.append((key, best))
-            print(f"{cin}->{c} {p}x{p} stride {stride}: {best[0]:.3f} ms with {best[1]}", flush=True)
-    print(f"\n# {torch.cuda.get_device_name()}, torch {torch.__version__}, {datetime.date.today()}, batch "
-          f"{args.batch}, channels_last")
-    for (cin, c, pq, k, dt), (ms, cfg) in entries:
-        print(f"    ({cin}, {c}, {pq}, {k}, torch.{args.dtype}): ConvConfig({cfg.BLOCK_M}, {cfg.BLOCK_N}, "
-              f"{cfg.BLOCK_K}, {cfg.GROUP_M}, {cfg.num_warps}, {cfg.num_stages}),  # {ms:.3f} ms")
+    cands = candidates(dtype, model.shared_bytes, args.smoke)
+    problems = []
+    for cin, cout, size, stride in layers(batch, args.smoke):
+        x = torch.randn(batch, cin, size, size, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        w = (torch.randn(cout, cin, 3, 3, device=device, dtype=dtype) / (3 * cin ** 0.5)).contiguous(
+            memory_format=torch.channels_last)
+        bn = tuple(torch.rand(cout, device=device) + 0.5 for _ in range(4)) + (1e-5,)
+        p = (size - 1) // stride + 1
+        problems.append(((cin, cout, p * p, 3, dtype), x, w, bn, stride))
+
+    def conv(x, w, bn, stride):
+        return be.conv_fused(x, w, None, stride=stride, padding=1, bn=bn, relu=True).out
+
+    # Every (layer, candidate) variant compiled ahead for this architecture, in parallel, into Triton's
+    # cache (with --smoke too: the compile is real, for the modelled sm_90, and must not fail).
+    from fused_resnet.kernel_report import compile_all
+    with launch.recording(execute=False) as rec:
+        for _, x, w, bn, stride in problems:
+            for cfg in cands:
+                with configs.forced_conv_config(cfg):
+                    conv(x, w, bn, stride)
+    specs = [s.to_json() for s in rec.specs]
+    failed = [r["error"] for r in compile_all(specs, model.arch, args.jobs) if "error" in r]
+    print(f"compiled {len(specs)} variants ahead for sm_{model.arch} in {time.time() - start:.0f} s, "
+          f"{len(failed)} failed" + (f": {failed[0]}" if failed else ""), flush=True)
+    if failed and args.smoke:
+        return 1
+
+    results, entries = [], []
+    for key, x, w, bn, stride in problems:
+        if time.time() - start > args.budget_s:
+            print(f"budget spent: {key[:3]} and later layers not tuned")
+            break
+        heuristic = configs.conv_config(key[0], key[1], x.shape[0] * key[2], key[2], 3, dtype, model)
+        times = {}
+        for _ in range(args.rounds):
+            for cfg in [None] + cands:
+                with configs.forced_conv_config(cfg or heuristic):
+                    try:
+                        ms = time_step(lambda _: conv(x, w, bn, stride), [None], device, warmup=1 if args.smoke else 3,
+                                       iters=iters).median_ms
+                    except Exception as exc:  # a candidate this GPU cannot run (resources)
+                        print(f"  {key[:3]} {cfg}: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+                        ms = float("inf")
+                times.setdefault(cfg, []).append(ms)
+        med = {cfg: statistics.median(v) for cfg, v in times.items()}
+        base = med.pop(None)
+        best_cfg = min(med, key=med.get)
+        best = med[best_cfg]
+        keep = best < base * (1 - args.margin) and best_cfg != heuristic
+        line = (f"{key[0]}->{key[1]} {int(key[2] ** 0.5)}x{int(key[2] ** 0.5)} stride {stride}: heuristic "
+                f"{heuristic} {base:.3f} ms; best {best_cfg} {best:.3f} ms ({base / best:.2f}x)"
+                + ("" if keep else " -- heuristic kept"))
+        print(line, flush=True)
+        results.append({"key": [*key[:4], str(dtype)], "heuristic": str(heuristic), "heuristic_ms": base,
+                        "best": str(best_cfg), "best_ms": best, "entry": keep})
+        if keep:
+            entries.append((key, best_cfg, best, base))
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter: timings meaningless)"
+    print(f"\n# {name} (sm_{model.arch}), torch {torch.__version__}, triton "
+          f"{__import__('triton').__version__}, {datetime.date.today()}, batch {batch}, channels_last, "
+          f"{len(entries)} of {len(results)} layers beat the heuristic")
+    dt = str(dtype).removeprefix("torch.")
+    for (cin, c, pq, k, _), cfg, ms, base in entries:
+        print(f"    ({cin}, {c}, {pq}, {k}, torch.{dt}, {model.arch}): ConvConfig({cfg.BLOCK_M}, {cfg.BLOCK_N}, "
+              f"{cfg.BLOCK_K}, {cfg.GROUP_M}, {cfg.num_warps}, {cfg.num_stages}),  # {ms:.3f} ms, heuristic {base:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "arch": model.arch, "batch": batch, "dtype": dt, "layers": results}, f,
+                      indent=1)
     return 0
 
 

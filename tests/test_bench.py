@@ -54,3 +54,25 @@ def test_device_time_is_the_gpus_busy_time_per_call():
     if HAS_CUDA:
         timing = measure("eager", case, "cuda", iters=10)
         assert 0 < timing.device_ms <= 1.05 * timing.median_ms
+
+
+def test_tile_tuner_runs_and_keeps_the_heuristic_unless_beaten(tmp_path):
+    """``python -m benchmarks.tune_conv --smoke`` (interpreter, one tiny layer, two candidates): it compiles its
+    candidates ahead for sm_90, times each against the heuristic's choice, and writes its findings; the
+    GPU run takes the same path with the seed's layers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "tune.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tune_conv", "--smoke", "--jobs", "2", "--rounds", "1",
+                          "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "compiled 2 variants ahead for sm_90" in run.stdout and ", 0 failed" in run.stdout, \
+        run.stdout[-2000:] + run.stderr[-2000:]
+    found = json.loads(out.read_text())
+    (layer,) = found["layers"]
+    assert layer["heuristic_ms"] > 0 and layer["best_ms"] > 0
+    beaten = layer["best_ms"] < 0.97 * layer["heuristic_ms"] and layer["best"] != layer["heuristic"]
+    assert layer["entry"] == beaten

@@ -89,10 +89,11 @@ def _itemsize(dtype: torch.dtype) -> int:
 # at 4; a 1x1 convolution (one tap) may take 8.
 MAX_WARPS_FLATTENED = 4
 
-# Tuned entries, keyed by (in_channels, out_channels, output positions per image, kernel size, dtype).
-# Filled from `python benchmarks/tune_conv.py` runs on the GPU named beside each entry (none yet); the
-# heuristic below serves every shape not listed.
-TUNED_CONV: dict[tuple[int, int, int, int, torch.dtype], ConvConfig] = {}
+# Tuned entries, keyed by (in_channels, out_channels, output positions per image, kernel size, dtype,
+# architecture as major * 10 + minor). Filled from `python -m benchmarks.tune_conv` runs on the GPU
+# named beside each entry (none yet; it prints only entries that beat the heuristic); the heuristic
+# below serves every shape and architecture not listed.
+TUNED_CONV: dict[tuple[int, int, int, int, torch.dtype, int], ConvConfig] = {}
 
 _FORCED: list[ConvConfig] = []
 
@@ -141,7 +142,7 @@ def conv_config(in_channels: int, out_channels: int, m: int, positions: int, ker
     for 132 SMs) takes smaller tiles that fill the machine."""
     if _FORCED:
         return _FORCED[-1]
-    tuned = TUNED_CONV.get((in_channels, out_channels, positions, kernel, dtype))
+    tuned = TUNED_CONV.get((in_channels, out_channels, positions, kernel, dtype, device.arch))
     if tuned is not None:
         return tuned
     return _modelled_conv_config(in_channels, out_channels, m, positions, kernel, dtype, device)
