@@ -10,6 +10,7 @@
 #   compile  benchmarks: torch.compile against eager (the head shape and the whole models)
 #   tune     the Triton tile table for the seed's 3x3 layers (benchmarks/tune_conv.py)
 #   tests-b  the rest of the test suite on CUDA
+#   ncu      Nsight Compute on one step of the head shape per backend and mode (eager beside)
 #   sanitize compute-sanitizer: memcheck on a fused forward+backward, racecheck on one CUDA conv launch
 #   autotune benchmarks: torch.compile max-autotune, if time remains
 #   report   the results table and plot, and the summary at the end of log.txt
@@ -26,6 +27,8 @@
 #   GPU_RUN_PREBUILT  a gzipped extension a previous run saved (OUTDIR/extension.so.gz): used instead of
 #                     building, when csrc/ has not changed since (a build takes minutes of device time)
 #   GPU_RUN_TEST_PROCS  pytest-xdist processes for the tests (default 12; 0: none)
+#   GPU_RUN_STEPS     comma-separated steps to run (env, build and report always run): a second call
+#                     runs what the first did not reach, e.g. GPU_RUN_STEPS=tests-b,ncu,sanitize
 # Each step runs under `timeout -s INT` with a kill grace, so pytest prints its summary and writes its
 # XML when cut; a step gets at most its own cap and what is left of the budget after a reserve for the
 # report. Output: at most 8 files in OUTDIR (log.txt, results.jsonl, results.md, results.png,
@@ -64,6 +67,11 @@ elapsed() { echo $(( $(date +%s) - START )); }
 # run_step NAME CAP COMMAND...: run under the budget; record ok / FAILED / timed out / skipped.
 run_step() {
   local name=$1 cap=$2; shift 2
+  case ",env,build,report,${GPU_RUN_STEPS:-$name}," in
+    *",$name,"*) ;;
+    *) say "=== $name: skipped (not in GPU_RUN_STEPS)"; printf '%s\tskipped (not selected)\t0\t0\n' "$name" >> "$STATUS"
+       return 0 ;;
+  esac
   local left=$(( BUDGET - $(elapsed) - RESERVE ))
   if [ "$left" -lt "$MIN_STEP" ]; then
     say "=== $name: skipped (out of time: ${left} s left of the budget)"
@@ -137,6 +145,8 @@ else
   WARM_TESTS=""   # the tests compile their variants in parallel themselves (xdist processes)
   WARM_SUITES="default"
   if [ "$SHORT" = 1 ]; then WARM_SUITES="short"; fi
+  # a call that runs no benchmark step needs no benchmark variants compiled ahead
+  case ",${GPU_RUN_STEPS:-bench}," in *,bench,*|*,compile,*|*,autotune,*) ;; *) WARM_SUITES="" ;; esac
 fi
 if [ "$DRY" != 1 ] && [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 build_and_warm() {
@@ -232,6 +242,24 @@ if [ "$SHORT" = 1 ]; then skip tests-b "short budget"; else
   run_step tests-b 150 "${PYTEST[@]}" "${TEST_PROCS[@]}" "${B_FILES[@]}" -k "not ($A_EXPR)" --junitxml="$LOGS/tests-b.xml"
 fi
 
+# Nsight Compute on one step of the head shape per backend and mode (eager's kernels beside the fused
+# ones): duration, throughput against the SM's and memory's peaks, occupancy, registers per kernel.
+ncu_profile() {
+  if [ "$DRY" = 1 ]; then $PY -m benchmarks.profile_case --device cpu --backends eager,cpp; return; fi
+  ncu --clock-control none --profile-from-start off --set basic --print-summary per-kernel \
+    $PY -m benchmarks.profile_case --backends eager,triton,cuda > "$LOGS/ncu-summary.txt" 2>&1
+  local rc=$?
+  grep -E "^  [A-Za-z_].*\(|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per" \
+    "$LOGS/ncu-summary.txt" | head -n 200
+  grep -E "ok$|NOT FINITE|==ERROR==|==WARNING==" "$LOGS/ncu-summary.txt" | head -n 20
+  return $rc
+}
+export -f ncu_profile
+if [ "$SHORT" = 1 ]; then skip ncu "short budget"
+elif [ "$DRY" != 1 ] && ! command -v ncu >/dev/null; then skip ncu "ncu not found"
+else TAIL_LINES=60 run_step ncu 120 ncu_profile
+fi
+
 sanitize() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=0 $PY -m benchmarks.sanitize_case --backends cuda,triton  # warm the Triton cache
   echo "--- memcheck: fused forward+backward, cuda and triton backends"
@@ -262,8 +290,11 @@ fi
 
 # ----------------------------------------------------------------------------------------------- report
 KJSON="$LOGS/kernels-${WARM_SUITES%% *}.json"
-RESERVE=0 MIN_STEP=5 TAIL_LINES=3 run_step report 60 \
-  $PY -m fused_resnet report "$OUT/results.jsonl" --out "$OUT/results" $([ -s "$KJSON" ] && echo --kernels "$KJSON")
+if [ -s "$OUT/results.jsonl" ]; then
+  RESERVE=0 MIN_STEP=5 TAIL_LINES=3 run_step report 60 \
+    $PY -m fused_resnet report "$OUT/results.jsonl" --out "$OUT/results" $([ -s "$KJSON" ] && echo --kernels "$KJSON")
+else skip report "no benchmark rows"
+fi
 # kernels.md: what the sm_<arch> compiler made of the benchmark suite's Triton variants (the warm step)
 $PY benchmarks/gpu_run_summary.py "$OUT" --kernels "$KJSON" > "$OUT/kernels.md" \
   2>/dev/null || rm -f "$OUT/kernels.md"
