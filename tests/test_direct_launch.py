@@ -44,6 +44,27 @@ def test_direct_key_is_at_least_as_fine_as_the_jits_specialisation():
     assert len({L._direct_key(L, (a,), {}, w, s, d) for w, s, d in [(4, 1, 0), (8, 1, 0), (4, 2, 0), (4, 1, 1)]}) == 4
 
 
+def test_remembered_variants_take_constexprs_then_defaults_and_stay_bounded(monkeypatch):
+    """The argument tail a direct launch appends: the call's constexprs, else the parameters' defaults
+    (what the JIT's binder fills in); the table starts afresh past ``MAX_DIRECT`` entries."""
+    from types import SimpleNamespace
+
+    def kernel_fn(x_ptr, n, BLOCK, FLAG=False, EXTRA=7):
+        pass
+
+    kernel = SimpleNamespace(fn=kernel_fn)
+    compiled = SimpleNamespace(run=None, function=1, packed_metadata=None)
+    monkeypatch.setattr(L, "_DIRECT", {})
+    monkeypatch.setattr(L, "MAX_DIRECT", 3)
+    for i in range(7):
+        L._remember(("k", i), kernel, compiled, 2, {"BLOCK": 64, "EXTRA": 9})
+        assert 1 <= len(L._DIRECT) <= 3
+    assert L._DIRECT[("k", 6)] == (compiled, (64, False, 9))
+    L._remember(("k", "no BLOCK"), kernel, compiled, 2, {})      # a required constexpr missing: never direct
+    assert ("k", "no BLOCK") not in L._DIRECT and id(kernel) in L._NO_DIRECT
+    L._NO_DIRECT.discard(id(kernel))
+
+
 def test_direct_launches_only_on_checked_triton_releases(monkeypatch):
     import triton
     for version, checked in (("3.6.0", True), ("3.8.0", True), ("3.9.0", False), ("4.0.0+git1", False),

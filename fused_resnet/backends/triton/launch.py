@@ -192,6 +192,7 @@ DIRECT = os.environ.get("FUSED_RESNET_TRITON_DIRECT", "1") != "0" and _triton_ch
 _DIRECT: dict[tuple, tuple] = {}      # key -> (compiled kernel, the constexpr/default tail of its arguments)
 _NO_DIRECT: set = set()               # ids of kernels whose launch returned no compiled kernel (interpreter)
 DIRECT_LAUNCHES: Counter = Counter()  # launches that took the direct path, per kernel (tests read it)
+MAX_DIRECT = 4096                     # remembered variants-with-sizes before the table starts afresh
 
 
 _LAYOUTS: dict[tuple, tuple] = {}      # (kernel, argument types) -> getters of its tensors and its other args
@@ -247,6 +248,9 @@ def _remember(key: tuple, fn, compiled, nargs: int, constexprs: dict) -> None:
     if any(v is inspect.Parameter.empty for v in tail):
         _NO_DIRECT.add(id(fn))
         return
+    if len(_DIRECT) >= MAX_DIRECT:  # sizes key entries too: a workload of ever new shapes starts afresh
+        _DIRECT.clear()
+        _LAYOUTS.clear()
     _DIRECT[key] = (compiled, tail)
 
 
