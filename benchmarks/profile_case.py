@@ -1,5 +1,5 @@
-"""One step of the head shape (the seed's 56x56x64 block, bf16 channels_last) per backend and mode, inside
-the CUDA profiler's range, for Nsight Compute (what gpu_run.sh's ncu step runs):
+"""One step of the head shape (the seed's 56x56x64 block, bf16 channels_last; ``--shape`` another identity
+block) per backend and mode, inside the CUDA profiler's range, for Nsight Compute (gpu_run.sh's ncu step):
 
     ncu --clock-control none --profile-from-start off --set basic --print-summary per-kernel \
         python -m benchmarks.profile_case --backends eager,triton,cuda
@@ -26,6 +26,8 @@ def main() -> int:
                         help="eager (the seed's modules) and fused backend names")
     parser.add_argument("--modes", default="eval,train")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--shape", default="64,56", help="channels,size of an identity block (default the head "
+                                                         "shape; e.g. 512,7 for the last stage)")
     parser.add_argument("--iters", type=int, default=1, help="profiled steps per backend and mode")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: float32 NCHW at 16x16, no profiler (proves the script)")
@@ -36,10 +38,12 @@ def main() -> int:
         return 1
     dtype = torch.bfloat16 if cuda else torch.float32
     fmt = torch.channels_last if cuda else torch.contiguous_format
-    size = 56 if cuda else 16
+    channels, size = (int(v) for v in args.shape.split(","))
+    size = size if cuda else min(size, 16)
     torch.manual_seed(0)
-    seed = randomize_(reference.Residual(64, 64)).to(args.device, dtype).to(memory_format=fmt)
-    x = torch.randn(args.batch, 64, size, size, device=args.device, dtype=dtype).contiguous(memory_format=fmt)
+    seed = randomize_(reference.Residual(channels, channels)).to(args.device, dtype).to(memory_format=fmt)
+    x = torch.randn(args.batch, channels, size, size, device=args.device, dtype=dtype).contiguous(
+        memory_format=fmt)
     ran = 0
     for name in args.backends.split(","):
         if name != "eager" and name not in fused_resnet.available_backends():
