@@ -151,7 +151,7 @@ def offline_launches(arch: int = 90, keep: bool = True) -> Iterator[Recorder]:
 
 
 def _forget_backend_choices() -> None:
-    """The Triton backend's availability and the backend choices change with ``active()``."""
+    """The Triton backend's availability and the backend choices change with ``launch.offline_active()``."""
     from .. import _LOADED, _resolve_cached
     _LOADED.pop("triton", None)
     _resolve_cached.cache_clear()
