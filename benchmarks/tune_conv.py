@@ -9,9 +9,10 @@ Candidates are the tiles the kernel-quality tests hold to no spills (``configs.c
 3x3 convolutions at most 4 warps) x BLOCK_K x pipeline stages, within the architecture's shared memory.
 All of them are compiled first, in parallel (``fused_resnet kernels``' ahead-of-time compile fills
 Triton's cache), then each seed layer's inference convolution (K1: folded BN + ReLU) is timed with CUDA
-events under every candidate, interleaved with the heuristic's own choice. An entry is printed only
-where a candidate beats the heuristic by more than ``--margin`` (default 3%): elsewhere the heuristic
-stays. Every entry committed is run under the interpreter by the tests (``reachable_conv_configs``).
+events under every candidate, interleaved with the current choice (the table's entry, else the
+heuristic's). An entry is printed only where a candidate beats it by more than ``--margin`` (default
+3%): elsewhere the current choice stays. Every entry committed is run under the interpreter by the
+tests (``reachable_conv_configs``).
 """
 
 import argparse
@@ -58,7 +59,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--json", default=None, help="write the measurements and entries here")
     parser.add_argument("--budget-s", type=float, default=600.0, help="stop timing new layers after this")
-    parser.add_argument("--margin", type=float, default=0.03, help="a candidate must beat the heuristic by this")
+    parser.add_argument("--margin", type=float, default=0.03, help="a candidate must beat the current choice by this")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per layer")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--smoke", action="store_true", help="CPU under the Triton interpreter: one tiny layer, "
@@ -115,11 +116,12 @@ def main() -> int:
         if time.time() - start > args.budget_s:
             print(f"budget spent: {key[:3]} and later layers not tuned")
             break
-        heuristic = configs.conv_config(key[0], key[1], x.shape[0] * key[2], key[2], 3, dtype, model)
+        # the configuration a launch takes today: the table's entry if any, else the heuristic's
+        current = configs.conv_config(key[0], key[1], x.shape[0] * key[2], key[2], 3, dtype, model)
         times = {}
         for _ in range(args.rounds):
             for cfg in [None] + cands:
-                with configs.forced_conv_config(cfg or heuristic):
+                with configs.forced_conv_config(cfg or current):
                     try:
                         ms = time_step(lambda _: conv(x, w, bn, stride), [None], device, warmup=1 if args.smoke else 3,
                                        iters=iters).median_ms
@@ -131,23 +133,23 @@ def main() -> int:
         base = med.pop(None)
         best_cfg = min(med, key=med.get)
         best = med[best_cfg]
-        keep = best < base * (1 - args.margin) and best_cfg != heuristic
-        line = (f"{key[0]}->{key[1]} {int(key[2] ** 0.5)}x{int(key[2] ** 0.5)} stride {stride}: heuristic "
-                f"{heuristic} {base:.3f} ms; best {best_cfg} {best:.3f} ms ({base / best:.2f}x)"
-                + ("" if keep else " -- heuristic kept"))
+        keep = best < base * (1 - args.margin) and best_cfg != current
+        line = (f"{key[0]}->{key[1]} {int(key[2] ** 0.5)}x{int(key[2] ** 0.5)} stride {stride}: current "
+                f"{current} {base:.3f} ms; best {best_cfg} {best:.3f} ms ({base / best:.2f}x)"
+                + ("" if keep else " -- kept"))
         print(line, flush=True)
-        results.append({"key": [*key[:4], str(dtype)], "heuristic": str(heuristic), "heuristic_ms": base,
+        results.append({"key": [*key[:4], str(dtype)], "current": str(current), "current_ms": base,
                         "best": str(best_cfg), "best_ms": best, "entry": keep})
         if keep:
             entries.append((key, best_cfg, best, base))
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter: timings meaningless)"
     print(f"\n# {name} (sm_{model.arch}), torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}, {datetime.date.today()}, batch {batch}, channels_last, "
-          f"{len(entries)} of {len(results)} layers beat the heuristic")
+          f"{len(entries)} of {len(results)} layers beat the current choice")
     dt = str(dtype).removeprefix("torch.")
     for (cin, c, pq, k, _), cfg, ms, base in entries:
         print(f"    ({cin}, {c}, {pq}, {k}, torch.{dt}, {model.arch}): ConvConfig({cfg.BLOCK_M}, {cfg.BLOCK_N}, "
-              f"{cfg.BLOCK_K}, {cfg.GROUP_M}, {cfg.num_warps}, {cfg.num_stages}),  # {ms:.3f} ms, heuristic {base:.3f}")
+              f"{cfg.BLOCK_K}, {cfg.GROUP_M}, {cfg.num_warps}, {cfg.num_stages}),  # {ms:.3f} ms, was {base:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "arch": model.arch, "batch": batch, "dtype": dt, "layers": results}, f,

@@ -56,9 +56,9 @@ def test_device_time_is_the_gpus_busy_time_per_call():
         assert 0 < timing.device_ms <= 1.05 * timing.median_ms
 
 
-def test_tile_tuner_runs_and_keeps_the_heuristic_unless_beaten(tmp_path):
+def test_tile_tuner_runs_and_keeps_the_current_choice_unless_beaten(tmp_path):
     """``python -m benchmarks.tune_conv --smoke`` (interpreter, one tiny layer, two candidates): it compiles its
-    candidates ahead for sm_90, times each against the heuristic's choice, and writes its findings; the
+    candidates ahead for sm_90, times each against the current choice, and writes its findings; the
     GPU run takes the same path with the seed's layers."""
     import json
     import os
@@ -73,6 +73,6 @@ def test_tile_tuner_runs_and_keeps_the_heuristic_unless_beaten(tmp_path):
         run.stdout[-2000:] + run.stderr[-2000:]
     found = json.loads(out.read_text())
     (layer,) = found["layers"]
-    assert layer["heuristic_ms"] > 0 and layer["best_ms"] > 0
-    beaten = layer["best_ms"] < 0.97 * layer["heuristic_ms"] and layer["best"] != layer["heuristic"]
+    assert layer["current_ms"] > 0 and layer["best_ms"] > 0
+    beaten = layer["best_ms"] < 0.97 * layer["current_ms"] and layer["best"] != layer["current"]
     assert layer["entry"] == beaten
