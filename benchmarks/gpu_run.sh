@@ -227,8 +227,8 @@ if [ "$SHORT" = 1 ]; then skip host "short budget"; else TAIL_LINES=40 run_step 
 
 if [ "$SHORT" = 1 ]; then skip compile "short budget"; else run_step compile 200 bench compile "eager,compile"; fi
 
-# The Triton tile table: each seed 3x3 layer (bf16, batch 32) under every no-spill candidate against the
-# heuristic; the entries that beat it are printed for configs.TUNED_CONV (commit them with the GPU's name).
+# The Triton tile table: each seed 3x3 layer (bf16, batch 32) under every no-spill candidate against the current
+# choice; the entries that beat it are printed for configs.TUNED_CONV (commit them with the GPU's name).
 tune() {
   if [ "$DRY" = 1 ]; then TRITON_INTERPRET=1 $PY -m benchmarks.tune_conv --smoke --jobs 2 --rounds 1
   else $PY -m benchmarks.tune_conv --dtype bfloat16 --batch 32 --budget-s 100 --json "$LOGS/tune-bf16.json"; fi
