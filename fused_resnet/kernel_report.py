@@ -145,6 +145,8 @@ def _standin(arg: list):
         return t[:64] if arg[2] else t[1:]  # the data pointer's 16-byte alignment is what is specialised
     if kind == "int":
         return int(arg[1])
+    if kind == "none":
+        return None
     return 1.5
 
 

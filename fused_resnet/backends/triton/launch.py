@@ -47,7 +47,8 @@ def next_power_of_2(n: int) -> int:
 @dataclass(frozen=True)
 class LaunchSpec:
     """One kernel variant as the JIT sees it. ``args`` holds, per positional argument, ``("tensor",
-    dtype, aligned16)``, ``("int", value)`` or ``("float",)``; ``constexprs`` the compile-time values."""
+    dtype, aligned16)``, ``("int", value)``, ``("float",)`` or ``("none",)`` (a pointer the variant does
+    not use: a constexpr None to the JIT); ``constexprs`` the compile-time values."""
 
     kernel: str                      # "module:qualname"
     args: tuple
@@ -70,6 +71,8 @@ class LaunchSpec:
 
 
 def _arg_spec(value: Any) -> tuple:
+    if value is None:
+        return ("none",)
     if isinstance(value, torch.Tensor):
         return ("tensor", str(value.dtype).removeprefix("torch."), value.data_ptr() % 16 == 0)
     if isinstance(value, bool):
