@@ -76,7 +76,8 @@ def test_direct_launches_only_on_checked_triton_releases(monkeypatch):
 @pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
 def test_direct_launches_pass_what_the_jit_passes_offline():
     """Every kernel of a block's training step and inference call (both block kinds, float32 and
-    bfloat16, the two-level statistics merge), launched through ``kernel[grid]`` and directly: the same
+    bfloat16, channels_last, NCHW and a misaligned input, the two-level statistics merge), launched
+    through ``kernel[grid]`` and directly: the same
     compiled variant, grid and arguments. In a process with the interpreter off (Triton compiles for
     sm_90, the launches are recorded); CI runs the same check with the GPU machine's Triton release."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

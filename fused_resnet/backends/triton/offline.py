@@ -175,9 +175,9 @@ def _same(a, b) -> bool:
 
 
 def _block_steps(dtype: torch.dtype) -> Iterator[str]:
-    """A training step and an inference call of both seed block kinds on the Triton backend; a larger
-    image (more statistics tiles than one merge program takes: the two-level merge) and the
-    synchronized batch norm's merge of partial statistics."""
+    """A training step and an inference call of both seed block kinds on the Triton backend (channels
+    last, NCHW, an input not 16-byte aligned); a larger image (more statistics tiles than one merge
+    program takes: the two-level merge) and the synchronized batch norm's merge of partial statistics."""
     import copy
 
     import fused_resnet
@@ -187,11 +187,17 @@ def _block_steps(dtype: torch.dtype) -> Iterator[str]:
     from . import bn
 
     gen = torch.Generator().manual_seed(0)
-    for stride, out, size in ((1, 8, 8), (2, 16, 8), (1, 8, 96)):
+    cases = [(1, 8, 8, "nhwc"), (2, 16, 8, "nhwc"), (1, 8, 96, "nhwc"), (2, 16, 8, "nchw"),
+             (1, 8, 8, "misaligned")]
+    for stride, out, size, layout in cases:
         seed = randomize_(reference.Residual(8, out, use_1x1conv=stride > 1, stride=stride), gen)
         block = fused_resnet.convert(copy.deepcopy(seed), backend="triton").to(dtype)
-        x = torch.randn(2, 8, size, size, generator=gen).to(dtype).to(memory_format=torch.channels_last)
-        name = f"stride {stride} {size}x{size} {str(dtype).removeprefix('torch.')}"
+        x = torch.randn(2, 8, size, size, generator=gen).to(dtype)
+        if layout == "misaligned":  # an input whose data starts 1 element into its storage (not 16-byte aligned)
+            x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
+        elif layout == "nhwc":
+            x = x.to(memory_format=torch.channels_last)
+        name = f"stride {stride} {size}x{size} {layout} {str(dtype).removeprefix('torch.')}"
         block.train()
         y = block(x.requires_grad_())
         y.float().square().sum().backward()
