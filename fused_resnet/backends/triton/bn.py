@@ -277,7 +277,7 @@ def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running
     update = running_mean is not None
     launch(bn_finalize_kernel, (cdiv(c, block_c),),
            (part_mean, part_m2, part_count, gamma, beta,
-            running_mean if update else part_mean, running_var if update else part_m2, *outs,
+            running_mean if update else None, running_var if update else None, *outs,
             t, c, float(eps), float(momentum)),
            dict(UPDATE=update, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
     return tuple(outs)
@@ -296,8 +296,8 @@ def launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype, res_mea
     res_bn = residual is not None and res_scale is not None
     grid, block_r, block_c, warps = _grid(n * h * w, c)
     launch(bn_add_relu_kernel, grid,
-           (z, mean, scale, shift, residual if residual is not None else z,
-            res_mean if res_bn else mean, res_scale if res_bn else scale, res_shift if res_bn else shift, out,
+           (z, mean, scale, shift, residual,  # unused pointers as None: constexprs, nothing to read
+            res_mean if res_bn else None, res_scale if res_bn else None, res_shift if res_bn else None, out,
             n * h * w, c, h * w, *zs, *rs, *os_),
            dict(HAS_RES=residual is not None, RES_BN=res_bn, RELU=bool(relu), BLOCK_R=block_r, BLOCK_C=block_c),
            num_warps=warps, device=z.device)
@@ -341,7 +341,7 @@ def launch_bn_backward_apply(grad, mask_src, z, mean, invstd, scale, sum_g, sum_
     _, ds = _planar(dz)
     grid, block_r, block_c, warps = _grid(n * h * w, c)
     launch(bn_relu_backward_apply_kernel, grid,
-           (grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, dz, gm if want_gm else dz,
+           (grad, mask_src, z, mean, invstd, scale, sum_g, sum_gx, dz, gm if want_gm else None,
             n * h * w, c, h * w, 1.0 / count, *gs, *ms, *zs, *ds),
            dict(BATCH_STATS=bool(batch_stats), WANT_GM=bool(want_gm), BLOCK_R=block_r, BLOCK_C=block_c),
            num_warps=warps, device=z.device)
