@@ -91,7 +91,7 @@ MAX_WARPS_FLATTENED = 4
 
 # Tuned entries, keyed by (in_channels, out_channels, output positions per image, kernel size, dtype,
 # architecture as major * 10 + minor). Filled from `python -m benchmarks.tune_conv` runs on the GPU
-# named beside each entry (none yet; it prints only entries that beat the heuristic); the heuristic
+# named beside each entry (none yet; it prints only entries that beat the current choice); the heuristic
 # below serves every shape and architecture not listed.
 TUNED_CONV: dict[tuple[int, int, int, int, torch.dtype, int], ConvConfig] = {}
 

@@ -295,7 +295,7 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
     precision = "ieee" if (x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32) else "tf32"
     grid = (tiles_m * cdiv(k, cfg.BLOCK_N),)
     # Pointers a variant does not use go to the kernel as None: Triton makes them constexprs, so the
-    # launcher neither reads nor passes them (13 of 21 pointers at inference).
+    # launcher neither reads nor passes them (12 of 21 pointers at inference).
     args = (
         x, weight, out, bias, bn_mean, bn_var, bn_gamma, bn_beta, float(bn_eps), in_mean, in_scale, in_shift,
         residual, sc_x if has_sc else None, sc_weight if has_sc else None, sc_bias if has_sc else None,

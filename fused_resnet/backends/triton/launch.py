@@ -210,15 +210,22 @@ def forget_direct_launches() -> None:
     _LAYOUTS.clear()
 
 
+def _picker(indices: list[int]):
+    """A function returning the tuple of ``args[i]`` for ``indices`` (``itemgetter`` returns a bare item
+    for one index and needs at least one)."""
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*indices) if indices else (lambda args: ())
+
+
 def _direct_key(fn, args: tuple, constexprs: dict, num_warps: int, num_stages: int, device: int) -> tuple:
     types = tuple(map(type, args))
     layout = _LAYOUTS.get((id(fn), types))
     if layout is None:
         is_tensor = [issubclass(t, torch.Tensor) for t in types]
-        picks = ([i for i, t in enumerate(is_tensor) if t], [i for i, t in enumerate(is_tensor) if not t])
-        layout = _LAYOUTS[(id(fn), types)] = tuple(
-            (lambda a, i=i[0]: (a[i],)) if len(i) == 1 else (lambda a: ()) if not i else operator.itemgetter(*i)
-            for i in picks)
+        layout = _LAYOUTS[(id(fn), types)] = (_picker([i for i, t in enumerate(is_tensor) if t]),
+                                               _picker([i for i, t in enumerate(is_tensor) if not t]))
     tensors = layout[0](args)
     misaligned = functools.reduce(operator.or_, map(_data_ptr, tensors), 0) & 15
     # all 16-byte aligned (the usual case) in one test; else which ones are
