@@ -29,6 +29,8 @@
 #   GPU_RUN_TEST_PROCS  pytest-xdist processes for the tests (default 12; 0: none)
 #   GPU_RUN_STEPS     comma-separated steps to run (env, build and report always run): a second call
 #                     runs what the first did not reach, e.g. GPU_RUN_STEPS=tests-b,ncu,sanitize
+#   GPU_RUN_CAPS      per-step caps in seconds, e.g. GPU_RUN_CAPS=bench=110,compile=150
+#   GPU_RUN_SHORT     1/0: force the short budget's subset on or off (default: on under 360 s)
 # Each step runs under `timeout -s INT` with a kill grace, so pytest prints its summary and writes its
 # XML when cut; a step gets at most its own cap and what is left of the budget after a reserve for the
 # report. Output: at most 8 files in OUTDIR (log.txt, results.jsonl, results.md, results.png,
@@ -54,7 +56,7 @@ SCALE=$([ "$DRY" = 1 ] && echo 3 || echo 1)
 BUDGET=${GPU_RUN_BUDGET_S:-$(( 510 * SCALE ))}
 # A short budget (under 6 minutes, e.g. 240) runs the most valuable subset: build, the extension and block
 # tests, the short benchmark suite (eager and fused), report.
-SHORT=$([ "$BUDGET" -lt $(( 360 * SCALE )) ] && echo 1 || echo 0)
+SHORT=${GPU_RUN_SHORT:-$([ "$BUDGET" -lt $(( 360 * SCALE )) ] && echo 1 || echo 0)}
 RESERVE=25          # kept for the report
 MIN_STEP=20         # a step with less time than this left is skipped
 GRACE=15            # seconds between SIGINT and SIGKILL
@@ -78,6 +80,10 @@ run_step() {
     printf '%s\tskipped\t0\t0\n' "$name" >> "$STATUS"
     return 0
   fi
+  # GPU_RUN_CAPS="bench=110,compile=150" overrides a step's cap (seconds, before the dry run's scaling)
+  local over
+  over=$(tr ',' '\n' <<< "${GPU_RUN_CAPS:-}" | sed -n "s/^$name=\([0-9][0-9]*\)$/\1/p" | head -n 1)
+  [ -n "$over" ] && cap=$over
   cap=$(( cap * SCALE ))
   local lim=$(( cap < left ? cap : left ))
   say "=== $name (limit ${lim} s, $(elapsed) s in)"
