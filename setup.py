@@ -14,6 +14,7 @@ of torch are present -- no GPU is needed -- or when FORCE_CUDA=1. Switches:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -49,6 +50,29 @@ def _guess_cuda_home() -> None:
             return
 
 
+def libstdcxx_link_args() -> list[str]:
+    """Link arguments that make libstdc++ a shared-library dependency of the extension: the very file this
+    process (torch imported) has loaded, by path, else the soname; never ``-lstdc++``.
+
+    A toolchain that links libstdc++ statically by default gives the extension its own copy, whose streams
+    could not format a number: an error message with one crashed the process on the GPU machine's image
+    (its g++ in /opt/gcc). There ``-lstdc++`` found an archive before any shared library of that name --
+    the system keeps only ``libstdc++.so.6``, and the unversioned ``libstdc++.so`` lives in the compiler's
+    own directory -- so it linked statically all the same. A path, or ``-l:libstdc++.so.6``, names the
+    shared library itself; --no-as-needed keeps the dependency recorded."""
+    if not sys.platform.startswith("linux"):
+        return []
+    lib = "-l:libstdc++.so.6"
+    try:
+        with open("/proc/self/maps") as f:
+            loaded = [line.split()[-1] for line in f if "/libstdc++.so" in line]
+        if loaded and os.path.isfile(loaded[0]):
+            lib = loaded[0]
+    except OSError:
+        pass
+    return ["-Wl,--push-state,--no-as-needed", lib, "-Wl,--pop-state"]
+
+
 def extensions():
     if _env_flag("FUSED_RESNET_NO_EXTENSION"):
         return [], {}
@@ -61,12 +85,9 @@ def extensions():
         _env_flag("FORCE_CUDA") or (cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None))
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++20", "-fdiagnostics-color=always"]
-    # libstdc++ is linked as a shared library, the one torch uses: a toolchain that links it statically
-    # by default (-static-libstdc++ in a g++ wrapper, as on one GPU machine's image) gives the extension
-    # its own copy, whose streams cannot format a number -- an error message with one crashed there.
-    # The explicit -lstdc++ comes before the driver's own, so the shared library serves every symbol.
+    # libstdc++ as the shared library torch uses, ahead of any static copy the compiler driver adds
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx},
-                  extra_link_args=["-Wl,-Bdynamic", "-lstdc++"], py_limited_api=False)
+                  extra_link_args=libstdcxx_link_args(), py_limited_api=False)
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         # -Xptxas=-v prints each kernel's registers, shared memory, stack frame and spills in the build log.
@@ -78,5 +99,6 @@ def extensions():
     return [ext], cmdclass
 
 
-ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # setuptools runs this file as __main__ (pip's build too); tests import it
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

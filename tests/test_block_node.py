@@ -7,6 +7,8 @@ operator and three C++ backward nodes; opcheck; the operator's argument checks."
 
 import copy
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -203,10 +205,73 @@ def test_block_train_rejects_bad_arguments():
         op(tensors, kw, [None] * 3, [None] * 3, no_stats, ef)
 
 
+def _needed(path) -> list[str]:
+    """The DT_NEEDED entries of a 64-bit little-endian ELF shared object (its shared-library dependencies)."""
+    import struct
+    data = open(path, "rb").read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, f"{path}: not a 64-bit little-endian ELF"
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    dynamic = next(s for s in sections if s[1] == 6)  # SHT_DYNAMIC; its sh_link is the string table
+    strtab_off = sections[dynamic[6]][4]
+    needed = []
+    for off in range(dynamic[4], dynamic[4] + dynamic[5], 16):
+        tag, val = struct.unpack_from("<qQ", data, off)
+        if tag == 0:
+            break
+        if tag == 1:  # DT_NEEDED
+            start = strtab_off + val
+            needed.append(data[start:data.index(b"\0", start)].decode())
+    return needed
+
+
 def test_extension_shares_torchs_libstdcxx():
     """The extension links libstdc++ as the shared library torch uses (setup.py): built with a toolchain
     that linked it statically, its own copy's streams could not format a number, and the error messages
     above came out cut short (this machine) or crashed the process (the GPU machine's image)."""
     import fused_resnet._C as ext
-    with open(ext.__file__, "rb") as f:
-        assert b"libstdc++.so.6" in f.read(), "libstdc++ is not a shared-library dependency of the extension"
+    assert "libstdc++.so.6" in _needed(ext.__file__), "libstdc++ is not a shared-library dependency"
+
+
+def test_link_args_keep_libstdcxx_shared_under_a_static_default_toolchain(tmp_path):
+    """setup.py's link arguments against the GPU machine's toolchain, re-enacted: g++ linking libstdc++
+    statically by default (-static-libstdc++) and a library directory holding only the archive ahead of
+    the shared library's. There the earlier arguments (-Wl,-Bdynamic -lstdc++) found the archive and the
+    extension got its own copy (the crash of the second GPU run); setup.py's arguments must still record
+    libstdc++.so.6 as a dependency, and the shared object must work."""
+    import ctypes
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not sys.platform.startswith("linux") or shutil.which("g++") is None:
+        pytest.skip("needs g++ on Linux (the extension's own build does)")
+    archive = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(archive):
+        pytest.skip("this g++ has no static libstdc++ to re-enact the toolchain with")
+    spec = importlib.util.spec_from_file_location("fused_resnet_setup", Path(__file__).parents[1] / "setup.py")
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # defines the helpers; setup() runs only as __main__
+    static_only = tmp_path / "static"
+    static_only.mkdir()
+    shutil.copy(archive, static_only / "libstdc++.a")
+    src = tmp_path / "fmt.cpp"
+    src.write_text('#include <sstream>\n#include <string>\n#include <cstring>\n'
+                   'extern "C" int fmt(long n, char* out) { std::ostringstream s; s << "n=" << n; '
+                   'std::strcpy(out, s.str().c_str()); return (int)s.str().size(); }\n')
+
+    def build(name, link_args):
+        so = tmp_path / name
+        subprocess.run(["g++", "-shared", "-fPIC", "-static-libstdc++", f"-L{static_only}", str(src), "-o", str(so),
+                        *link_args], check=True, capture_output=True)
+        return so
+
+    old = build("old.so", ["-Wl,-Bdynamic", "-lstdc++"])
+    assert "libstdc++.so.6" not in _needed(old), "the re-enactment does not reproduce the static link"
+    new = build("new.so", setup_py.libstdcxx_link_args())
+    assert "libstdc++.so.6" in _needed(new)
+    buf = ctypes.create_string_buffer(64)
+    assert ctypes.CDLL(str(new)).fmt(-1234567, buf) == 10 and buf.value == b"n=-1234567"
