@@ -460,40 +460,57 @@ def roofline(case: BenchCase, device: str, median_ms: float) -> dict:
             "floor_fraction": floor_ms / median_ms if median_ms > 0 else float("nan")}
 
 
-def check_case(provider: str, case: BenchCase, device: str) -> list[str]:
-    """Check ``provider`` on ``case`` once, before it is timed: its output (and, for train-fwdbwd, the
-    input gradient) against the seed model in float64 on the same device, with the tests' rule
-    (DESIGN.md section 5: at most max(2 x eager's error, the dtype's floor)). Returns the failures."""
-    from .testing import floor_for, rel_err
+def check_case(provider: str, case: BenchCase, device: str, draws: Optional[int] = None) -> list[str]:
+    """Check ``provider`` on ``case`` before it is timed: its output (and, for train-fwdbwd, the input
+    gradient) against the seed model in float64 on the same device, with the tests' rule (DESIGN.md
+    section 5: at most max(2 x eager's error, the dtype's floor); ``testing.compare_models``): where the
+    output is a ReLU's, an element whose zero/nonzero decision differs from the reference's -- a
+    pre-activation within rounding of zero -- gets no upstream gradient, and gradients in the coarse
+    dtypes (bfloat16, float32 as TF32) take the median of three draws. The second GPU run found the need:
+    the 1x1 block's TF32 input gradient at 8 channels measured 2.18e-3 against a bound of 2e-3, eager's
+    cuDNN having run that tiny convolution in full float32. Returns the failures."""
+    from .testing import TF32_FLOOR, floor_for, rel_err
 
-    b = case.block
-    shape = case.input_shape
-    torch.manual_seed(1)
-    x = torch.randn(shape, device=device, dtype=torch.float64)
-    results = []
-    for name, dtype in (("ref64", torch.float64), ("eager", DTYPES[case.dtype]), (provider, DTYPES[case.dtype])):
-        model = build_model("eager" if name == "ref64" else name, case, device)
-        if name == "ref64":
-            model = model.to(torch.float64)
-        # A leaf of its own per model (x.to(float64) would be x itself, and a later cast of it not a leaf).
-        xi = x.to(dtype).contiguous(memory_format=FORMATS[case.fmt]).detach().requires_grad_(
-            case.mode == "train-fwdbwd")
-        with torch.set_grad_enabled(case.mode != "eval"):
-            out = model(xi)
-        got = {"output": out.detach()}
-        if case.mode == "train-fwdbwd":
-            torch.manual_seed(2)
-            g = torch.randn(out.shape, device=device, dtype=torch.float64)
-            out.backward(g.to(out.dtype))
-            got["grad input"] = xi.grad
-        results.append(got)
-    ref, eager, fused = results
-    floor = floor_for(DTYPES[case.dtype], torch.device(device))
+    dtype = DTYPES[case.dtype]
+    floor = floor_for(dtype, torch.device(device))
+    train_bwd = case.mode == "train-fwdbwd"
+    if draws is None:
+        draws = 3 if train_bwd and (dtype == torch.bfloat16 or floor == TF32_FLOOR) else 1
+    models = [build_model("eager", case, device).to(torch.float64), build_model("eager", case, device),
+              build_model(provider, case, device)]
+    dtypes = (torch.float64, dtype, dtype)
+    per_draw = []
+    for draw in range(draws):
+        torch.manual_seed(1 + draw)
+        x = torch.randn(case.input_shape, device=device, dtype=torch.float64)
+        xs, outs = [], []
+        for model, model_dtype in zip(models, dtypes):
+            # A leaf of its own per model (x.to(float64) would be x itself, and a later cast of it not a leaf).
+            xi = x.to(model_dtype).contiguous(memory_format=FORMATS[case.fmt]).detach().requires_grad_(train_bwd)
+            with torch.set_grad_enabled(case.mode != "eval"):
+                outs.append(model(xi))
+            xs.append(xi)
+        errs = {"output": [rel_err(out.detach(), outs[0].detach()) for out in outs[1:]]}
+        if train_bwd:
+            ref_out = outs[0]
+            g = torch.randn(ref_out.shape, device=device, dtype=torch.float64, generator=torch.Generator(
+                device=device).manual_seed(100 + draw))
+            relu_output = bool((ref_out.detach() >= 0).all())
+            errs["grad input"] = []
+            for xi, out in zip(xs[1:], outs[1:]):
+                upstream = g * ((out.detach().double() > 0) == (ref_out.detach() > 0)) if relu_output else g
+                out.backward(upstream.to(out.dtype))
+                ref_grad, = torch.autograd.grad(ref_out, xs[0], upstream, retain_graph=True)
+                errs["grad input"].append(rel_err(xi.grad, ref_grad))
+        per_draw.append(errs)
     failures = []
-    for key in ref:
-        e, f = rel_err(eager[key], ref[key]), rel_err(fused[key], ref[key])
-        if not f <= max(2 * e, floor):
-            failures.append(f"{key}: error {f:.2e} > bound {max(2 * e, floor):.2e} (eager {e:.2e})")
+    for key in per_draw[0]:
+        checks = sorted(((d[key][1], max(2 * d[key][0], floor), d[key][0]) for d in per_draw),
+                        key=lambda c: c[0] / c[1])
+        f, bound, e = checks[len(checks) // 2]
+        if not f <= bound:
+            failures.append(f"{key}: error {f:.2e} > bound {bound:.2e} (eager {e:.2e})"
+                            + (f", median of {draws} draws" if draws > 1 else ""))
     return failures
 
 

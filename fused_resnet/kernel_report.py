@@ -276,26 +276,36 @@ def _config_label(spec) -> str:
 
 
 def _record_main(argv: list[str]) -> int:
-    """Subprocess entry: ``python -m fused_resnet.kernel_report record SUITE ARCH OUT``."""
-    suite_name, arch, out = argv[0], int(argv[1]), argv[2]
-    launches = record_cases(kernel_suite(suite_name), arch)
+    """Subprocess entry: ``python -m fused_resnet.kernel_report record CASES.pkl ARCH OUT.jsonl``."""
+    import pickle
+    cases_path, arch, out = argv[0], int(argv[1]), argv[2]
+    with open(cases_path, "rb") as f:
+        cases = pickle.load(f)
+    launches = record_cases(cases, arch)
     with open(out, "w") as f:
         for l in launches:
             f.write(json.dumps(asdict(l)) + "\n")
     return 0
 
 
-def _record(suite_name: str, arch: int) -> list[Launch]:
-    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
-        path = f.name
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    try:
-        subprocess.run([sys.executable, "-m", "fused_resnet.kernel_report", "record", suite_name, str(arch), path],
-                       env=env, check=True)
-        with open(path) as f:
+def record_launches(cases, arch: int) -> list[Launch]:
+    """``record_cases`` in this process when it interprets Triton, else in a child process that does: a
+    process with a GPU runs Triton compiled (TRITON_INTERPRET is read once, at import), and recording
+    needs the interpreter's CPU tensors."""
+    import pickle
+
+    from .backends.triton import configs
+
+    if configs.interpreting():
+        return record_cases(cases, arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        cases_path, out = os.path.join(tmp, "cases.pkl"), os.path.join(tmp, "launches.jsonl")
+        with open(cases_path, "wb") as f:
+            pickle.dump(list(cases), f)
+        subprocess.run([sys.executable, "-m", "fused_resnet.kernel_report", "record", cases_path, str(arch), out],
+                       env=dict(os.environ, TRITON_INTERPRET="1"), check=True)
+        with open(out) as f:
             return [Launch(**json.loads(line)) for line in f if line.strip()]
-    finally:
-        os.unlink(path)
 
 
 def spec_key(spec: dict) -> str:
@@ -433,7 +443,7 @@ def main(args: argparse.Namespace) -> int:
         launches = [Launch("(recorded)", s["kernel"].rsplit(":", 1)[-1], s, [1], _config_label(LaunchSpec.from_json(s)))
                     for s in specs]
     else:
-        launches = _record(args.suite, arch)
+        launches = record_launches(kernel_suite(args.suite), arch)
     rows, metrics = report(launches, arch, args.jobs)
     failed = {(l.kernel, l.config): metrics[l.variant or spec_key(l.spec)]["error"] for l in launches
               if "error" in metrics[l.variant or spec_key(l.spec)]}

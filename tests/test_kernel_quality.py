@@ -13,7 +13,7 @@ import pytest
 import fused_resnet
 from fused_resnet.bench import BenchCase
 from fused_resnet.cases import bottleneck_cases, seed_block_cases
-from fused_resnet.kernel_report import compile_all, extension_stats, record_cases, short_cuda_name
+from fused_resnet.kernel_report import compile_all, extension_stats, record_launches, short_cuda_name
 
 pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
@@ -29,7 +29,7 @@ CTA_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 def compiled(request):
     """(launch, metrics) per distinct kernel variant of CASES, compiled for the architecture."""
     arch = request.param
-    launches = record_cases(CASES, arch)
+    launches = record_launches(CASES, arch)
     unique = {}
     for launch in launches:
         unique.setdefault(launch.variant, launch)

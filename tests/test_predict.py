@@ -8,7 +8,7 @@ import pytest
 import fused_resnet
 from fused_resnet.bench import BenchCase, case_bytes, case_flops
 from fused_resnet.cases import BlockCase
-from fused_resnet.kernel_report import record_cases
+from fused_resnet.kernel_report import record_launches
 from fused_resnet.predict import launch_work, occupancy_factor, predict_ms, wave_efficiency
 
 pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
@@ -19,7 +19,7 @@ CASE = BenchCase(BlockCase(8, 16, 8, 2, use_1x1conv=True, stride=2), "eval", "fl
 
 def _launches(case, ctas=2):
     return [{"case": l.case, "kernel": l.kernel, "grid": l.grid, "spec": l.spec, "metrics": {"ctas_per_sm": ctas}}
-            for l in record_cases([case], 90)]
+            for l in record_launches([case], 90)]
 
 
 @pytest.mark.parametrize("mode", ["eval", "train-fwd"])
