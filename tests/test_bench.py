@@ -116,6 +116,25 @@ def test_device_time_is_the_gpus_busy_time_per_call():
         assert 0 < timing.device_ms <= 1.05 * timing.median_ms
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_graph_time_is_the_kernels_time():
+    """``graph_time_ms`` (the tuner's clock): a call's GPU time without its host time -- positive, below
+    the same call timed with events one call at a time (which includes the launch gaps), and it rotates
+    through the inputs it is given."""
+    from fused_resnet.bench import graph_time_ms, time_step
+    a = [torch.randn(256, 256, device="cuda") for _ in range(4)]
+    seen = set()
+
+    def call(i):
+        seen.add(i % 4)
+        torch.mm(a[i % 4], a[i % 4])
+
+    ms = graph_time_ms(call)
+    assert seen == {0, 1, 2, 3}
+    per_call = time_step(lambda _: torch.mm(a[0], a[0]), [None], "cuda", warmup=3, iters=20).median_ms
+    assert 0 < ms < per_call
+
+
 def test_tile_tuner_runs_and_keeps_the_current_choice_unless_beaten(tmp_path):
     """``python -m benchmarks.tune_conv --smoke`` (interpreter, one tiny layer, two candidates): it compiles its
     candidates ahead for sm_90, times each against the current choice, and writes its findings; the
