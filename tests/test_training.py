@@ -72,6 +72,41 @@ def test_bn_elementwise_and_backward_primitives_match_torch(backend, fmt, device
         assert rel_err(dz, dz_ref) <= tol and rel_err(gm, gm_ref) == 0.0
 
 
+def test_reduce_rows_leave_every_sm_four_programs():
+    """The Triton backward reduce's rows per program (``configs.reduce_rows``) at the shapes the second
+    GPU run profiled, on an H100's 132 SMs: 56x56x64 batch 32 (100,352 rows, one channel block of 64)
+    gets 128 rows -- 784 programs where 512 rows gave 196 -- and batch 64 gets 256; 7x7x512 batch 32
+    (1,568 rows, four channel blocks of 128, BLOCK_R 16) the smallest tile; never more than 16 x BLOCK_R."""
+    from fused_resnet.backends.triton.configs import reduce_rows
+    assert reduce_rows(100352, 1, 32, 132) == 128
+    assert reduce_rows(200704, 1, 32, 132) == 256
+    assert reduce_rows(1568, 4, 16, 132) == 16
+    assert reduce_rows(10 ** 9, 1, 32, 132) == 512
+    assert reduce_rows(10, 1, 32, 132) == 32
+    for m in (1, 1000, 10 ** 5, 10 ** 7):
+        assert all(-(-m // reduce_rows(m, cb, 32, sms)) * cb >= min(4 * sms, -(-m // 32) * cb)
+                   for cb in (1, 4) for sms in (8, 132))
+
+
+@pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("steps", range(5), ids=lambda k: f"rows-x{1 << k}")
+@pytest.mark.parametrize("fmt", list(FMT))
+def test_triton_backward_reduce_at_every_rows_per_program(monkeypatch, steps, fmt):
+    """Each of the five row counts ``reduce_rows`` can give (BLOCK_R x 1 .. 16) sums right, ragged last
+    program included (2,304 rows: 2 programs at the largest)."""
+    from fused_resnet.backends.triton import bn
+    monkeypatch.setattr(bn, "reduce_rows", lambda m, cb, block_r, sms: block_r << steps)
+    be = get_backend("triton")
+    shape, c = (4, 13, 24, 24), 13
+    z, grad, mask_src = ((off + torch.randn(shape, device=DEVICE)).contiguous(memory_format=FMT[fmt])
+                         for off in (1.0, 0.0, 0.0))
+    mean, invstd = 1 + 0.1 * torch.randn(c, device=DEVICE), 0.5 + torch.rand(c, device=DEVICE)
+    for got, want in zip(be.bn_backward_reduce(grad, mask_src, z, mean, invstd),
+                         REF.bn_backward_reduce(grad, mask_src, z, mean, invstd)):
+        assert rel_err(got, want) <= 1e-5
+
+
 @pytest.mark.parametrize("backend", TRAIN_BACKENDS)
 @pytest.mark.parametrize("fmt", list(FMT))
 def test_relu_backward_is_a_select(backend, fmt):

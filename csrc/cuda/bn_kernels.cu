@@ -22,38 +22,43 @@ namespace {
 constexpr int kChannelsPerBlock = 32;  // threadIdx.x: one channel each
 constexpr int kRowLanes = 8;           // threadIdx.y: rows interleaved within a tile (NHWC reduce)
 constexpr int kRowsPerTile = 256;      // rows one block reduces into one partial
-constexpr int kMergeLanes = 32;        // threadIdx.y of the merges: partial rows interleaved
+constexpr int kMergeLanes = 32;        // threadIdx.y of the partial sums: partial rows interleaved
+constexpr int kFinalizeChannels = 8;   // threadIdx.x of the finalize: one channel each
+constexpr int kFinalizeLanes = 128;    // threadIdx.y of the finalize: partial rows interleaved
 
 template <typename scalar_t>
 __device__ __forceinline__ float ld(const scalar_t* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
-// Block (32 channels x 32 lanes): lane l merges partial rows l, l + 32, ... in order (Chan, relative to
+// Block (8 channels x 128 lanes): lane l merges partial rows l, l + 128, ... in order (Chan, relative to
 // the first row's mean), then the lanes merge pairwise in a fixed tree: parallel over the rows and still
-// the same result on every run. (One thread per channel serially over ~3,000 tiles was the bottleneck.)
+// the same result on every run. (One thread per channel serially over ~3,000 tiles was the bottleneck;
+// then 32 channels x 32 lanes -- 2 blocks at 64 channels, ~50 dependent merges per thread, two
+// divisions each -- took 45 us at 56x56x64 batch 32 under ncu on an H100, where Triton's two-level
+// merge took 13.)
 template <typename stat_t>
 __global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float* __restrict__ pm2,
                                    const float* __restrict__ pcount, const float* __restrict__ gamma,
                                    const float* __restrict__ beta, stat_t* running_mean, stat_t* running_var,
                                    float* scale, float* shift, float* mean, float* invstd, int64_t T, int64_t C,
                                    float eps, float momentum) {
-  __shared__ float part[3][kMergeLanes][kChannelsPerBlock];  // a Moments per (lane, channel)
+  __shared__ float part[3][kFinalizeLanes][kFinalizeChannels];  // a Moments per (lane, channel)
   auto put = [&](int lane, Moments m) {
     part[0][lane][threadIdx.x] = m.n, part[1][lane][threadIdx.x] = m.mean, part[2][lane][threadIdx.x] = m.m2;
   };
   auto get = [&](int lane) {
     return Moments{part[0][lane][threadIdx.x], part[1][lane][threadIdx.x], part[2][lane][threadIdx.x]};
   };
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelsPerBlock + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
   const float base = c < C ? pmean[c] : 0.f;
   Moments acc;
   if (c < C)
-    for (int64_t t = threadIdx.y; t < T; t += kMergeLanes)
+    for (int64_t t = threadIdx.y; t < T; t += kFinalizeLanes)
       acc = merge(acc, Moments{pcount[t], pmean[t * C + c] - base, pm2[t * C + c]});
   put(threadIdx.y, acc);
   __syncthreads();
-  for (int width = kMergeLanes / 2; width > 0; width /= 2) {
+  for (int width = kFinalizeLanes / 2; width > 0; width /= 2) {
     if (threadIdx.y < width) put(threadIdx.y, merge(get(threadIdx.y), get(threadIdx.y + width)));
     __syncthreads();
   }
@@ -183,8 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
   auto opts = part_mean.options();
   at::Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts), mean = at::empty({C}, opts),
              invstd = at::empty({C}, opts);
-  const dim3 block(kChannelsPerBlock, kMergeLanes);
-  const int blocks = static_cast<int>((C + kChannelsPerBlock - 1) / kChannelsPerBlock);
+  const dim3 block(kFinalizeChannels, kFinalizeLanes);
+  const int blocks = static_cast<int>((C + kFinalizeChannels - 1) / kFinalizeChannels);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto stat_type = running_mean.has_value() ? running_mean->scalar_type() : at::kFloat;
   FR_DISPATCH_FLOAT_HALF_BF16(stat_type, "bn_finalize_cuda", [&] {

@@ -214,13 +214,12 @@ from typing import Optional  # noqa: E402
 import torch  # noqa: E402
 
 from ..base import new_output  # noqa: E402
-from .configs import elementwise_config  # noqa: E402
+from .configs import device_model, elementwise_config, reduce_rows  # noqa: E402
 from .conv import output_memory_format  # noqa: E402
 from .launch import cdiv, launch, next_power_of_2  # noqa: E402
 
 BLOCK_T = 32            # partial rows a merge step reads at once
 MERGE_ROWS = 128        # rows one first-level program merges; a single level below this many
-REDUCE_ROWS = 512       # activation rows one backward-reduce program sums (fewer partials to merge)
 FINALIZE_BLOCK_C = 64
 
 
@@ -311,9 +310,9 @@ def launch_bn_backward_reduce(grad, mask_src, z, mean, invstd):
     z, zs = _planar(z)
     m = n * h * w
     _, block_r, block_c, warps = _grid(m, c)
-    rows = max(block_r, REDUCE_ROWS // block_r * block_r)
-    tiles = cdiv(m, rows)
     dev = z.device
+    rows = reduce_rows(m, cdiv(c, block_c), block_r, device_model(dev).sms)
+    tiles = cdiv(m, rows)
     psum = new_output((tiles, c), torch.float32, dev)
     psumx = new_output((tiles, c), torch.float32, dev)
     launch(bn_relu_backward_reduce_kernel, (tiles, cdiv(c, block_c)),
