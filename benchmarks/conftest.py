@@ -52,7 +52,8 @@ def bench_device(pytestconfig):
 
 @pytest.fixture(scope="session")
 def eager_times():
-    """Eager's median per case id, filled as the suite runs (eager is measured first for each case)."""
+    """The yardstick's median per (case id, yardstick): eager, or eager in a CUDA graph (``bench.yardstick``),
+    filled as the suite runs (measured first for each case)."""
     return {}
 
 

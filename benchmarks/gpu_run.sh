@@ -7,7 +7,8 @@
 #   tests-a  the CUDA extension's tests and the block on CUDA, both fused backends
 #   bench    benchmarks: eager and the fused backends (each case checked against float64 first)
 #   host     host time per block call (tiny blocks), Triton's direct launches on and off
-#   compile  benchmarks: torch.compile against eager (the head shape and the whole models)
+#   compile  benchmarks: torch.compile against eager, and each step captured in a CUDA graph (the head
+#            shape and the whole models)
 #   tune     the Triton tile table for the seed's 3x3 layers (benchmarks/tune_conv.py)
 #   tests-b  the rest of the test suite on CUDA
 #   ncu      Nsight Compute on one step of the head shape per backend and mode (eager beside)
@@ -231,7 +232,9 @@ host_times() {
 export -f host_times
 if [ "$SHORT" = 1 ]; then skip host "short budget"; else TAIL_LINES=40 run_step host 90 host_times; fi
 
-if [ "$SHORT" = 1 ]; then skip compile "short budget"; else run_step compile 200 bench compile "eager,compile"; fi
+# torch.compile, and every provider's step captured in a CUDA graph (a host-bound caller's remedy), beside eager
+if [ "$SHORT" = 1 ]; then skip compile "short budget"; else
+  run_step compile 200 bench compile "eager,compile,eager+graph,fused-triton+graph,fused-cuda+graph"; fi
 
 # The Triton tile table: each seed 3x3 layer (bf16, batch 32) under every no-spill candidate against the current
 # choice; the entries that beat it are printed for configs.TUNED_CONV (commit them with the GPU's name).

@@ -8,7 +8,7 @@ the float64 reference when checked before timing.
 
 import torch
 
-from fused_resnet.bench import as_row, check_case, measure, prepare
+from fused_resnet.bench import as_row, check_case, measure, prepare, yardstick
 
 
 def test_block(benchmark, bench_case, provider, bench_device, eager_times, record_row, pytestconfig):
@@ -16,14 +16,16 @@ def test_block(benchmark, bench_case, provider, bench_device, eager_times, recor
     iters = 2 if disabled else pytestconfig.getoption("--bench-iters")
     # Checked against the float64 reference once before it is timed: a wrong result's speed is no figure.
     failures = check_case(provider, bench_case, bench_device) if provider != "eager" else []
-    if bench_case.id not in eager_times and provider != "eager":
-        eager_times[bench_case.id] = measure("eager", bench_case, bench_device, iters=iters).median_ms
+    base = yardstick(provider)  # eager, or eager in a CUDA graph for the +graph providers
+    key = (bench_case.id, base)
+    if key not in eager_times and provider != base:
+        eager_times[key] = measure(base, bench_case, bench_device, iters=iters).median_ms
     step, inputs = prepare(provider, bench_case, bench_device)
     timing = measure(provider, bench_case, bench_device, iters=iters, warmup=1 if disabled else 5,
                      prepared=(step, inputs))
-    if provider == "eager":
-        eager_times[bench_case.id] = timing.median_ms
-    row = as_row(provider, bench_case, timing, eager_times.get(bench_case.id))
+    if provider == base:
+        eager_times[key] = timing.median_ms
+    row = as_row(provider, bench_case, timing, eager_times.get(key))
     row["check"] = "; ".join(failures) or "ok"
     benchmark.extra_info.update(row)
     record_row(row)

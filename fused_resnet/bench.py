@@ -22,6 +22,7 @@ from .testing import randomize_
 
 MODES = ("eval", "train-fwd", "train-fwdbwd")
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+GRAPH = "+graph"  # provider suffix: the step captured in a CUDA graph and replayed (graphed_step)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 L2_ROTATION_BYTES = 256 << 20  # rotate inputs over more than any L2 (H100: 50 MB)
 
@@ -162,6 +163,10 @@ def providers(device: str, case: BenchCase, suite_name: str = "full") -> list[st
             if case.mode == "train-fwdbwd" and (case.block == HEAD_BLOCK or suite_name == "quick") \
                     and not case.model and be != "torch":
                 names.append(f"fused-{be}+sync")
+    if device == "cuda" and case.mode in ("eval", "train-fwdbwd") and (suite_name == "full" or head):
+        # the same models captured in CUDA graphs: what a host-bound caller gets by replaying its step
+        names += [name + GRAPH for name in names if name == "eager" or (name.startswith("fused-")
+                                                                        and not name.endswith("+sync"))]
     return names
 
 
@@ -180,6 +185,8 @@ def one_process_group(device: str) -> None:
 
 
 def build_model(provider: str, case: BenchCase, device: str) -> nn.Module:
+    if provider.endswith(GRAPH):  # the model of the provider it captures (the step is ``graphed_step``)
+        return build_model(provider[:-len(GRAPH)], case, device)
     b = case.block
     torch.manual_seed(0)
     if case.model == "resnet18":
@@ -547,7 +554,80 @@ def check_case(provider: str, case: BenchCase, device: str, draws: Optional[int]
 
 def prepare(provider: str, case: BenchCase, device: str) -> tuple[Callable, list]:
     """(step, inputs) of ``provider`` on ``case``: build the model once, time it as often as needed."""
+    if provider.endswith(GRAPH):
+        return graphed_step(build_model(provider, case, device), case, device)
     return make_step(build_model(provider, case, device), case, device)
+
+
+def yardstick(provider: str) -> str:
+    """The provider whose time a provider's speedup is taken against: eager, or for ``X+graph`` eager
+    captured the same way."""
+    return "eager" + GRAPH if provider.endswith(GRAPH) else "eager"
+
+
+def graphed_step(model: nn.Module, case: BenchCase, device: str) -> tuple[Callable[[torch.Tensor], None], list]:
+    """(step(x), inputs) of ``model`` captured in a CUDA graph: a call copies x into the graph's input and
+    replays it, so it costs the kernels and not the host's Python and launches -- how a host-bound step
+    (small batches, a slow host) is run in practice. eval captures the forward (no grad); train-fwdbwd
+    the forward and backward: the input and parameter gradients are written, not accumulated (as after
+    ``zero_grad(set_to_none=True)``), and the running statistics move on every replay. Before it is
+    returned, one replay is checked against an uncaptured copy of the model on the same input."""
+    import copy
+
+    from .testing import floor_for, rel_err
+
+    if device != "cuda" or case.mode not in ("eval", "train-fwdbwd"):
+        raise ValueError(f"a CUDA graph step needs a CUDA device and eval or train-fwdbwd, not {device} {case.mode}")
+    _, inputs = make_step(model, case, device)
+    train = case.mode == "train-fwdbwd"
+    reference_model = copy.deepcopy(model)
+    static_x = inputs[0].clone().requires_grad_(train)
+    torch.manual_seed(3)
+    upstream = None
+
+    def run():
+        nonlocal upstream
+        with torch.set_grad_enabled(train):
+            out = model(static_x)
+        if train:
+            if upstream is None:
+                upstream = torch.randn_like(out)
+            out.backward(upstream)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, autotunes, allocates) off the capturing stream
+        for _ in range(3):
+            run()
+            model.zero_grad(set_to_none=True)
+            static_x.grad = None
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run()
+
+    def step(x):
+        with torch.no_grad():
+            static_x.copy_(x)
+        graph.replay()
+
+    step(inputs[-1])
+    x = inputs[-1].clone().requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        want = reference_model(x)
+    if train:
+        want.backward(upstream)
+    floor = floor_for(DTYPES[case.dtype], torch.device(device))
+    errors = {"output": rel_err(static_out, want)}
+    if train:
+        errors["input gradient"] = rel_err(static_x.grad, x.grad)
+    bad = {k: e for k, e in errors.items() if not e <= floor}
+    if bad:
+        raise RuntimeError(f"the CUDA graph's replay disagrees with the uncaptured model: "
+                           + ", ".join(f"{k} error {e:.2e} > {floor:.0e}" for k, e in bad.items()))
+    step.graph, step.output = graph, static_out  # the graph kept alive with the step; its output buffer
+    return step, inputs
 
 
 def measure(provider: str, case: BenchCase, device: str, iters: int = 50, warmup: int = 5,

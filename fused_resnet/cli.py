@@ -111,7 +111,7 @@ def _wrong(row: dict) -> bool:
 
 
 def _bench_rows(args: argparse.Namespace, cases: list) -> list[dict]:
-    from .bench import as_row, check_case, measure_interleaved, prepare, providers
+    from .bench import as_row, check_case, measure_interleaved, prepare, providers, yardstick
 
     device = args.device
     rows = []
@@ -120,7 +120,8 @@ def _bench_rows(args: argparse.Namespace, cases: list) -> list[dict]:
         # from the same rounds).
         prepared, checked = {}, {}
         for provider in providers(device, case, args.suite):
-            if args.providers and provider not in args.providers.split(",") and provider != "eager":
+            if args.providers and provider not in args.providers.split(",") and provider != "eager" \
+                    and not any(yardstick(p) == provider for p in args.providers.split(",")):
                 continue
             print(f"  [{i}/{len(cases)}] {case.id} {provider}: prepare ...", end="", flush=True)
             try:
@@ -134,9 +135,9 @@ def _bench_rows(args: argparse.Namespace, cases: list) -> list[dict]:
                 continue
             print(" ok" if not checked[provider] else f" WRONG RESULT: {'; '.join(checked[provider])}")
         timings = measure_interleaved(prepared, case, device, iters=args.iters, rounds=args.rounds)
-        eager_ms = timings["eager"].median_ms if "eager" in timings else None
         for provider, timing in timings.items():
-            rows.append(as_row(provider, case, timing, eager_ms))
+            base = timings.get(yardstick(provider))
+            rows.append(as_row(provider, case, timing, base.median_ms if base else None))
             rows[-1]["check"] = NOT_RUN if provider == OFFLINE_PROVIDER else "; ".join(checked[provider]) or "ok"
             print(f"  [{i}/{len(cases)}] {case.id} {provider}: {timing.median_ms:.3f} ms")
     return rows
@@ -168,8 +169,8 @@ def markdown_table(rows: list[dict], predicted: Optional[dict] = None) -> str:
 
 def speedup_matrix(rows: list[dict]) -> str:
     """The README's compact view: one line per case (case, mode, dtype, format), eager's median, and each
-    other provider's speedup over eager (a wrong result marked, a provider that did not run blank; a case
-    only eager ran left out)."""
+    other provider's speedup over its yardstick -- eager, or eager in a CUDA graph for ``+graph`` (a wrong
+    result marked, a provider that did not run blank; a case only eager ran left out)."""
     cases: dict[tuple, dict[str, dict]] = {}
     providers: list[str] = []
     for r in rows:
@@ -199,7 +200,7 @@ def backend_comparison(rows: list[dict], ratio_pair: tuple[str, str] = ("fused-c
     ``within`` of it or faster. Empty when no case has two fused providers."""
     cases: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        if r["provider"].startswith("fused-"):
+        if r["provider"].startswith("fused-") and "+" not in r["provider"]:  # +sync, +graph: other setups
             cases.setdefault((r["case"], r["mode"], r["dtype"], r["format"]), {})[r["provider"]] = r["median_ms"]
     a, b = ratio_pair
     lines = [f"| case | mode | dtype | format | fastest fused | {a} / {b} |", "|---|---|---|---|---|---|"]
@@ -322,7 +323,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"wrote {stem}.md and {stem}.png")
     if args.readme:
         here = os.path.dirname(args.readme) or "."
-        compact = (f"Measured on {title}. Speedup over eager (higher is faster); every figure with its p20-p80, "
+        from .bench import GRAPH
+        graphs = any(r["provider"].endswith(GRAPH) for r in rows)
+        compact = (f"Measured on {title}. Speedup over eager (higher is faster"
+                   + ("; `+graph`: the step captured in a CUDA graph, over eager captured alike" if graphs else "")
+                   + "); every figure with its p20-p80, "
                    f"host time and roofline in [{os.path.basename(stem)}.md]({os.path.relpath(stem + '.md', here)})."
                    f"\n\n{speedup_matrix(rows)}\n")
         _update_readme(args.readme, compact, os.path.relpath(stem + ".png", here))

@@ -104,6 +104,64 @@ def test_check_case_takes_the_median_of_three_draws(monkeypatch):
             assert all("median of 3 draws" in f for f in failures)
 
 
+def test_graph_providers_and_their_yardstick():
+    """On CUDA the head shape's eval and training fwd+bwd are also timed captured in CUDA graphs (eager
+    and each fused backend, not the +sync variants), their speedup taken over eager captured alike; never
+    on the CPU, never for train-fwd (a replayed forward would not build the autograd graph)."""
+    head = bench.HEAD_BLOCK
+    for mode in ("eval", "train-fwdbwd"):
+        names = bench.providers("cuda", BenchCase(head, mode, "bfloat16", "nhwc"), "default")
+        graphed = [n for n in names if n.endswith(bench.GRAPH)]
+        assert graphed and graphed[0] == "eager+graph"
+        assert {n[:-len(bench.GRAPH)] for n in graphed} <= set(names) and not any("+sync+" in n for n in names)
+        assert all(bench.yardstick(n) == "eager+graph" for n in graphed)
+        assert all(bench.yardstick(n) == "eager" for n in names if n not in graphed)
+    assert not any(n.endswith(bench.GRAPH)
+                   for n in bench.providers("cuda", BenchCase(head, "train-fwd", "bfloat16", "nhwc"), "default"))
+    assert not any(n.endswith(bench.GRAPH)
+                   for n in bench.providers("cpu", BenchCase(head, "eval", "float32", "nhwc"), "full"))
+    with pytest.raises(ValueError, match="CUDA graph step needs a CUDA device"):
+        bench.graphed_step(torch.nn.Identity(), CASES[0], "cpu")
+
+
+def test_bench_rows_take_each_speedup_over_its_yardstick(monkeypatch):
+    """``fused_resnet bench``: a +graph provider's speedup is over eager+graph, the others' over eager
+    (CPU stand-ins for the graph steps: the same models, uncaptured)."""
+    import argparse
+
+    from fused_resnet import cli
+    case = CASES[0]
+    monkeypatch.setattr(bench, "providers", lambda device, case, suite: ["eager", "fused-torch", "eager+graph",
+                                                                         "fused-torch+graph"])
+    monkeypatch.setattr(bench, "prepare", lambda p, case, device: bench.make_step(
+        bench.build_model(p, case, device), case, device))
+    args = argparse.Namespace(device="cpu", suite="quick", providers=None, iters=4, rounds=2)
+    rows = {r["provider"]: r for r in cli._bench_rows(args, [case])}
+    assert set(rows) == {"eager", "fused-torch", "eager+graph", "fused-torch+graph"}
+    for name, base in (("fused-torch", "eager"), ("fused-torch+graph", "eager+graph"), ("eager+graph", "eager+graph")):
+        assert rows[name]["speedup_vs_eager"] == pytest.approx(rows[base]["median_ms"] / rows[name]["median_ms"])
+        assert rows[name]["check"] == "ok"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["eval", "train-fwdbwd"])
+@pytest.mark.parametrize("provider", ["eager", "fused-triton", "fused-cuda"])
+def test_a_graphed_step_replays_the_model(provider, mode):
+    """``graphed_step`` captures a block's forward (and backward) in a CUDA graph; the replay agrees with
+    the model run uncaptured (it checks that itself, raising otherwise), and a replay on new input moves
+    the output: the graph reads the input the step copies in."""
+    from fused_resnet.backends import available_backends
+    if provider.startswith("fused-") and provider[len("fused-"):] not in available_backends():
+        pytest.skip(f"{provider} is not available here")
+    case = BenchCase(BlockCase(32, 32, 14, 4), mode, "bfloat16", "nhwc")
+    step, inputs = bench.graphed_step(bench.build_model(provider, case, "cuda"), case, "cuda")
+    step(inputs[0])
+    first = step.output.clone()
+    step(inputs[1])
+    torch.cuda.synchronize()
+    assert torch.isfinite(step.output).all() and not torch.equal(first, step.output)
+
+
 def test_device_time_is_the_gpus_busy_time_per_call():
     """``device_ms``: NaN on the CPU (no device timeline); on a GPU, positive and at most the call's
     event-timed median (kernels cannot take longer than the calls that run them, plus rounding)."""
