@@ -247,7 +247,10 @@ if [ "$SHORT" = 1 ]; then skip tune "short budget"; else TAIL_LINES=30 run_step 
 
 if [ "$SHORT" = 1 ]; then skip tests-b "short budget"; else
   # The dry run (CI, on the CPU) proves the step, on one file: CI's own test run covers the whole suite.
-  B_FILES=(tests); [ "$DRY" = 1 ] && B_FILES=(tests/test_block.py -m "not slow")
+  # On the GPU the CPU-only checks are left to CI: the ahead-of-time machine-code report (hundreds of
+  # compiles, minutes) and the report formatting. The second GPU run's tests-b did not finish in 120 s.
+  B_FILES=(tests --ignore=tests/test_kernel_quality.py --ignore=tests/test_reporting.py)
+  [ "$DRY" = 1 ] && B_FILES=(tests/test_block.py -m "not slow")
   run_step tests-b 150 "${PYTEST[@]}" "${TEST_PROCS[@]}" "${B_FILES[@]}" -k "not ($A_EXPR)" --junitxml="$LOGS/tests-b.xml"
 fi
 
