@@ -323,23 +323,32 @@ def time_step(step: Callable, inputs: list, device: str, warmup: int = 5, iters:
     return _timing(*_samples(step, inputs, device, iters))
 
 
+def capture(run: Callable[[], object], reset: Optional[Callable[[], None]] = None, warmups: int = 3):
+    """(graph, what ``run`` returned while captured): ``run`` called ``warmups`` times on a side stream
+    first (JIT compiles, autotuning and first allocations stay out of the graph; ``reset`` after each),
+    then captured once in a CUDA graph on the current device."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            run()
+            if reset is not None:
+                reset()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = run()
+    return graph, result
+
+
 def graph_time_ms(call: Callable[[int], None], calls: int = 24, replays: int = 11) -> float:
     """GPU time per ``call(i)`` (CUDA): ``calls`` calls (i = 0 .. calls-1, so a caller can rotate inputs
     past L2) captured in one CUDA graph, the graph replayed and timed with events; the median over replays
     divided by ``calls``. No host time between the kernels: a call's Python and launches would otherwise
     be what is measured -- the second GPU run's tuner timed every candidate of every layer at 48-59 us,
     the host's time per convolution call on that machine, for kernels of about 10 us."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture wants
-        for i in range(3):
-            call(i)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            call(i)
+    graph, _ = capture(lambda: [call(i) for i in range(calls)], warmups=1)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -595,17 +604,11 @@ def graphed_step(model: nn.Module, case: BenchCase, device: str) -> tuple[Callab
             out.backward(upstream)
         return out
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles, autotunes, allocates) off the capturing stream
-        for _ in range(3):
-            run()
-            model.zero_grad(set_to_none=True)
-            static_x.grad = None
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = run()
+    def reset():
+        model.zero_grad(set_to_none=True)
+        static_x.grad = None
+
+    graph, static_out = capture(run, reset)
 
     def step(x):
         with torch.no_grad():
@@ -624,7 +627,7 @@ def graphed_step(model: nn.Module, case: BenchCase, device: str) -> tuple[Callab
         errors["input gradient"] = rel_err(static_x.grad, x.grad)
     bad = {k: e for k, e in errors.items() if not e <= floor}
     if bad:
-        raise RuntimeError(f"the CUDA graph's replay disagrees with the uncaptured model: "
+        raise RuntimeError("the CUDA graph's replay disagrees with the uncaptured model: "
                            + ", ".join(f"{k} error {e:.2e} > {floor:.0e}" for k, e in bad.items()))
     step.graph, step.output = graph, static_out  # the graph kept alive with the step; its output buffer
     return step, inputs
