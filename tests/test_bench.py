@@ -1,5 +1,6 @@
-"""The benchmark's check before timing (``bench.check_case``): it passes a correct provider in every mode
-and layout, and names what a wrong one gets wrong."""
+"""The benchmark's machinery: the check before timing (``bench.check_case``: it passes a correct provider
+in every mode and layout, forgives what the tests forgive, names what a wrong one gets wrong), the steps
+captured in CUDA graphs and their yardstick, the device-time clocks and the tile tuner."""
 
 import math
 
@@ -9,6 +10,7 @@ import torch
 from fused_resnet import bench
 from fused_resnet.bench import BenchCase, check_case
 from fused_resnet.cases import BlockCase
+from fused_resnet.testing import rel_err
 
 from tests.conftest import HAS_CUDA
 
@@ -66,7 +68,6 @@ def test_check_case_forgives_relu_flips(monkeypatch):
     (here: the eight smallest positive outputs, zeroed) move the input gradient by far more than the bound
     when the reference passes gradient through them; the check gives them no upstream gradient in either
     model, as the tests do, and passes (bfloat16: the output's own error stays within its floor)."""
-    from fused_resnet.testing import rel_err
 
     case = BenchCase(BlockCase(8, 8, 4, 2), "train-fwdbwd", "bfloat16", "nchw")
 
@@ -120,8 +121,54 @@ def test_graph_providers_and_their_yardstick():
                    for n in bench.providers("cuda", BenchCase(head, "train-fwd", "bfloat16", "nhwc"), "default"))
     assert not any(n.endswith(bench.GRAPH)
                    for n in bench.providers("cpu", BenchCase(head, "eval", "float32", "nhwc"), "full"))
-    with pytest.raises(ValueError, match="CUDA graph step needs a CUDA device"):
-        bench.graphed_step(torch.nn.Identity(), CASES[0], "cpu")
+    with pytest.raises(ValueError, match="replays eval or train-fwdbwd, not train-fwd"):
+        bench.graphed_step(torch.nn.Identity(), BenchCase(head, "train-fwd", "float32", "nhwc"), "cpu")
+
+
+class _Replay:
+    """A CPU stand-in for a captured CUDA graph: replay() runs the captured function again and writes its
+    output into the captured output, as a replay writes the graph's buffers (or, ``stale``, does nothing)."""
+
+    def __init__(self, run, reset, out, stale):
+        self.run, self.reset, self.out, self.stale = run, reset, out, stale
+
+    def replay(self):
+        if self.stale:
+            return
+        if self.reset is not None:
+            self.reset()
+        new = self.run()
+        with torch.no_grad():
+            self.out.copy_(new)
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["replays", "stale"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: c.mode + "-" + c.fmt)
+def test_graphed_step_logic_on_the_cpu(monkeypatch, case, stale):
+    """``graphed_step`` around a stand-in capture (the CPU has no CUDA graphs): the step copies its input
+    into the captured input and replays, the replay's output and input gradient are checked against an
+    uncaptured copy of the model -- a graph that does not follow its input (stale) is refused."""
+    def fake_capture(run, reset=None, warmups=3):
+        for _ in range(warmups):
+            run()
+            if reset is not None:
+                reset()
+        out = run()
+        return _Replay(run, reset, out, stale), out
+
+    monkeypatch.setattr(bench, "capture", fake_capture)
+    model = bench.build_model("fused-torch+graph", case, "cpu")
+    if stale:
+        with pytest.raises(RuntimeError, match="replay disagrees with the uncaptured model: output"):
+            bench.graphed_step(model, case, "cpu")
+        return
+    step, inputs = bench.graphed_step(model, case, "cpu")
+    step(inputs[0])
+    first = step.output.clone()
+    step(inputs[1])
+    assert not torch.equal(first, step.output)
+    want = bench.build_model("eager", case, "cpu")(inputs[1].clone())
+    assert rel_err(step.output, want) <= 1e-5
 
 
 def test_bench_rows_take_each_speedup_over_its_yardstick(monkeypatch):
