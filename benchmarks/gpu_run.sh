@@ -240,10 +240,13 @@ if [ "$SHORT" = 1 ]; then skip compile "short budget"; else
 # choice; the entries that beat it are printed for configs.TUNED_CONV (commit them with the GPU's name).
 tune() {
   if [ "$DRY" = 1 ]; then TRITON_INTERPRET=1 $PY -m benchmarks.tune_conv --smoke --jobs 2 --rounds 1
-  else $PY -m benchmarks.tune_conv --dtype bfloat16 --batch 32 --budget-s 100 --json "$LOGS/tune-bf16.json"; fi
+  else
+    $PY -m benchmarks.tune_conv --dtype bfloat16 --batch 32 --budget-s 60 --json "$LOGS/tune-bf16.json"
+    $PY -m benchmarks.tune_conv --dtype bfloat16 --batch 32 --budget-s 50 --mode train --json "$LOGS/tune-bf16-train.json"
+  fi
 }
 export -f tune
-if [ "$SHORT" = 1 ]; then skip tune "short budget"; else TAIL_LINES=30 run_step tune 140 tune; fi
+if [ "$SHORT" = 1 ]; then skip tune "short budget"; else TAIL_LINES=45 run_step tune 140 tune; fi
 
 if [ "$SHORT" = 1 ]; then skip tests-b "short budget"; else
   # The dry run (CI, on the CPU) proves the step, on one file: CI's own test run covers the whole suite.

@@ -2,7 +2,7 @@
 entries for ``TUNED_CONV`` in fused_resnet/backends/triton/configs.py (keyed by architecture; the GPU,
 versions and date printed beside them).
 
-    python -m benchmarks.tune_conv [--dtype bfloat16] [--batch 32] [--json OUT] [--budget-s 120]
+    python -m benchmarks.tune_conv [--dtype bfloat16] [--batch 32] [--mode eval|train] [--json OUT] [--budget-s 120]
     TRITON_INTERPRET=1 python -m benchmarks.tune_conv --smoke    # CPU: the script's mechanics only
 
 Candidates are the tiles the kernel-quality tests hold to no spills (``configs.conv_tile_candidates``:
@@ -64,6 +64,10 @@ def main() -> int:
     parser.add_argument("--margin", type=float, default=0.03, help="a candidate must beat the current choice by this")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per layer")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--mode", default="eval", choices=["eval", "train"],
+                        help="the convolution timed: eval's K1 (folded BN + ReLU in the epilogue), or training's "
+                             "K2 (BN + ReLU of the input in the prologue, batch statistics in the epilogue); the "
+                             "table has no mode key, so train's findings are reported, not offered as entries")
     parser.add_argument("--smoke", action="store_true", help="CPU under the Triton interpreter: one tiny layer, "
                                                              "two candidates (the mechanics, not the timings)")
     args = parser.parse_args()
@@ -97,6 +101,9 @@ def main() -> int:
         problems.append(((cin, cout, p * p, 3, dtype), x, w, bn, stride))
 
     def conv(x, w, bn, stride):
+        if args.mode == "train":  # bn's first three as the input's (mean, scale, shift): the prologue
+            return be.conv_fused(x, w, None, stride=stride, padding=1, in_mean=bn[0][:x.shape[1]],
+                                 in_scale=bn[1][:x.shape[1]], in_shift=bn[2][:x.shape[1]], stats=True).out
         return be.conv_fused(x, w, None, stride=stride, padding=1, bn=bn, relu=True).out
 
     # Every (layer, candidate) variant compiled ahead for this architecture, in parallel, into Triton's
@@ -151,15 +158,18 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter: timings meaningless)"
     print(f"\n# {name} (sm_{model.arch}), torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}, {datetime.date.today()}, batch {batch}, channels_last, "
-          f"{len(entries)} of {len(results)} layers beat the current choice")
+          f"{args.mode} convolution, {len(entries)} of {len(results)} layers beat the current choice"
+          + (" (training's findings: the table has no mode key, so these are not entries)" if args.mode == "train"
+             else ""))
     dt = str(dtype).removeprefix("torch.")
+    lead = "    # " if args.mode == "train" else "    "
     for (cin, c, pq, k, _), cfg, ms, base in entries:
-        print(f"    ({cin}, {c}, {pq}, {k}, torch.{dt}, {model.arch}): ConvConfig({cfg.BLOCK_M}, {cfg.BLOCK_N}, "
+        print(f"{lead}({cin}, {c}, {pq}, {k}, torch.{dt}, {model.arch}): ConvConfig({cfg.BLOCK_M}, {cfg.BLOCK_N}, "
               f"{cfg.BLOCK_K}, {cfg.GROUP_M}, {cfg.num_warps}, {cfg.num_stages}),  # {ms:.3f} ms, was {base:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "arch": model.arch, "batch": batch, "dtype": dt, "layers": results}, f,
-                      indent=1)
+            json.dump({"device": name, "arch": model.arch, "batch": batch, "dtype": dt, "mode": args.mode,
+                       "layers": results}, f, indent=1)
     return 0
 
 

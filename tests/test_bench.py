@@ -240,7 +240,8 @@ def test_graph_time_is_the_kernels_time():
     assert 0 < ms < per_call
 
 
-def test_tile_tuner_runs_and_keeps_the_current_choice_unless_beaten(tmp_path):
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_tile_tuner_runs_and_keeps_the_current_choice_unless_beaten(tmp_path, mode):
     """``python -m benchmarks.tune_conv --smoke`` (interpreter, one tiny layer, two candidates): it compiles its
     candidates ahead for sm_90, times each against the current choice, and writes its findings; the
     GPU run takes the same path with the seed's layers."""
@@ -252,10 +253,12 @@ def test_tile_tuner_runs_and_keeps_the_current_choice_unless_beaten(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "tune.json"
     run = subprocess.run([sys.executable, "-m", "benchmarks.tune_conv", "--smoke", "--jobs", "2", "--rounds", "1",
-                          "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                          "--mode", mode, "--json", str(out)], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
     assert run.returncode == 0 and "compiled 2 variants ahead for sm_90" in run.stdout and ", 0 failed" in run.stdout, \
         run.stdout[-2000:] + run.stderr[-2000:]
     found = json.loads(out.read_text())
+    assert found["mode"] == mode and f"{mode} convolution" in run.stdout
     (layer,) = found["layers"]
     assert layer["current_ms"] > 0 and layer["best_ms"] > 0
     beaten = layer["best_ms"] < 0.97 * layer["current_ms"] and layer["best"] != layer["current"]
