@@ -4,9 +4,12 @@
 // call from Python; its backward keeps one node per convolution and one for the output, as the Python
 // composition does (each node's weight gradients are accumulated and released before the next runs:
 // docs/measurements.md, "Weight gradients one at a time"). Device-agnostic (registered
-// CompositeImplicitAutograd): the primitives dispatch to their CPU or CUDA kernels. functional.py takes
-// this path for the compiled backends outside torch.compile and without synchronized batch norm; both
-// paths give the same bits (tests/test_block_node.py).
+// CompositeImplicitAutograd): the primitives dispatch to their CPU or CUDA kernels. One composition, two
+// families of primitives: the extension's kernels (backends "cpp" and "cuda") and, with
+// primitives="triton_", the Triton backend's operators (Python kernels that launch Triton's compiled code;
+// the nodes, the saved tensors and the backward's order are then C++, not Python). functional.py takes this
+// path outside torch.compile and without synchronized batch norm; both paths give the same bits
+// (tests/test_block_node.py).
 //
 // The block: a chain of L convolutions (2 or 3), each followed by batch norm and, all but the last, ReLU;
 // a shortcut that is the input itself (kind 0), a 1x1 convolution (kind 1) or a 1x1 convolution and its
@@ -22,7 +25,10 @@
 #include <torch/library.h>
 
 #include <array>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -41,7 +47,9 @@ using T7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 
-// The primitives, looked up once (ops.cpp declares them).
+// The primitives of one family: the extension's own kernels (fused_resnet::conv_fused, ...; ops.cpp declares
+// them) or another backend's operators with the same schemas under a prefix (fused_resnet::triton_conv_fused,
+// ...: fused_resnet/backends/triton/ops.py). Looked up once per family.
 struct Ops {
   c10::TypedOperatorHandle<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&,
                               const Opt&, const Opt&, double, const Opt&, const Opt&, const Opt&, const Opt&,
@@ -61,24 +69,34 @@ struct Ops {
 };
 
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+c10::TypedOperatorHandle<Sig> op(const std::string& prefix, const char* name) {
+  const std::string full = "fused_resnet::" + prefix + name;
+  const auto handle = c10::Dispatcher::singleton().findSchema({full, ""});
+  TORCH_CHECK(handle.has_value(), "block_train: no operator ", full, " (primitives=\"", prefix,
+              "\"): the backend that defines it is not loaded");
+  return handle->typed<Sig>();
 }
 
-const Ops& ops() {
-  static const Ops o{
-      op<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&, const Opt&, const Opt&,
-            double, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, int64_t, bool,
-            bool, bool, at::ScalarType, bool)>("fused_resnet::conv_fused"),
-      op<T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const Opt&, const Opt&,
-            double)>("fused_resnet::bn_finalize"),
-      op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, bool, at::ScalarType,
-                const Opt&, const Opt&, const Opt&)>("fused_resnet::bn_act"),
-      op<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-          "fused_resnet::bn_backward_reduce"),
-      op<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-            const Tensor&, int64_t, bool, bool)>("fused_resnet::bn_backward_apply")};
-  return o;
+const Ops& ops(const std::string& prefix) {
+  static std::mutex mutex;
+  static std::map<std::string, Ops> families;  // a map's entries stay where they are: references outlive inserts
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = families.find(prefix);
+  if (it == families.end()) {
+    Ops o{op<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&, const Opt&,
+                const Opt&, double, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&,
+                int64_t, bool, bool, bool, at::ScalarType, bool)>(prefix, "conv_fused"),
+          op<T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const Opt&,
+                const Opt&, double)>(prefix, "bn_finalize"),
+          op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, bool, at::ScalarType,
+                    const Opt&, const Opt&, const Opt&)>(prefix, "bn_act"),
+          op<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(prefix,
+                                                                                           "bn_backward_reduce"),
+          op<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                const Tensor&, const Tensor&, int64_t, bool, bool)>(prefix, "bn_backward_apply")};
+    it = families.emplace(prefix, o).first;
+  }
+  return it->second;
 }
 
 // What the Python side passes besides the differentiable tensors (block_train's schema in ops.cpp).
@@ -109,14 +127,14 @@ struct Fold {  // bn_finalize's (scale, shift, mean, invstd)
 
 // A BN's normalizer: from the tiles' statistics (updating the running statistics when factor >= 0, their
 // version counters bumped as an in-place PyTorch op would), or from the running statistics.
-Fold normalize(const Tensor& pm, const Tensor& pm2, const Tensor& pc, bool batch_stats, const Tensor& gamma,
+Fold normalize(const Ops& o, const Tensor& pm, const Tensor& pm2, const Tensor& pc, bool batch_stats, const Tensor& gamma,
                const Tensor& beta, double eps, const Opt& rm, const Opt& rv, double factor) {
   if (!batch_stats) {  // functional.bn_fold's arithmetic
     const Tensor invstd = at::rsqrt(rv->to(at::kFloat) + eps);
     return {gamma.to(at::kFloat) * invstd, beta.to(at::kFloat), rm->to(at::kFloat), invstd};
   }
   const bool update = factor >= 0;
-  auto [scale, shift, mean, invstd] = ops().bn_finalize.call(pm, pm2, pc, gamma, beta, eps, update ? rm : Opt(),
+  auto [scale, shift, mean, invstd] = o.bn_finalize.call(pm, pm2, pc, gamma, beta, eps, update ? rm : Opt(),
                                                              update ? rv : Opt(), factor);
   if (update)
     for (const Tensor& t : {*rm, *rv})
@@ -124,10 +142,10 @@ Fold normalize(const Tensor& pm, const Tensor& pm2, const Tensor& pc, bool batch
   return {scale, shift, mean, invstd};
 }
 
-T2 bn_backward(const Tensor& grad, const Tensor& mask_src, const Tensor& z, const Tensor& mean, const Tensor& invstd,
+T2 bn_backward(const Ops& o, const Tensor& grad, const Tensor& mask_src, const Tensor& z, const Tensor& mean, const Tensor& invstd,
                const Tensor& scale, bool batch_stats, bool want_gm, Tensor& sum_g, Tensor& sum_gx) {
-  std::tie(sum_g, sum_gx) = ops().bn_backward_reduce.call(grad, mask_src, z, as_f32(mean), as_f32(invstd));
-  return ops().bn_backward_apply.call(grad, mask_src, z, as_f32(mean), as_f32(invstd), as_f32(scale), sum_g, sum_gx,
+  std::tie(sum_g, sum_gx) = o.bn_backward_reduce.call(grad, mask_src, z, as_f32(mean), as_f32(invstd));
+  return o.bn_backward_apply.call(grad, mask_src, z, as_f32(mean), as_f32(invstd), as_f32(scale), sum_g, sum_gx,
                                       z.size(0) * z.size(2) * z.size(3), batch_stats, want_gm);
 }
 
@@ -163,12 +181,13 @@ std::vector<Tensor> unpack(at::TensorList inputs, const std::vector<int64_t>& po
 // Every node's set-up, in one saved entry: its slots (see Slots), its non-tensor parameters, and no zero
 // tensors made for the gradients of outputs nothing used (the statistics, an absent shortcut): its backward
 // reads only those it needs and checks them.
-void save_node(AutogradContext* ctx, const std::vector<int64_t>& pos, size_t inputs,
+void save_node(AutogradContext* ctx, const std::string& prims, const std::vector<int64_t>& pos, size_t inputs,
                std::initializer_list<int64_t> params) {
   std::vector<int64_t> v{static_cast<int64_t>(inputs), static_cast<int64_t>(pos.size())};
   v.insert(v.end(), pos.begin(), pos.end());
   v.insert(v.end(), params);
   ctx->saved_data["node"] = std::move(v);
+  ctx->saved_data["prims"] = prims;
   ctx->set_materialize_grads(false);
 }
 
@@ -176,14 +195,16 @@ constexpr const char* kDoubleBackward =
     "fused_resnet: the fused block's backward is not differentiable (double backward, e.g. a gradient penalty "
     "through the block): run that model unconverted (eager modules)";
 
-// What every node's backward shares: which slots need a gradient, its parameters, and its results in the
-// node's input order.
+// What every node's backward shares: its primitives, which slots need a gradient, its parameters, and its
+// results in the node's input order.
 struct Grads {
   AutogradContext* ctx;
+  const Ops& o;
   std::vector<int64_t> v;  // as save_node wrote it
   variable_list g;         // per slot
 
-  explicit Grads(AutogradContext* c) : ctx(c), v(c->saved_data["node"].toIntVector()), g(v[1]) {}
+  explicit Grads(AutogradContext* c)
+      : ctx(c), o(ops(c->saved_data["prims"].toStringRef())), v(c->saved_data["node"].toIntVector()), g(v[1]) {}
   int64_t pos(size_t slot) const { return v[2 + slot]; }
   int64_t param(size_t i) const { return v[2 + v[1] + i]; }
   bool needs(int slot) const { return pos(slot) >= 0 && ctx->needs_input_grad(pos(slot)); }
@@ -212,6 +233,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_grads(const Tensor& grad, const Tensor& 
 
 // _FirstConv: Z = conv(x) + b and its BN's per-tile statistics (not differentiable). Slots: x, w, b.
 struct FirstArgs {
+  const std::string& prims;
   std::vector<int64_t> pos;
   Tensor kernel_weight;
   int64_t stride, padding;
@@ -225,11 +247,11 @@ class FirstConv : public torch::autograd::Function<FirstConv> {
     const std::vector<Tensor> v = unpack(inputs, a.pos);
     const Tensor &x = v[0], &w = v[1], &b = v[2];
     RECORD_USER_SCOPE("fused_resnet::K1 conv+stats");
-    auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = ops().conv_fused.call(
+    auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = ops(a.prims).conv_fused.call(
         x, a.kernel_weight, opt(b), a.stride, a.padding, {}, {}, {}, {}, 0.0, {}, {}, {}, {}, {}, {}, {}, 1, false, false,
         a.batch_stats, x.scalar_type(), false);
     ctx->save_for_backward({x, w});
-    save_node(ctx, a.pos, inputs.size(), {a.stride, a.padding, a.batch_stats});
+    save_node(ctx, a.prims, a.pos, inputs.size(), {a.stride, a.padding, a.batch_stats});
     ctx->mark_non_differentiable({pm, pm2, pc});
     return {z, pm, pm2, pc};
   }
@@ -252,6 +274,7 @@ class FirstConv : public torch::autograd::Function<FirstConv> {
 // convolution, which takes its own BN's statistics; for the last, the shortcut convolution too (apart, with
 // its statistics when a BN follows it). Slots: z_prev, gamma, beta, w, b, sc_x, sc_w, sc_b.
 struct BnReluConvArgs {
+  const std::string& prims;
   std::vector<int64_t> pos;
   Tensor part_mean, part_m2, part_count, kernel_weight, sc_kernel_weight;
   Opt running_mean, running_var;
@@ -268,19 +291,20 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
     const Tensor &z_prev = v[0], &gamma = v[1], &beta = v[2], &w = v[3], &b = v[4], &sc_x = v[5], &sc_w = v[6],
                  &sc_b = v[7];
     const bool with_sc = sc_w.defined();
+    const Ops& o = ops(a.prims);
     Fold f;
     {
       RECORD_USER_SCOPE("fused_resnet::F bn_finalize");
-      f = normalize(a.part_mean, a.part_m2, a.part_count, a.bs_prev, gamma, beta, a.eps, a.running_mean,
+      f = normalize(o, a.part_mean, a.part_m2, a.part_count, a.bs_prev, gamma, beta, a.eps, a.running_mean,
                     a.running_var, a.factor);
     }
     RECORD_USER_SCOPE(with_sc ? "fused_resnet::K bn+relu>conv+stats+conv1x1" : "fused_resnet::K bn+relu>conv+stats");
-    auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = ops().conv_fused.call(
+    auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = o.conv_fused.call(
         z_prev, a.kernel_weight, opt(b), a.stride, a.padding, {}, {}, {}, {}, 0.0, as_f32(f.mean), as_f32(f.scale),
         as_f32(f.shift), {}, opt(sc_x), with_sc ? Opt(a.sc_kernel_weight) : Opt(), opt(sc_b), a.sc_stride, true, false,
         a.bs_next, z_prev.scalar_type(), a.sc_stats);
     ctx->save_for_backward({z_prev, w, f.mean, f.invstd, f.scale, f.shift, sc_x, sc_w});
-    save_node(ctx, a.pos, inputs.size(), {a.stride, a.padding, a.sc_stride, a.bs_prev, a.bs_next, a.sc_stats,
+    save_node(ctx, a.prims, a.pos, inputs.size(), {a.stride, a.padding, a.sc_stride, a.bs_prev, a.bs_next, a.sc_stats,
                                           static_cast<int64_t>(gamma.scalar_type())});
     ctx->mark_non_differentiable({pm, pm2, pc, sc_pm, sc_pm2});
     return {z, pm, pm2, pc, s, sc_pm, sc_pm2};
@@ -298,14 +322,14 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
     Tensor y, dy;
     {
       RECORD_USER_SCOPE("fused_resnet::B conv backward (input recomputed)");
-      y = ops().bn_act.call(z, as_f32(mean), as_f32(scale), as_f32(shift), {}, true, z.scalar_type(), {}, {}, {});
+      y = r.o.bn_act.call(z, as_f32(mean), as_f32(scale), as_f32(shift), {}, true, z.scalar_type(), {}, {}, {});
       std::tie(dy, r.g[3], r.g[4]) =
           conv_grads(grads[0], y, w, r.param(0), r.param(1), {true, r.needs(3), r.needs(4)}, bs_next);
     }
     {
       RECORD_USER_SCOPE("fused_resnet::B relu+bn backward");
       Tensor sg, sgx;
-      std::tie(r.g[0], std::ignore) = bn_backward(dy, y, z, mean, invstd, scale, bs_prev, false, sg, sgx);
+      std::tie(r.g[0], std::ignore) = bn_backward(r.o, dy, y, z, mean, invstd, scale, bs_prev, false, sg, sgx);
       if (r.needs(1)) r.g[1] = cast(sgx, pd);
       if (r.needs(2)) r.g[2] = cast(sg, pd);
     }
@@ -323,6 +347,7 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
 // _Output: the last BN (finalize), the shortcut -- X, conv(X), or BN(conv(X)) with its own finalize -- the
 // add and the ReLU in one kernel. Slots: z, gamma, beta, s, sc_gamma, sc_beta.
 struct OutputArgs {
+  const std::string& prims;
   std::vector<int64_t> pos;
   Tensor part_mean, part_m2, part_count, sc_part_mean, sc_part_m2;
   Opt running_mean, running_var, sc_running_mean, sc_running_var;
@@ -337,30 +362,31 @@ class Output : public torch::autograd::Function<Output> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const std::vector<Tensor> v = unpack(inputs, a.pos);
     const Tensor &z = v[0], &gamma = v[1], &beta = v[2], &s = v[3], &sc_gamma = v[4], &sc_beta = v[5];
+    const Ops& o = ops(a.prims);
     Fold f, fs;
     {
       RECORD_USER_SCOPE("fused_resnet::F bn_finalize");
-      f = normalize(a.part_mean, a.part_m2, a.part_count, a.bs, gamma, beta, a.eps, a.running_mean, a.running_var,
+      f = normalize(o, a.part_mean, a.part_m2, a.part_count, a.bs, gamma, beta, a.eps, a.running_mean, a.running_var,
                     a.factor);
     }
     const bool sc_bn = a.kind == 2;
     if (sc_bn) {
       RECORD_USER_SCOPE("fused_resnet::F shortcut bn_finalize");
-      fs = normalize(a.sc_part_mean, a.sc_part_m2, a.part_count, a.sc_bs, sc_gamma, sc_beta, a.sc_eps,
+      fs = normalize(o, a.sc_part_mean, a.sc_part_m2, a.part_count, a.sc_bs, sc_gamma, sc_beta, a.sc_eps,
                      a.sc_running_mean, a.sc_running_var, a.sc_factor);
     }
     const at::ScalarType out_dtype = c10::promoteTypes(z.scalar_type(), s.scalar_type());
     Tensor out;
     {
       RECORD_USER_SCOPE(sc_bn ? "fused_resnet::K bn+bn+add+relu" : "fused_resnet::K bn+add+relu");
-      out = ops().bn_act.call(z, as_f32(f.mean), as_f32(f.scale), as_f32(f.shift),
+      out = o.bn_act.call(z, as_f32(f.mean), as_f32(f.scale), as_f32(f.shift),
                               cast(s, sc_bn ? z.scalar_type() : out_dtype), true, out_dtype,
                               sc_bn ? Opt(as_f32(fs.mean)) : Opt(), sc_bn ? Opt(as_f32(fs.scale)) : Opt(),
                               sc_bn ? Opt(as_f32(fs.shift)) : Opt());
     }
     // s itself only for its BN's backward (the identity's and a plain conv's gradient is the masked grad).
     ctx->save_for_backward({z, out, f.mean, f.invstd, f.scale, sc_bn ? s : Tensor(), fs.mean, fs.invstd, fs.scale});
-    save_node(ctx, a.pos, inputs.size(), {a.kind, a.bs, a.sc_bs, static_cast<int64_t>(gamma.scalar_type()),
+    save_node(ctx, a.prims, a.pos, inputs.size(), {a.kind, a.bs, a.sc_bs, static_cast<int64_t>(gamma.scalar_type()),
                                           static_cast<int64_t>(s.scalar_type())});
     return out;
   }
@@ -379,14 +405,14 @@ class Output : public torch::autograd::Function<Output> {
     Tensor gm, sg, sgx;
     {
       RECORD_USER_SCOPE("fused_resnet::B relu+bn backward");
-      std::tie(r.g[0], gm) = bn_backward(grad, out, z, mean, invstd, scale, bs, kind != 2, sg, sgx);
+      std::tie(r.g[0], gm) = bn_backward(r.o, grad, out, z, mean, invstd, scale, bs, kind != 2, sg, sgx);
     }
     if (r.needs(1)) r.g[1] = cast(sgx, pd);
     if (r.needs(2)) r.g[2] = cast(sg, pd);
     if (kind == 2) {
       RECORD_USER_SCOPE("fused_resnet::B shortcut relu+bn backward");
       Tensor ssg, ssgx;
-      std::tie(r.g[3], std::ignore) = bn_backward(grad, out, s, saved[6], saved[7], saved[8], sc_bs, false, ssg, ssgx);
+      std::tie(r.g[3], std::ignore) = bn_backward(r.o, grad, out, s, saved[6], saved[7], saved[8], sc_bs, false, ssg, ssgx);
       if (r.needs(4)) r.g[4] = cast(ssgx, pd);
       if (r.needs(5)) r.g[5] = cast(ssg, pd);
     } else if (r.needs(3)) {
@@ -404,7 +430,8 @@ std::vector<Opt> optionals(const c10::List<Opt>& list) {
 }
 
 Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights, const c10::List<Opt>& running_means,
-                   const c10::List<Opt>& running_vars, at::IntArrayRef config, at::ArrayRef<double> eps_factors) {
+                   const c10::List<Opt>& running_vars, at::IntArrayRef config, at::ArrayRef<double> eps_factors,
+                   c10::string_view primitives) {
   const char* name = "block_train";
   TORCH_CHECK(config.size() >= 2 && (config[0] == 2 || config[0] == 3) && config[1] >= 0 && config[1] <= 2, name,
               ": config must start with the chain length (2 or 3) and the shortcut kind (0, 1 or 2)");
@@ -449,18 +476,21 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
                               (p.batch_stats[3] || (p.running_mean[L].has_value() && p.running_var[L].has_value()))),
               name, ": the shortcut's BN needs gamma, beta and (without batch statistics) running statistics");
 
+  const std::string prims(primitives);
+  ops(prims);  // an unknown family fails here, before anything runs
+
   // The chain: FirstConv, then one BnReluConv per further convolution (the last with the shortcut), Output.
   const Tensor& x = v[kX];
   Slots first{x, v[w_at(0)], v[w_at(0) + 1]};
   variable_list k = FirstConv::apply(at::TensorList(first.inputs),
-                                     FirstArgs{first.pos, p.kernel_weights[0], p.stride[0], p.padding[0], p.batch_stats[0]});
+                                     FirstArgs{prims, first.pos, p.kernel_weights[0], p.stride[0], p.padding[0], p.batch_stats[0]});
   Tensor s, sc_pm, sc_pm2;
   for (int64_t i = 1; i < L; ++i) {
     const int prev = w_at(static_cast<int>(i) - 1), cur = w_at(static_cast<int>(i));
     const bool with_sc = i == L - 1 && p.kind != 0;
     Slots slots{k[0], v[prev + 2], v[prev + 3], v[cur], v[cur + 1], with_sc ? x : Tensor(), with_sc ? v[sc] : Tensor(),
                 with_sc ? v[sc + 1] : Tensor()};
-    BnReluConvArgs a{slots.pos, k[1], k[2], k[3], p.kernel_weights[i], with_sc ? p.kernel_weights[L] : Tensor(),
+    BnReluConvArgs a{prims, slots.pos, k[1], k[2], k[3], p.kernel_weights[i], with_sc ? p.kernel_weights[L] : Tensor(),
                      p.running_mean[i - 1], p.running_var[i - 1], p.stride[i], p.padding[i], with_sc ? p.sc_stride : 1,
                      p.batch_stats[i - 1], p.batch_stats[i], with_sc && p.kind == 2 && p.batch_stats[3], p.eps[i - 1],
                      p.factor[i - 1]};
@@ -471,7 +501,7 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
   const bool sc_bn = p.kind == 2;
   Slots out{k[0], v[last + 2], v[last + 3], p.kind == 0 ? v[kXRes] : s, sc_bn ? v[sc + 2] : Tensor(),
             sc_bn ? v[sc + 3] : Tensor()};
-  OutputArgs a{out.pos, k[1], k[2], k[3], sc_pm, sc_pm2, p.running_mean[L - 1], p.running_var[L - 1],
+  OutputArgs a{prims, out.pos, k[1], k[2], k[3], sc_pm, sc_pm2, p.running_mean[L - 1], p.running_var[L - 1],
                sc_bn ? p.running_mean[L] : Opt(), sc_bn ? p.running_var[L] : Opt(), p.kind, p.batch_stats[L - 1],
                p.batch_stats[3], p.eps[L - 1], p.factor[L - 1], p.eps[3], p.factor[3]};
   return Output::apply(at::TensorList(out.inputs), a);

@@ -43,9 +43,11 @@ TORCH_LIBRARY(fused_resnet, m) {
   // dz = scale * (gm - sum_g / count - xhat * sum_gx / count) (batch statistics) or scale * gm, and gm.
   m.def("bn_backward_apply(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd, Tensor scale, "
         "Tensor sum_g, Tensor sum_gx, int count, bool batch_stats, bool want_gm) -> (Tensor, Tensor)");
-  // The block in training as one autograd node (csrc/block_train.cpp): these primitives, composed in C++.
-  // tensors: x, x_res, then (weight, bias, gamma, beta) per chain conv and BN, then the shortcut's; config
-  // and eps_factors as that file's Plan says. Updates the running statistics of BNs with factor >= 0.
+  // The block in training as C++ autograd nodes (csrc/block_train.cpp): primitives composed in C++, those
+  // above or, with primitives="triton_", the Triton backend's operators of the same schemas
+  // (fused_resnet::triton_conv_fused, ...). tensors: x, x_res, then (weight, bias, gamma, beta) per chain conv
+  // and BN, then the shortcut's; config and eps_factors as that file's Plan says. Updates the running
+  // statistics of BNs with factor >= 0.
   m.def("block_train(Tensor?[] tensors, Tensor[] kernel_weights, Tensor(a!)?[] running_means, "
-        "Tensor(b!)?[] running_vars, int[] config, float[] eps_factors) -> Tensor");
+        "Tensor(b!)?[] running_vars, int[] config, float[] eps_factors, str primitives=\"\") -> Tensor");
 }

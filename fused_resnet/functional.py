@@ -440,10 +440,12 @@ def _needs_grad(x: Tensor, chain: list, shortcut) -> bool:
 
 def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
               sc_weight: Optional[Tensor], groups: list) -> Tensor:
-    # The compiled backends run the same composition in C++ (csrc/block_train.cpp): one operator call per
-    # block, and the same three nodes as torch::autograd::Functions instead of Python ones. Here the Python
+    # Where the extension is built, the same composition runs in C++ (csrc/block_train.cpp) over the backend's
+    # primitives (the extension's kernels, or the Triton backend's operators): one operator call per block,
+    # and the same three nodes as torch::autograd::Functions instead of Python ones. Here the Python
     # Functions stay: synchronized batch norm (its collectives are torch.distributed's), torch.compile
-    # (which traces them), and profiler ranges on (NVTX ranges come from Python).
+    # (which traces them), profiler ranges on (NVTX ranges come from Python), a Triton dry run (launches
+    # listed, not run), and a package without its extension.
     if be.block_node and not (profiling.ENABLED or torch.compiler.is_compiling()) and all(g is None for g in groups):
         return _training_node(be, chain, shortcut, x, x_res, weights, sc_weight)
     conv, bn = chain[0]
@@ -513,7 +515,8 @@ def _training_node(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor,
         stats.append(_uses_batch_stats(sc_bn))
         eps_factors += (sc_bn.eps, _bn_update_factor(sc_bn))
     return torch.ops.fused_resnet.block_train.default(tensors, kernel_weights, means, variances,
-                                                      [len(chain), kind, *geometry, *stats], eps_factors)
+                                                      [len(chain), kind, *geometry, *stats], eps_factors,
+                                                      be.primitives)
 
 
 def _inference(be: Backend, block: nn.Module, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,

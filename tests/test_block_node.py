@@ -1,9 +1,11 @@
-"""The training block composed in C++ autograd nodes (csrc/block_train.cpp), the compiled backends' training
-path: the same primitives as functional.py's three Python autograd Functions, in the same order, so the
-two paths give the same bits -- output, every gradient, running statistics -- for every block the
-composition serves (chains of 2 and 3; identity, 1x1 and 1x1+BN shortcuts; frozen or mixed BN modes,
-cumulative momentum, no running statistics, frozen weights, autocast). Also: a training call is one
-operator and three C++ backward nodes; opcheck; the operator's argument checks."""
+"""The training block composed in C++ autograd nodes (csrc/block_train.cpp), the training path of every
+backend where the extension is built: the same primitives as functional.py's three Python autograd
+Functions, in the same order -- the extension's kernels (cpp, cuda) or the Triton backend's operators
+(``primitives="triton_"``, under the interpreter without a GPU) -- so the two paths give the same bits --
+output, every gradient, running statistics -- for every block the composition serves (chains of 2 and 3;
+identity, 1x1 and 1x1+BN shortcuts; frozen or mixed BN modes, cumulative momentum, no running statistics,
+frozen weights, autocast). Also: a training call is one operator and three C++ backward nodes; opcheck of
+the operator and of the Triton operators it calls; the operator's argument checks."""
 
 import copy
 
@@ -24,7 +26,11 @@ pytestmark = pytest.mark.skipif(not (extension.has_ops() and extension.has_kerne
                                                                                   "CompositeImplicitAutograd")),
                                 reason="fused_resnet._C is not built (pip install --no-build-isolation -e .)")
 
-BACKENDS = [name for name, dev in (("cpp", "cpu"), ("cuda", "cuda")) if dev in DEVICES]
+# backend -> the device its tensors live on (Triton: the GPU, else the CPU under the interpreter)
+DEVICE_OF = {"cpp": "cpu", "cuda": "cuda", "triton": "cuda" if "cuda" in DEVICES else "cpu"}
+BACKENDS = [name for name in ("cpp", "cuda") if DEVICE_OF[name] in DEVICES]
+if "triton" in fused_resnet.available_backends():
+    BACKENDS.append("triton")
 
 
 def _downsample(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -69,7 +75,8 @@ VARIANTS = {
 }
 
 
-def _run(block: nn.Module, x: torch.Tensor, node: bool, monkeypatch, autocast: bool) -> list:
+def _run(block: nn.Module, x: torch.Tensor, node: bool, monkeypatch, autocast: bool,
+         autocast_dtype: torch.dtype = torch.bfloat16) -> list:
     monkeypatch.setattr(get_backend(block.backend), "block_node", node)
     calls = []
     real = functional._training_node
@@ -77,7 +84,7 @@ def _run(block: nn.Module, x: torch.Tensor, node: bool, monkeypatch, autocast: b
     g = torch.Generator(device=x.device).manual_seed(1)
     for step in range(2):
         xi = (x * (1 + step)).detach().requires_grad_(x.requires_grad)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast):
             y = block(xi)
         (y.float() * torch.randn(y.shape, generator=g, device=x.device)).sum().backward()
     assert len(calls) == (2 if node else 0)
@@ -88,7 +95,7 @@ def _run(block: nn.Module, x: torch.Tensor, node: bool, monkeypatch, autocast: b
 @pytest.mark.parametrize("block_name", list(BLOCKS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_node_gives_the_python_functions_bits(backend, block_name, variant, monkeypatch):
-    device = "cuda" if backend == "cuda" else "cpu"
+    device = DEVICE_OF[backend]
     torch.manual_seed(0)
     seed = BLOCKS[block_name]()
     VARIANTS[variant](seed)
@@ -109,14 +116,18 @@ def test_node_gives_the_python_functions_bits(backend, block_name, variant, monk
 
 
 @pytest.mark.parametrize("block_name", ["seed-id", "bneck-id"])
-def test_node_under_autocast_keeps_the_identity_in_its_dtype(block_name, monkeypatch):
-    """Under autocast the convolutions take a bfloat16 copy of X while the identity adds X itself in float32:
-    two different inputs of the node, both with their gradient."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_node_under_autocast_keeps_the_identity_in_its_dtype(backend, block_name, monkeypatch):
+    """Under autocast the convolutions take a 16-bit copy of X while the identity adds X itself in float32:
+    two different inputs of the node, both with their gradient. (float16 for Triton under the interpreter,
+    whose bfloat16 dot products are wrong.)"""
+    device = DEVICE_OF[backend]
+    dtype = torch.float16 if backend == "triton" and device == "cpu" else torch.bfloat16
     torch.manual_seed(0)
-    seed = randomize_(BLOCKS[block_name]())
-    x = torch.randn(2, seed.conv1.in_channels, 8, 8, requires_grad=True)
-    results = [_run(fused_resnet.convert(copy.deepcopy(seed), backend="cpp"), x, node, monkeypatch, autocast=True)
-               for node in (True, False)]
+    seed = randomize_(BLOCKS[block_name]()).to(device)
+    x = torch.randn(2, seed.conv1.in_channels, 8, 8, device=device, requires_grad=True)
+    results = [_run(fused_resnet.convert(copy.deepcopy(seed), backend=backend), x, node, monkeypatch, autocast=True,
+                    autocast_dtype=dtype) for node in (True, False)]
     assert results[0][0].dtype == torch.float32
     for i, (a, b) in enumerate(zip(*results)):
         assert torch.equal(a, b), f"result {i} differs"
@@ -133,21 +144,24 @@ def _nodes(fn) -> list:
     return seen
 
 
-def test_a_training_call_is_one_operator_and_three_compiled_nodes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_training_call_is_one_operator_and_three_compiled_nodes(backend):
     """Eager records seven backward nodes for the seed block; the fused block one operator call from
     Python and three C++ nodes -- one per convolution and one for the output, so each node's weight
     gradients are accumulated before the next runs, as in eager -- whose edges go straight to the
-    parameters and the input."""
-    seed = randomize_(reference.Residual(4, 4)).train()
-    fused = fused_resnet.convert(copy.deepcopy(seed), backend="cpp")
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    parameters and the input. The nodes call the backend's own primitives (Triton's: its operators)."""
+    device = DEVICE_OF[backend]
+    seed = randomize_(reference.Residual(4, 4)).train().to(device)
+    fused = fused_resnet.convert(copy.deepcopy(seed), backend=backend)
+    x = torch.randn(2, 4, 6, 6, device=device, requires_grad=True)
     assert len(_nodes(seed(x).grad_fn)) == 7
     with torch.profiler.profile() as prof:
         y = fused(x)
     nodes = _nodes(y.grad_fn)
     assert [n.name().rsplit("::", 1)[-1].rstrip(">") for n in nodes] == ["Output", "BnReluConv", "FirstConv"]
     ops = [e.key for e in prof.events() if e.key.startswith("fused_resnet::")]
-    assert ops.count("fused_resnet::block_train") == 1 and ops.count("fused_resnet::conv_fused") == 2, ops
+    conv = "fused_resnet::" + get_backend(backend).primitives + "conv_fused"
+    assert ops.count("fused_resnet::block_train") == 1 and ops.count(conv) == 2, ops
     leaves = sum(type(g).__name__ == "AccumulateGrad" for n in nodes for g, _ in n.next_functions)
     # x twice (the convolutions' input and the identity), each conv's weight and bias, each BN's gamma and beta
     assert leaves == 2 + 2 * 4

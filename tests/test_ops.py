@@ -139,24 +139,33 @@ def test_every_op_passes_opcheck(device, dtype, fmt, variant):
     are the block's backward in fused_resnet/functional.py), with inputs that do not require grad."""
     if not extension.has_kernel("conv_fused", device.upper()):
         pytest.skip(f"conv_fused has no {device} kernel in this build")
-    args = _conv_args(device, dtype, fmt, **CONV_VARIANTS[variant])
-    torch.library.opcheck(torch.ops.fused_resnet.conv_fused.default, args)
-    out, _, pm, pq, pc, *_ = torch.ops.fused_resnet.conv_fused.default(*args)
+    opcheck_primitives("", _conv_args(device, dtype, fmt, **CONV_VARIANTS[variant]))
+
+
+def opcheck_primitives(prefix: str, conv_args: tuple) -> None:
+    """opcheck on a family of primitive operators (``fused_resnet::<prefix>conv_fused``, ...: the
+    extension's, or the Triton backend's with ``prefix="triton_"``), each with inputs derived from one
+    convolution's arguments (``_conv_args``)."""
+    op = lambda name: getattr(torch.ops.fused_resnet, prefix + name).default  # noqa: E731
+    device = conv_args[0].device
+    torch.library.opcheck(op("conv_fused"), conv_args)
+    out, _, pm, pq, pc, *_ = op("conv_fused")(*conv_args)
     if pm.numel():
         k = pm.shape[1]
         rm, rv = torch.randn(k, device=device), 0.5 + torch.rand(k, device=device)
         fin = (pm, pq, pc, torch.ones(k, device=device), torch.zeros(k, device=device), 1e-5, rm, rv, 0.1)
-        torch.library.opcheck(torch.ops.fused_resnet.bn_finalize.default, fin)
-        torch.library.opcheck(torch.ops.fused_resnet.bn_finalize.default, fin[:6] + (None, None, 0.1))
+        torch.library.opcheck(op("bn_finalize"), fin)
+        torch.library.opcheck(op("bn_finalize"), fin[:6] + (None, None, 0.1))
     z = out
     c = z.shape[1]
     mean, invstd, scale = torch.randn(c, device=device), 0.5 + torch.rand(c, device=device), torch.randn(c, device=device)
     grad, mask = torch.randn_like(z), torch.randn_like(z)
-    torch.library.opcheck(torch.ops.fused_resnet.bn_backward_reduce.default, (grad, mask, z, mean, invstd))
-    sums = torch.ops.fused_resnet.bn_backward_reduce.default(grad, mask, z, mean, invstd)
+    torch.library.opcheck(op("bn_backward_reduce"), (grad, mask, z, mean, invstd))
+    sums = op("bn_backward_reduce")(grad, mask, z, mean, invstd)
     for batch_stats in (True, False):
-        torch.library.opcheck(torch.ops.fused_resnet.bn_backward_apply.default,
-                              (grad, mask, z, mean, invstd, scale, *sums, 17, batch_stats, True))
+        torch.library.opcheck(op("bn_backward_apply"), (grad, mask, z, mean, invstd, scale, *sums, 17, batch_stats, True))
+    torch.library.opcheck(op("bn_act"), (z, mean, scale, invstd, mask, True, z.dtype, None, None, None))
+    torch.library.opcheck(op("bn_act"), (z, mean, scale, invstd, mask, False, z.dtype, mean, scale, invstd))
 
 
 def test_conv_fused_rejects_bad_arguments():

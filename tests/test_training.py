@@ -284,3 +284,22 @@ def test_double_backward_raises_a_clear_error(backend, block_node, monkeypatch):
     torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(RuntimeError, match="fused block's backward is not differentiable"):
         g.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", [b for b in TRAIN_BACKENDS if b == "triton"])
+@pytest.mark.parametrize("size", [4, 16])
+def test_backward_reduce_merges_only_what_needs_merging(backend, size):
+    """A layer whose rows one reduce program covers (the tiny, host-bound ones) takes no merge launch; a
+    larger one merges its partial rows. Both give the torch reference's per-channel sums."""
+    from fused_resnet.backends.triton import bn, counting
+    be = get_backend(backend)
+    z, grad, mask = (torch.randn(2, 8, size, size, device=DEVICE) for _ in range(3))
+    mean, invstd = torch.randn(8, device=DEVICE), 0.5 + torch.rand(8, device=DEVICE)
+    with counting() as launched:
+        sg, sgx = be.bn_backward_reduce(grad, mask, z, mean, invstd)
+    tiles = -(-2 * size * size // bn.elementwise_config(8)[0])
+    assert launched["sum_partials"] == (0 if tiles == 1 else 1), (tiles, launched)
+    want_g, want_gx = REF.bn_backward_reduce(grad.double(), mask.double(), z.double(), mean.double(), invstd.double())
+    assert sg.shape == sgx.shape == (8,)
+    torch.testing.assert_close(sg.double(), want_g, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sgx.double(), want_gx, rtol=1e-5, atol=1e-5)

@@ -112,6 +112,23 @@ def test_compiled_model_with_fused_blocks_has_no_graph_breaks():
         torch.testing.assert_close(compiled(x), seed(x), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_compiled_with_dynamic_shapes_follows_the_batch(training):
+    """torch.compile(dynamic=True): the fake convolution picks the launcher's tile (and with it the shape of
+    its statistics) from the sizes, which it specialises; each batch size gives eager's result."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    seed = randomize_(reference.Residual(4, 8, True, 2)).to(device).train(training)
+    model = fused_resnet.convert(copy.deepcopy(seed), backend="triton").train(training)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True,
+                             backend="aot_eager" if not HAS_CUDA else "inductor")
+    for n in (2, 3):
+        x = torch.randn(n, 4, 8, 8, device=device)
+        torch.testing.assert_close(compiled(x), seed(x), rtol=2e-3, atol=2e-3)
+    if training:
+        for name, b in seed.named_buffers():
+            torch.testing.assert_close(model.get_buffer(name), b, rtol=2e-3, atol=2e-3, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="autocast on CUDA needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -160,3 +177,15 @@ def test_eval_block_at_seed_shapes(case, dtype):
         checks = compare_models(fused, seed, torch.randn(case.input_shape), train=False, dtype=dtype,
                                 device="cuda", grads=False, memory_format=fmt)
         assert not failures(checks), failures(checks)
+
+
+@pytest.mark.parametrize("fmt", list(FMT))
+@pytest.mark.parametrize("variant", ["bias-stats", "bn-relu", "prologue-shortcut-stats", "shortcut-nobias-scstats"])
+def test_triton_operators_pass_opcheck(variant, fmt):
+    """The Triton operators (``fused_resnet::triton_*``: what torch.compile traces and what the C++ training
+    composition calls) against their schemas and fake implementations, with the arguments the extension's
+    own operators are checked with (tests/test_ops.py)."""
+    from tests.test_ops import CONV_VARIANTS, _conv_args, opcheck_primitives
+    from fused_resnet.backends.triton import ops
+    device = "cuda" if HAS_CUDA else "cpu"
+    opcheck_primitives(ops.PREFIX, _conv_args(device, torch.float32, FMT[fmt], **CONV_VARIANTS[variant]))

@@ -64,12 +64,20 @@ class Backend:
     name: str = "?"
     complete: bool = True
     # Whether the training block runs composed in C++ (torch.ops.fused_resnet.block_train: C++ autograd
-    # nodes over this backend's primitives), rather than as functional.py's three Python autograd Functions.
+    # nodes over this backend's primitives), rather than as functional.py's three Python autograd Functions;
+    # ``primitives`` names them for block_train: "" the extension's operators, else the prefix of this
+    # backend's operators of the same schemas (``fused_resnet::<prefix>conv_fused``, ...).
     block_node: bool = False
+    primitives: str = ""
 
     def available(self) -> bool:
         """Whether this installation can run the backend at all (a library loaded, a compiler present)."""
         return True
+
+    def kernel_weight(self, weight: Tensor) -> Tensor:
+        """A convolution weight as this backend's convolution reads it (what block_train hands its
+        ``conv_fused``); the weight itself unless a backend repacks it."""
+        return weight
 
     def supports(self, device_type: str, dtype: torch.dtype, training: bool) -> Optional[str]:
         """Why this backend cannot run an input of ``dtype`` on ``device_type`` (in training mode or not),

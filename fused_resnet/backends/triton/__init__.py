@@ -25,6 +25,22 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class TritonBackend(Backend):
     name = "triton"
+    primitives = ops.PREFIX
+
+    def __init__(self) -> None:
+        from ..extension import has_kernel
+        self._block_node = has_kernel("block_train", "CompositeImplicitAutograd")
+
+    # Training composed in C++ over this backend's operators (ops.py) where the extension is built: the
+    # Python autograd Functions cost more host time than the kernels take at small shapes. Not in a dry run
+    # (the C++ nodes compute the convolution gradients themselves, with aten).
+    @property
+    def block_node(self) -> bool:
+        return self._block_node and executing()
+
+    @block_node.setter
+    def block_node(self, value: bool) -> None:
+        self._block_node = value
 
     def available(self) -> bool:
         return torch.cuda.is_available() or interpreting() or offline_active()
@@ -66,7 +82,7 @@ class TritonBackend(Backend):
         return bn_kernels.launch_bn_merge(part_mean, part_m2, part_count)
 
     def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None, res_bn=None) -> Tensor:
-        fn = ops.bn_add_relu_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_add_relu
+        fn = ops.bn_act_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_add_relu
         r_mean, r_scale, r_shift = (as_f32(v) for v in res_bn) if res_bn is not None else (None, None, None)
         return fn(z, as_f32(mean), as_f32(scale), as_f32(shift), residual, relu, out_dtype or z.dtype, r_mean, r_scale,
                   r_shift)
