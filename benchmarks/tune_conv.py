@@ -1,6 +1,6 @@
 """Tune the Triton convolution's tile configuration for the seed's 3x3 layers on this GPU, and print the
-entries for ``TUNED_CONV`` in fused_resnet/backends/triton/configs.py (keyed by architecture; the GPU,
-versions and date printed beside them).
+entries for ``TUNED_CONV`` in fused_resnet/backends/triton/configs.py (keyed by architecture and variant,
+inference or training; the GPU, versions and date printed beside them).
 
     python -m benchmarks.tune_conv [--dtype bfloat16] [--batch 32] [--mode eval|train] [--json OUT] [--budget-s 120]
     TRITON_INTERPRET=1 python -m benchmarks.tune_conv --smoke    # CPU: the script's mechanics only
@@ -66,8 +66,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--mode", default="eval", choices=["eval", "train"],
                         help="the convolution timed: eval's K1 (folded BN + ReLU in the epilogue), or training's "
-                             "K2 (BN + ReLU of the input in the prologue, batch statistics in the epilogue); the "
-                             "table has no mode key, so train's findings are reported, not offered as entries")
+                             "K2 (BN + ReLU of the input in the prologue, batch statistics in the epilogue), "
+                             "each with its own entries in the table")
     parser.add_argument("--smoke", action="store_true", help="CPU under the Triton interpreter: one tiny layer, "
                                                              "two candidates (the mechanics, not the timings)")
     args = parser.parse_args()
@@ -122,12 +122,13 @@ def main() -> int:
         return 1
 
     results, entries = [], []
+    training = args.mode == "train"
     for key, x, w, bn, stride in problems:
         if time.time() - start > args.budget_s:
             print(f"budget spent: {key[:3]} and later layers not tuned")
             break
         # the configuration a launch takes today: the table's entry if any, else the heuristic's
-        current = configs.conv_config(key[0], key[1], batch * key[2], key[2], 3, dtype, model)
+        current = configs.conv_config(key[0], key[1], batch * key[2], key[2], 3, dtype, model, training)
         times = {}
         for _ in range(args.rounds):
             for cfg in [None] + cands:
@@ -158,13 +159,10 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter: timings meaningless)"
     print(f"\n# {name} (sm_{model.arch}), torch {torch.__version__}, triton "
           f"{__import__('triton').__version__}, {datetime.date.today()}, batch {batch}, channels_last, "
-          f"{args.mode} convolution, {len(entries)} of {len(results)} layers beat the current choice"
-          + (" (training's findings: the table has no mode key, so these are not entries)" if args.mode == "train"
-             else ""))
+          f"{args.mode} convolution, {len(entries)} of {len(results)} layers beat the current choice")
     dt = str(dtype).removeprefix("torch.")
-    lead = "    # " if args.mode == "train" else "    "
     for (cin, c, pq, k, _), cfg, ms, base in entries:
-        print(f"{lead}({cin}, {c}, {pq}, {k}, torch.{dt}, {model.arch}): ConvConfig({cfg.BLOCK_M}, {cfg.BLOCK_N}, "
+        print(f"    ({cin}, {c}, {pq}, {k}, torch.{dt}, {model.arch}, {training}): ConvConfig({cfg.BLOCK_M}, {cfg.BLOCK_N}, "
               f"{cfg.BLOCK_K}, {cfg.GROUP_M}, {cfg.num_warps}, {cfg.num_stages}),  # {ms:.3f} ms, was {base:.3f}")
     if args.json:
         with open(args.json, "w") as f:

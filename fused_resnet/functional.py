@@ -18,6 +18,7 @@ optional bias and an optional batch norm. The seed's ``Residual`` and torchvisio
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,10 @@ from . import profiling
 from .profiling import stage
 
 __all__ = ["BlockLayout", "block_forward", "check_input", "eager_forward"]
+
+# FUSED_RESNET_BLOCK_NODE=0: training always takes the three Python autograd Functions, never the C++
+# composition (an A/B of the two on one machine: gpu_run.sh's host step; a way around it, should it fail).
+BLOCK_NODE = os.environ.get("FUSED_RESNET_BLOCK_NODE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -446,7 +451,8 @@ def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weig
     # Functions stay: synchronized batch norm (its collectives are torch.distributed's), torch.compile
     # (which traces them), profiler ranges on (NVTX ranges come from Python), a Triton dry run (launches
     # listed, not run), and a package without its extension.
-    if be.block_node and not (profiling.ENABLED or torch.compiler.is_compiling()) and all(g is None for g in groups):
+    if BLOCK_NODE and be.block_node and not (profiling.ENABLED or torch.compiler.is_compiling()) \
+            and all(g is None for g in groups):
         return _training_node(be, chain, shortcut, x, x_res, weights, sc_weight)
     conv, bn = chain[0]
     bs = [_uses_batch_stats(b) for _, b in chain]

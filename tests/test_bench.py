@@ -243,8 +243,8 @@ def test_graph_time_is_the_kernels_time():
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_tile_tuner_runs_and_keeps_the_current_choice_unless_beaten(tmp_path, mode):
     """``python -m benchmarks.tune_conv --smoke`` (interpreter, one tiny layer, two candidates): it compiles its
-    candidates ahead for sm_90, times each against the current choice, and writes its findings; the
-    GPU run takes the same path with the seed's layers."""
+    candidates ahead for sm_90, times each against the current choice, and writes its findings and the
+    table entries (keyed by variant); the GPU run takes the same path with the seed's layers."""
     import json
     import os
     import subprocess
@@ -263,3 +263,6 @@ def test_tile_tuner_runs_and_keeps_the_current_choice_unless_beaten(tmp_path, mo
     assert layer["current_ms"] > 0 and layer["best_ms"] > 0
     beaten = layer["best_ms"] < 0.97 * layer["current_ms"] and layer["best"] != layer["current"]
     assert layer["entry"] == beaten
+    # an entry printed is keyed by its variant: eval's and training's convolutions are tuned apart
+    entries = [line for line in run.stdout.splitlines() if line.startswith("    (")]
+    assert len(entries) == int(beaten) and all(f", {mode == 'train'}): ConvConfig(" in e for e in entries), entries

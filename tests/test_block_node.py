@@ -289,3 +289,26 @@ def test_link_args_keep_libstdcxx_shared_under_a_static_default_toolchain(tmp_pa
     assert "libstdc++.so.6" in _needed(new)
     buf = ctypes.create_string_buffer(64)
     assert ctypes.CDLL(str(new)).fmt(-1234567, buf) == 10 and buf.value == b"n=-1234567"
+
+
+def test_block_node_switch_forces_the_python_functions(monkeypatch):
+    """FUSED_RESNET_BLOCK_NODE=0 (read at import into functional.BLOCK_NODE): training takes the Python
+    Functions for every backend, with the same bits."""
+    import subprocess
+    import sys
+    env = dict(os.environ, FUSED_RESNET_BLOCK_NODE="0")
+    out = subprocess.run([sys.executable, "-c", "from fused_resnet import functional; print(functional.BLOCK_NODE)"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    seed = randomize_(reference.Residual(4, 4)).train()
+    x = torch.randn(2, 4, 6, 6)
+    outs = []
+    for switch in (True, False):
+        monkeypatch.setattr(functional, "BLOCK_NODE", switch)
+        calls = []
+        real = functional._training_node
+        monkeypatch.setattr(functional, "_training_node", lambda *a: calls.append(1) or real(*a))
+        outs.append(fused_resnet.convert(copy.deepcopy(seed), backend="cpp")(x))
+        monkeypatch.setattr(functional, "_training_node", real)
+        assert len(calls) == (1 if switch else 0)
+    assert torch.equal(*outs)

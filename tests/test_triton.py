@@ -189,3 +189,35 @@ def test_triton_operators_pass_opcheck(variant, fmt):
     from fused_resnet.backends.triton import ops
     device = "cuda" if HAS_CUDA else "cpu"
     opcheck_primitives(ops.PREFIX, _conv_args(device, torch.float32, FMT[fmt], **CONV_VARIANTS[variant]))
+
+
+def test_tuned_entries_key_the_training_variant_apart(monkeypatch):
+    """A ``TUNED_CONV`` entry for the training variant (prologue and/or statistics) serves the training
+    composition's convolutions and not inference's; the fake implementation predicts the statistics rows
+    its tile gives, and the statistics are right."""
+    from fused_resnet.backends.triton import configs, launch, ops
+    from fused_resnet.backends.torch_ref import merge_stats
+    be = get_backend("triton")
+    device = "cuda" if HAS_CUDA else "cpu"
+    x, w = torch.randn(2, 8, 6, 6, device=device), torch.randn(8, 8, 3, 3, device=device) / 8
+    model = configs.device_model(x.device)
+    eval_cfg = configs.conv_config(8, 8, 72, 36, 3, torch.float32, model)
+    train_cfg = configs.ConvConfig(128 if eval_cfg.BLOCK_M == 64 else 64, eval_cfg.BLOCK_N, eval_cfg.BLOCK_K, 8, 4, 2)
+    monkeypatch.setitem(configs.TUNED_CONV, (8, 8, 36, 3, torch.float32, model.arch, True), train_cfg)
+    bn = (torch.randn(8, device=device), torch.rand(8, device=device) + 0.5, torch.randn(8, device=device),
+          torch.randn(8, device=device), 1e-5)
+    with launch.recording() as rec:
+        train = be.conv_fused(x, w, None, stride=1, padding=1, stats=True)
+        be.conv_fused(x, w, None, stride=1, padding=1, bn=bn, relu=True)
+    blocks = [dict(spec.constexprs)["BLOCK_M"] for spec, _, _ in rec.launches]
+    assert blocks == [train_cfg.BLOCK_M, eval_cfg.BLOCK_M]
+    assert train.part_mean.shape == (-(-72 // train_cfg.BLOCK_M), 8)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = ops.conv_fused_op(mode.from_tensor(x), mode.from_tensor(w), None, 1, 1, None, None, None, None, 0.0,
+                                 None, None, None, None, None, None, None, 1, False, False, True, torch.float32, False)
+    assert [tuple(t.shape) for t in fake[2:5]] == [tuple(t.shape) for t in train[2:5]]
+    mean, m2, count = merge_stats(train.part_mean, train.part_m2, train.part_count)
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    torch.testing.assert_close(mean.double(), ref.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m2.double() / count, ref.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)

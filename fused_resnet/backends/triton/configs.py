@@ -90,10 +90,12 @@ def _itemsize(dtype: torch.dtype) -> int:
 MAX_WARPS_FLATTENED = 4
 
 # Tuned entries, keyed by (in_channels, out_channels, output positions per image, kernel size, dtype,
-# architecture as major * 10 + minor). Filled from `python -m benchmarks.tune_conv` runs on the GPU
+# architecture as major * 10 + minor, training). ``training``: the training composition's variant (a BN +
+# ReLU prologue and/or a statistics epilogue: more registers live than inference's folded epilogue, so
+# its best tile may differ). Filled from `python -m benchmarks.tune_conv [--mode train]` runs on the GPU
 # named beside each entry (none yet; it prints only entries that beat the current choice); the heuristic
-# below serves every shape and architecture not listed.
-TUNED_CONV: dict[tuple[int, int, int, int, torch.dtype, int], ConvConfig] = {}
+# below serves every shape, variant and architecture not listed.
+TUNED_CONV: dict[tuple[int, int, int, int, torch.dtype, int, bool], ConvConfig] = {}
 
 _FORCED: list[ConvConfig] = []
 
@@ -133,16 +135,17 @@ def conv_tile_candidates(kernel: int, dtype: torch.dtype) -> list[tuple[int, int
 
 
 def conv_config(in_channels: int, out_channels: int, m: int, positions: int, kernel: int,
-                dtype: torch.dtype, device: DeviceModel = H100) -> ConvConfig:
+                dtype: torch.dtype, device: DeviceModel = H100, training: bool = False) -> ConvConfig:
     """The tile configuration of an implicit GEMM of ``m`` rows (N*P*Q), ``out_channels`` columns and
-    ``in_channels * kernel**2`` reduction, on ``device``.
+    ``in_channels * kernel**2`` reduction, on ``device``; ``training``: the training variant (prologue
+    and/or statistics), which may have its own tuned entry.
 
     Wave-aware: each candidate tile's time is modelled as the number of waves its tiles make on the
     SMs over the tile's efficiency, so a layer with few tiles (7x7x512 at batch 32: 100 CTAs of 128x128
     for 132 SMs) takes smaller tiles that fill the machine."""
     if _FORCED:
         return _FORCED[-1]
-    tuned = TUNED_CONV.get((in_channels, out_channels, positions, kernel, dtype, device.arch))
+    tuned = TUNED_CONV.get((in_channels, out_channels, positions, kernel, dtype, device.arch, training))
     if tuned is not None:
         return tuned
     return _modelled_conv_config(in_channels, out_channels, m, positions, kernel, dtype, device)

@@ -218,13 +218,20 @@ def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def conv_plan(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int):
-    """(P, Q, M, config) of a launch: shared by the launcher and the fake implementation."""
+def conv_plan(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, training: bool = False):
+    """(P, Q, M, config) of a launch: shared by the launcher and the fake implementation. ``training``: the
+    training composition's variant (a prologue or statistics; ``is_training_variant``)."""
     n, c, h, w = x.shape
     k, _, kh, _ = weight.shape
     p, q = conv_out_size(h, kh, stride, padding), conv_out_size(w, kh, stride, padding)
     m = n * p * q
-    return p, q, m, conv_config(c, k, m, p * q, kh, x.dtype, device_model(x.device))
+    return p, q, m, conv_config(c, k, m, p * q, kh, x.dtype, device_model(x.device), training)
+
+
+def is_training_variant(in_scale, stats: bool, sc_stats: bool) -> bool:
+    """Whether a convolution is the training composition's variant (its tile may be tuned apart): a BN +
+    ReLU prologue or a statistics epilogue."""
+    return in_scale is not None or bool(stats) or bool(sc_stats)
 
 
 def block_conv_problems(case) -> set[tuple[int, int, int, int, int]]:
@@ -257,16 +264,16 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
     is host time: six per call at inference)."""
     n, c, h, w = x.shape
     k, _, kh, kw = weight.shape
-    p, q, m, cfg = conv_plan(x, weight, stride, padding)
+    p, q, m, cfg = conv_plan(x, weight, stride, padding, is_training_variant(in_scale, stats, sc_stats))
     weight = channels_dense_weight(weight)
     fmt = output_memory_format(x)
     dev = x.device
     out = new_output((n, k, p, q), out_dtype, dev, fmt)
 
-    none = torch.empty(0, device=dev, dtype=torch.float32)
+    none = None if distinct_placeholders else torch.empty(0, device=dev, dtype=torch.float32)
 
     def empty() -> torch.Tensor:
-        return torch.empty(0, device=dev, dtype=torch.float32) if distinct_placeholders else none
+        return torch.empty(0, device=dev, dtype=torch.float32) if none is None else none
 
     has_sc = sc_weight is not None
     sc_out = new_output((n, k, p, q), out_dtype, dev, fmt) if has_sc and sc_separate else empty()

@@ -16,7 +16,7 @@ GPU runs. The kernels register for CPU (the interpreter's and the offline check'
 import torch
 
 from .bn import launch_bn_add_relu, launch_bn_backward_apply, launch_bn_backward_reduce, launch_bn_finalize
-from .conv import conv_plan, launch_conv, output_memory_format
+from .conv import conv_plan, is_training_variant, launch_conv, output_memory_format
 
 PREFIX = "triton_"  # block_train's ``primitives`` argument for this backend
 
@@ -76,7 +76,7 @@ def _conv_fused_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma
     # The tile the launcher picks (and with it the number of statistics rows) depends on the sizes: under
     # dynamic shapes they are specialised here (a guard each; another size recompiles), never guessed.
     sized = [t.new_empty([int(d) for d in t.shape]) for t in (x, weight)]
-    p, q, m, cfg = conv_plan(*sized, stride, padding)
+    p, q, m, cfg = conv_plan(*sized, stride, padding, is_training_variant(in_scale, stats, sc_stats))
     k = weight.shape[0]
     fmt = output_memory_format(x)
     out = torch.empty((x.shape[0], k, p, q), dtype=out_dtype, device=x.device, memory_format=fmt)
