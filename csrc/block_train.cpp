@@ -51,6 +51,7 @@ Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 // them) or another backend's operators with the same schemas under a prefix (fused_resnet::triton_conv_fused,
 // ...: fused_resnet/backends/triton/ops.py). Looked up once per family.
 struct Ops {
+  std::string prefix;  // what block_train's `primitives` named: the nodes save it for their backward
   c10::TypedOperatorHandle<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&,
                               const Opt&, const Opt&, double, const Opt&, const Opt&, const Opt&, const Opt&,
                               const Opt&, const Opt&, const Opt&, int64_t, bool, bool, bool, at::ScalarType, bool)>
@@ -83,7 +84,8 @@ const Ops& ops(const std::string& prefix) {
   std::lock_guard<std::mutex> lock(mutex);
   auto it = families.find(prefix);
   if (it == families.end()) {
-    Ops o{op<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&, const Opt&,
+    Ops o{prefix,
+          op<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&, const Opt&,
                 const Opt&, double, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&,
                 int64_t, bool, bool, bool, at::ScalarType, bool)>(prefix, "conv_fused"),
           op<T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const Opt&,
@@ -127,26 +129,27 @@ struct Fold {  // bn_finalize's (scale, shift, mean, invstd)
 
 // A BN's normalizer: from the tiles' statistics (updating the running statistics when factor >= 0, their
 // version counters bumped as an in-place PyTorch op would), or from the running statistics.
-Fold normalize(const Ops& o, const Tensor& pm, const Tensor& pm2, const Tensor& pc, bool batch_stats, const Tensor& gamma,
-               const Tensor& beta, double eps, const Opt& rm, const Opt& rv, double factor) {
+Fold normalize(const Ops& o, const Tensor& pm, const Tensor& pm2, const Tensor& pc, bool batch_stats,
+               const Tensor& gamma, const Tensor& beta, double eps, const Opt& rm, const Opt& rv, double factor) {
   if (!batch_stats) {  // functional.bn_fold's arithmetic
     const Tensor invstd = at::rsqrt(rv->to(at::kFloat) + eps);
     return {gamma.to(at::kFloat) * invstd, beta.to(at::kFloat), rm->to(at::kFloat), invstd};
   }
   const bool update = factor >= 0;
   auto [scale, shift, mean, invstd] = o.bn_finalize.call(pm, pm2, pc, gamma, beta, eps, update ? rm : Opt(),
-                                                             update ? rv : Opt(), factor);
+                                                         update ? rv : Opt(), factor);
   if (update)
     for (const Tensor& t : {*rm, *rv})
       if (!t.is_inference()) torch::autograd::impl::bump_version(t);
   return {scale, shift, mean, invstd};
 }
 
-T2 bn_backward(const Ops& o, const Tensor& grad, const Tensor& mask_src, const Tensor& z, const Tensor& mean, const Tensor& invstd,
-               const Tensor& scale, bool batch_stats, bool want_gm, Tensor& sum_g, Tensor& sum_gx) {
+T2 bn_backward(const Ops& o, const Tensor& grad, const Tensor& mask_src, const Tensor& z, const Tensor& mean,
+               const Tensor& invstd, const Tensor& scale, bool batch_stats, bool want_gm, Tensor& sum_g,
+               Tensor& sum_gx) {
   std::tie(sum_g, sum_gx) = o.bn_backward_reduce.call(grad, mask_src, z, as_f32(mean), as_f32(invstd));
   return o.bn_backward_apply.call(grad, mask_src, z, as_f32(mean), as_f32(invstd), as_f32(scale), sum_g, sum_gx,
-                                      z.size(0) * z.size(2) * z.size(3), batch_stats, want_gm);
+                                  z.size(0) * z.size(2) * z.size(3), batch_stats, want_gm);
 }
 
 std::tuple<Tensor, Tensor, Tensor> conv_backward(const Tensor& grad, const Tensor& x, const Tensor& w, int64_t stride,
@@ -181,13 +184,13 @@ std::vector<Tensor> unpack(at::TensorList inputs, const std::vector<int64_t>& po
 // Every node's set-up, in one saved entry: its slots (see Slots), its non-tensor parameters, and no zero
 // tensors made for the gradients of outputs nothing used (the statistics, an absent shortcut): its backward
 // reads only those it needs and checks them.
-void save_node(AutogradContext* ctx, const std::string& prims, const std::vector<int64_t>& pos, size_t inputs,
+void save_node(AutogradContext* ctx, const Ops& o, const std::vector<int64_t>& pos, size_t inputs,
                std::initializer_list<int64_t> params) {
   std::vector<int64_t> v{static_cast<int64_t>(inputs), static_cast<int64_t>(pos.size())};
   v.insert(v.end(), pos.begin(), pos.end());
   v.insert(v.end(), params);
   ctx->saved_data["node"] = std::move(v);
-  ctx->saved_data["prims"] = prims;
+  ctx->saved_data["prims"] = o.prefix;
   ctx->set_materialize_grads(false);
 }
 
@@ -233,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_grads(const Tensor& grad, const Tensor& 
 
 // _FirstConv: Z = conv(x) + b and its BN's per-tile statistics (not differentiable). Slots: x, w, b.
 struct FirstArgs {
-  const std::string& prims;
+  const Ops& o;  // the primitives
   std::vector<int64_t> pos;
   Tensor kernel_weight;
   int64_t stride, padding;
@@ -247,11 +250,11 @@ class FirstConv : public torch::autograd::Function<FirstConv> {
     const std::vector<Tensor> v = unpack(inputs, a.pos);
     const Tensor &x = v[0], &w = v[1], &b = v[2];
     RECORD_USER_SCOPE("fused_resnet::K1 conv+stats");
-    auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = ops(a.prims).conv_fused.call(
+    auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = a.o.conv_fused.call(
         x, a.kernel_weight, opt(b), a.stride, a.padding, {}, {}, {}, {}, 0.0, {}, {}, {}, {}, {}, {}, {}, 1, false, false,
         a.batch_stats, x.scalar_type(), false);
     ctx->save_for_backward({x, w});
-    save_node(ctx, a.prims, a.pos, inputs.size(), {a.stride, a.padding, a.batch_stats});
+    save_node(ctx, a.o, a.pos, inputs.size(), {a.stride, a.padding, a.batch_stats});
     ctx->mark_non_differentiable({pm, pm2, pc});
     return {z, pm, pm2, pc};
   }
@@ -274,7 +277,7 @@ class FirstConv : public torch::autograd::Function<FirstConv> {
 // convolution, which takes its own BN's statistics; for the last, the shortcut convolution too (apart, with
 // its statistics when a BN follows it). Slots: z_prev, gamma, beta, w, b, sc_x, sc_w, sc_b.
 struct BnReluConvArgs {
-  const std::string& prims;
+  const Ops& o;  // the primitives
   std::vector<int64_t> pos;
   Tensor part_mean, part_m2, part_count, kernel_weight, sc_kernel_weight;
   Opt running_mean, running_var;
@@ -291,7 +294,7 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
     const Tensor &z_prev = v[0], &gamma = v[1], &beta = v[2], &w = v[3], &b = v[4], &sc_x = v[5], &sc_w = v[6],
                  &sc_b = v[7];
     const bool with_sc = sc_w.defined();
-    const Ops& o = ops(a.prims);
+    const Ops& o = a.o;
     Fold f;
     {
       RECORD_USER_SCOPE("fused_resnet::F bn_finalize");
@@ -304,8 +307,8 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
         as_f32(f.shift), {}, opt(sc_x), with_sc ? Opt(a.sc_kernel_weight) : Opt(), opt(sc_b), a.sc_stride, true, false,
         a.bs_next, z_prev.scalar_type(), a.sc_stats);
     ctx->save_for_backward({z_prev, w, f.mean, f.invstd, f.scale, f.shift, sc_x, sc_w});
-    save_node(ctx, a.prims, a.pos, inputs.size(), {a.stride, a.padding, a.sc_stride, a.bs_prev, a.bs_next, a.sc_stats,
-                                          static_cast<int64_t>(gamma.scalar_type())});
+    save_node(ctx, a.o, a.pos, inputs.size(), {a.stride, a.padding, a.sc_stride, a.bs_prev, a.bs_next, a.sc_stats,
+                                               static_cast<int64_t>(gamma.scalar_type())});
     ctx->mark_non_differentiable({pm, pm2, pc, sc_pm, sc_pm2});
     return {z, pm, pm2, pc, s, sc_pm, sc_pm2};
   }
@@ -347,7 +350,7 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
 // _Output: the last BN (finalize), the shortcut -- X, conv(X), or BN(conv(X)) with its own finalize -- the
 // add and the ReLU in one kernel. Slots: z, gamma, beta, s, sc_gamma, sc_beta.
 struct OutputArgs {
-  const std::string& prims;
+  const Ops& o;  // the primitives
   std::vector<int64_t> pos;
   Tensor part_mean, part_m2, part_count, sc_part_mean, sc_part_m2;
   Opt running_mean, running_var, sc_running_mean, sc_running_var;
@@ -362,7 +365,7 @@ class Output : public torch::autograd::Function<Output> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const std::vector<Tensor> v = unpack(inputs, a.pos);
     const Tensor &z = v[0], &gamma = v[1], &beta = v[2], &s = v[3], &sc_gamma = v[4], &sc_beta = v[5];
-    const Ops& o = ops(a.prims);
+    const Ops& o = a.o;
     Fold f, fs;
     {
       RECORD_USER_SCOPE("fused_resnet::F bn_finalize");
@@ -380,14 +383,14 @@ class Output : public torch::autograd::Function<Output> {
     {
       RECORD_USER_SCOPE(sc_bn ? "fused_resnet::K bn+bn+add+relu" : "fused_resnet::K bn+add+relu");
       out = o.bn_act.call(z, as_f32(f.mean), as_f32(f.scale), as_f32(f.shift),
-                              cast(s, sc_bn ? z.scalar_type() : out_dtype), true, out_dtype,
-                              sc_bn ? Opt(as_f32(fs.mean)) : Opt(), sc_bn ? Opt(as_f32(fs.scale)) : Opt(),
-                              sc_bn ? Opt(as_f32(fs.shift)) : Opt());
+                          cast(s, sc_bn ? z.scalar_type() : out_dtype), true, out_dtype,
+                          sc_bn ? Opt(as_f32(fs.mean)) : Opt(), sc_bn ? Opt(as_f32(fs.scale)) : Opt(),
+                          sc_bn ? Opt(as_f32(fs.shift)) : Opt());
     }
     // s itself only for its BN's backward (the identity's and a plain conv's gradient is the masked grad).
     ctx->save_for_backward({z, out, f.mean, f.invstd, f.scale, sc_bn ? s : Tensor(), fs.mean, fs.invstd, fs.scale});
-    save_node(ctx, a.prims, a.pos, inputs.size(), {a.kind, a.bs, a.sc_bs, static_cast<int64_t>(gamma.scalar_type()),
-                                          static_cast<int64_t>(s.scalar_type())});
+    save_node(ctx, a.o, a.pos, inputs.size(), {a.kind, a.bs, a.sc_bs, static_cast<int64_t>(gamma.scalar_type()),
+                                               static_cast<int64_t>(s.scalar_type())});
     return out;
   }
 
@@ -412,7 +415,8 @@ class Output : public torch::autograd::Function<Output> {
     if (kind == 2) {
       RECORD_USER_SCOPE("fused_resnet::B shortcut relu+bn backward");
       Tensor ssg, ssgx;
-      std::tie(r.g[3], std::ignore) = bn_backward(r.o, grad, out, s, saved[6], saved[7], saved[8], sc_bs, false, ssg, ssgx);
+      std::tie(r.g[3], std::ignore) =
+          bn_backward(r.o, grad, out, s, saved[6], saved[7], saved[8], sc_bs, false, ssg, ssgx);
       if (r.needs(4)) r.g[4] = cast(ssgx, pd);
       if (r.needs(5)) r.g[5] = cast(ssg, pd);
     } else if (r.needs(3)) {
@@ -476,14 +480,14 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
                               (p.batch_stats[3] || (p.running_mean[L].has_value() && p.running_var[L].has_value()))),
               name, ": the shortcut's BN needs gamma, beta and (without batch statistics) running statistics");
 
-  const std::string prims(primitives);
-  ops(prims);  // an unknown family fails here, before anything runs
+  const Ops& prims = ops(std::string(primitives));  // an unknown family fails here, before anything runs
 
   // The chain: FirstConv, then one BnReluConv per further convolution (the last with the shortcut), Output.
   const Tensor& x = v[kX];
   Slots first{x, v[w_at(0)], v[w_at(0) + 1]};
   variable_list k = FirstConv::apply(at::TensorList(first.inputs),
-                                     FirstArgs{prims, first.pos, p.kernel_weights[0], p.stride[0], p.padding[0], p.batch_stats[0]});
+                                     FirstArgs{prims, first.pos, p.kernel_weights[0], p.stride[0], p.padding[0],
+                                               p.batch_stats[0]});
   Tensor s, sc_pm, sc_pm2;
   for (int64_t i = 1; i < L; ++i) {
     const int prev = w_at(static_cast<int>(i) - 1), cur = w_at(static_cast<int>(i));

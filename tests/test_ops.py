@@ -158,12 +158,14 @@ def opcheck_primitives(prefix: str, conv_args: tuple) -> None:
         torch.library.opcheck(op("bn_finalize"), fin[:6] + (None, None, 0.1))
     z = out
     c = z.shape[1]
-    mean, invstd, scale = torch.randn(c, device=device), 0.5 + torch.rand(c, device=device), torch.randn(c, device=device)
+    mean, invstd = torch.randn(c, device=device), 0.5 + torch.rand(c, device=device)
+    scale = torch.randn(c, device=device)
     grad, mask = torch.randn_like(z), torch.randn_like(z)
     torch.library.opcheck(op("bn_backward_reduce"), (grad, mask, z, mean, invstd))
     sums = op("bn_backward_reduce")(grad, mask, z, mean, invstd)
     for batch_stats in (True, False):
-        torch.library.opcheck(op("bn_backward_apply"), (grad, mask, z, mean, invstd, scale, *sums, 17, batch_stats, True))
+        torch.library.opcheck(op("bn_backward_apply"),
+                              (grad, mask, z, mean, invstd, scale, *sums, 17, batch_stats, True))
     torch.library.opcheck(op("bn_act"), (z, mean, scale, invstd, mask, True, z.dtype, None, None, None))
     torch.library.opcheck(op("bn_act"), (z, mean, scale, invstd, mask, False, z.dtype, mean, scale, invstd))
 

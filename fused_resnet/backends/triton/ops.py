@@ -37,16 +37,8 @@ SCHEMAS = {
 }
 
 
-def _conv_fused(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale,
-                in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype,
-                sc_stats=False):
-    # distinct placeholders: an operator's outputs must not alias one another
-    return launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale,
-                       in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype,
-                       sc_stats, distinct_placeholders=True)
-
-
-KERNELS = {"conv_fused": _conv_fused, "bn_finalize": launch_bn_finalize, "bn_act": launch_bn_add_relu,
+# launch_conv's default: distinct placeholders (an operator's outputs must not alias one another)
+KERNELS = {"conv_fused": launch_conv, "bn_finalize": launch_bn_finalize, "bn_act": launch_bn_add_relu,
            "bn_backward_reduce": launch_bn_backward_reduce, "bn_backward_apply": launch_bn_backward_apply}
 
 _LIB = torch.library.Library("fused_resnet", "FRAGMENT")
