@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "replay.h"
 
 namespace fused_resnet {
 namespace {
@@ -52,30 +53,36 @@ Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 // ...: fused_resnet/backends/triton/ops.py). Looked up once per family.
 struct Ops {
   std::string prefix;  // what block_train's `primitives` named: the nodes save it for their backward
-  c10::TypedOperatorHandle<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&,
+  Prim<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&,
                               const Opt&, const Opt&, double, const Opt&, const Opt&, const Opt&, const Opt&,
                               const Opt&, const Opt&, const Opt&, int64_t, bool, bool, bool, at::ScalarType, bool)>
       conv_fused;
-  c10::TypedOperatorHandle<T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+  Prim<T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
                               const Opt&, const Opt&, double)>
       bn_finalize;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, bool,
+  Prim<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, bool,
                                   at::ScalarType, const Opt&, const Opt&, const Opt&)>
       bn_act;
-  c10::TypedOperatorHandle<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>
+  Prim<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>
       bn_backward_reduce;
-  c10::TypedOperatorHandle<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  Prim<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                               const Tensor&, const Tensor&, const Tensor&, int64_t, bool, bool)>
       bn_backward_apply;
 };
 
+// The families whose primitives replay their calls from C++ (replay.h), by the Python module that plans them.
+const Replayer* replayer(const std::string& prefix) {
+  static const Replayer triton("fused_resnet.backends.triton.replay");
+  return prefix == "triton_" ? &triton : nullptr;
+}
+
 template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const std::string& prefix, const char* name) {
+Prim<Sig> op(const std::string& prefix, const char* name) {
   const std::string full = "fused_resnet::" + prefix + name;
   const auto handle = c10::Dispatcher::singleton().findSchema({full, ""});
   TORCH_CHECK(handle.has_value(), "block_train: no operator ", full, " (primitives=\"", prefix,
               "\"): the backend that defines it is not loaded");
-  return handle->typed<Sig>();
+  return {handle->typed<Sig>(), replayer(prefix)};
 }
 
 const Ops& ops(const std::string& prefix) {

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..base import Backend, BNFold, ConvOut, as_f32
+from ..packing import channels_dense_weight
 from . import bn as bn_kernels, conv as conv_kernels, ops
 from .configs import interpreting
 from .launch import LAUNCHES, counting, executing, offline_active, recording
@@ -41,6 +42,12 @@ class TritonBackend(Backend):
     @block_node.setter
     def block_node(self, value: bool) -> None:
         self._block_node = value
+
+    def kernel_weight(self, weight: Tensor) -> Tensor:
+        """Channels-contiguous (backends/packing.py, cached per weight version): block_train hands the
+        convolution operator the weight it reads, so a call's launches read only its arguments (what lets
+        replay.py replay them)."""
+        return weight if torch.compiler.is_compiling() else channels_dense_weight(weight)
 
     def available(self) -> bool:
         return torch.cuda.is_available() or interpreting() or offline_active()

@@ -95,7 +95,41 @@ MAX_WARPS_FLATTENED = 4
 # its best tile may differ). Filled from `python -m benchmarks.tune_conv [--mode train]` runs on the GPU
 # named beside each entry (none yet; it prints only entries that beat the current choice); the heuristic
 # below serves every shape, variant and architecture not listed.
-TUNED_CONV: dict[tuple[int, int, int, int, torch.dtype, int, bool], ConvConfig] = {}
+class _Table(dict):
+    """A dict whose every change bumps ``launch.EPOCH``: operator calls replayed from C++ (replay.py) were
+    planned with the entries of their time."""
+
+    def _changed(self, result=None):
+        from .launch import EPOCH
+        EPOCH[0] += 1
+        return result
+
+    def __setitem__(self, key, value):
+        self._changed(super().__setitem__(key, value))
+
+    def __delitem__(self, key):
+        self._changed(super().__delitem__(key))
+
+    def __ior__(self, other):
+        return self._changed(super().__ior__(other))
+
+    def update(self, *args, **kwargs):
+        self._changed(super().update(*args, **kwargs))
+
+    def setdefault(self, key, default=None):
+        return self._changed(super().setdefault(key, default))
+
+    def pop(self, *args):
+        return self._changed(super().pop(*args))
+
+    def popitem(self):
+        return self._changed(super().popitem())
+
+    def clear(self):
+        self._changed(super().clear())
+
+
+TUNED_CONV: dict[tuple[int, int, int, int, torch.dtype, int, bool], ConvConfig] = _Table()
 
 _FORCED: list[ConvConfig] = []
 

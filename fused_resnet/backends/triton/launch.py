@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import threading
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,14 +148,20 @@ def executing() -> bool:
     return all(rec.execute for rec in _RECORDERS)
 
 
+_COUNTING: list[Counter] = []
+
+
 @contextmanager
 def counting() -> Iterator[Counter]:
-    """Count the kernels launched inside the block: ``with counting() as c: ...; sum(c.values())``."""
+    """Count the kernels launched inside the block: ``with counting() as c: ...; sum(c.values())``. Every
+    launch inside goes through ``launch`` (no operator call is replayed from C++: ``replay.gate``)."""
     before = LAUNCHES.copy()
     result: Counter = Counter()
+    _COUNTING.append(result)
     try:
         yield result
     finally:
+        _COUNTING.remove(result)
         result.update(LAUNCHES - before)
 
 
@@ -196,6 +203,8 @@ _DIRECT: dict[tuple, tuple] = {}      # key -> (compiled kernel, the constexpr/d
 _NO_DIRECT: set = set()               # ids of kernels whose launch returned no compiled kernel (interpreter)
 DIRECT_LAUNCHES: Counter = Counter()  # launches that took the direct path, per kernel (tests read it)
 MAX_DIRECT = 4096                     # remembered variants-with-sizes before the table starts afresh
+EPOCH = [0]                           # bumped whenever remembered compiled kernels stop applying
+_CAPTURES: dict = {}                  # thread ident -> its replay capture in progress (replay.py)
 
 
 _LAYOUTS: dict[tuple, tuple] = {}      # (kernel, argument types) -> getters of its tensors and its other args
@@ -205,6 +214,7 @@ _data_ptr = torch.Tensor.data_ptr
 
 def forget_direct_launches() -> None:
     """Drop every remembered compiled kernel (another driver became active)."""
+    EPOCH[0] += 1
     _DIRECT.clear()
     _NO_DIRECT.clear()
     _LAYOUTS.clear()
@@ -247,31 +257,34 @@ def _hooks_idle(runtime) -> bool:
     return all(h is None or not getattr(h, "calls", True) for h in hooks)
 
 
-def _remember(key: tuple, fn, compiled, nargs: int, constexprs: dict) -> None:
-    """Keep ``compiled`` for ``key`` when it carries what a direct launch needs."""
+def _remember(key: tuple, fn, compiled, nargs: int, constexprs: dict) -> Optional[tuple]:
+    """Keep ``compiled`` for ``key`` when it carries what a direct launch needs; returns the entry kept."""
     if not all(hasattr(compiled, a) for a in ("run", "function", "packed_metadata")):
         _NO_DIRECT.add(id(fn))
-        return
+        return None
     import inspect
     params = list(inspect.signature(fn.fn).parameters.values())
     tail = tuple(constexprs[p.name] if p.name in constexprs else p.default for p in params[nargs:])
     if any(v is inspect.Parameter.empty for v in tail):
         _NO_DIRECT.add(id(fn))
-        return
+        return None
     if len(_DIRECT) >= MAX_DIRECT:  # sizes key entries too: a workload of ever new shapes starts afresh
         _DIRECT.clear()
         _LAYOUTS.clear()
-    _DIRECT[key] = (compiled, tail)
+    entry = _DIRECT[key] = (compiled, tail)
+    return entry
 
 
-def _run(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
+def _run(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> Optional[tuple]:
+    """Launch; returns the (compiled kernel, argument tail) a direct launch of these arguments calls, or
+    None where there is none (the interpreter, direct launches off)."""
     if not DIRECT or id(kernel) in _NO_DIRECT:
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        return
+        return None
     if not hasattr(kernel, "device_caches"):   # the interpreter's functions: nothing is compiled
         _NO_DIRECT.add(id(kernel))
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        return
+        return None
     driver, runtime = _runtime()
     drv = driver.active
     device = drv.get_current_device()
@@ -279,15 +292,14 @@ def _run(kernel, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num
     entry = _DIRECT.get(key)
     if entry is None or not _hooks_idle(runtime):
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        if entry is None:
-            _remember(key, kernel, compiled, len(args), constexprs)
-        return
+        return _remember(key, kernel, compiled, len(args), constexprs) if entry is None else entry
     compiled, tail = entry
     n = len(grid)
     compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, drv.get_current_stream(device),
                  compiled.function, compiled.packed_metadata, None, runtime.launch_enter_hook,
                  runtime.launch_exit_hook, *args, *tail)
     DIRECT_LAUNCHES[kernel.fn.__name__] += 1
+    return entry
 
 
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int, num_stages: int = 1,
@@ -305,5 +317,10 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, *, num_warps: int
             and device.index != torch.cuda.current_device():
         with torch.cuda.device(device.index):
             _run(kernel, grid, args, constexprs, num_warps, num_stages)
-        return
-    _run(kernel, grid, args, constexprs, num_warps, num_stages)
+        entry = None  # a replay launches on the current device
+    else:
+        entry = _run(kernel, grid, args, constexprs, num_warps, num_stages)
+    if _CAPTURES:
+        cap = _CAPTURES.get(threading.get_ident())
+        if cap is not None:
+            cap.launched(kernel, grid, args, entry)

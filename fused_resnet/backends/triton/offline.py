@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import launch as _launch
 
@@ -174,19 +175,16 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _block_steps(dtype: torch.dtype) -> Iterator[str]:
-    """A training step and an inference call of both seed block kinds on the Triton backend (channels
-    last, NCHW, an input not 16-byte aligned); a larger image (more statistics tiles than one merge
-    program takes: the two-level merge) and the synchronized batch norm's merge of partial statistics."""
+def _block_cases(dtype: torch.dtype, gen: torch.Generator) -> Iterator[tuple[str, torch.nn.Module, torch.Tensor]]:
+    """Both seed block kinds on the Triton backend, with an input each: channels last, NCHW, an input not
+    16-byte aligned, and a larger image (more statistics tiles than one merge program takes: the two-level
+    merge)."""
     import copy
 
     import fused_resnet
     from fused_resnet import reference
     from fused_resnet.testing import randomize_
 
-    from . import bn
-
-    gen = torch.Generator().manual_seed(0)
     cases = [(1, 8, 8, "nhwc"), (2, 16, 8, "nhwc"), (1, 8, 96, "nhwc"), (2, 16, 8, "nchw"),
              (1, 8, 8, "misaligned")]
     for stride, out, size, layout in cases:
@@ -197,14 +195,27 @@ def _block_steps(dtype: torch.dtype) -> Iterator[str]:
             x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
         elif layout == "nhwc":
             x = x.to(memory_format=torch.channels_last)
-        name = f"stride {stride} {size}x{size} {layout} {str(dtype).removeprefix('torch.')}"
-        block.train()
-        y = block(x.requires_grad_())
-        y.float().square().sum().backward()
+        yield f"stride {stride} {size}x{size} {layout} {str(dtype).removeprefix('torch.')}", block, x
+
+
+def _training_step(block: torch.nn.Module, x: torch.Tensor) -> None:
+    block.train()
+    y = block(x.detach().requires_grad_())
+    y.float().square().sum().backward()
+
+
+def _block_steps(dtype: torch.dtype) -> Iterator[str]:
+    """A training step and an inference call of each of ``_block_cases``, then the synchronized batch
+    norm's merge of partial statistics."""
+    from . import bn
+
+    gen = torch.Generator().manual_seed(0)
+    for name, block, x in _block_cases(dtype, gen):
+        _training_step(block, x)
         yield f"{name} training"
         block.eval()
         with torch.no_grad():
-            block(x.detach())
+            block(x)
         yield f"{name} inference"
     parts = torch.rand(300, 8, generator=gen), torch.rand(300, 8, generator=gen), torch.full((300,), 4.0)
     bn.launch_bn_merge(*parts)
@@ -257,6 +268,73 @@ def check_direct_launches(arch: int = 90) -> list[str]:
     return problems
 
 
+class _KeepAlive(TorchDispatchMode):
+    """Keeps every tensor an operator makes alive (no address is reused), so that launch arguments can be
+    told apart by address. It needs to see allocations only: replaying stays on (``replay.gate``)."""
+
+    SEES_ALLOCATIONS_ONLY = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.kept.append(out)
+        return out
+
+
+def _dataflow(launches: list[Launch], fixed: set[int]) -> list[tuple]:
+    """The launches with each pointer argument (a tensor, or the address a replay passes) named by its
+    order of first appearance -- or by itself when it is one of ``fixed`` (the inputs and parameters)."""
+    names: dict[int, int] = {}
+    out = []
+    for launch in launches:
+        args = []
+        for a in launch.args:
+            if isinstance(a, torch.Tensor) or (type(a) is int and a >= 1 << 16):  # an address
+                p = a.data_ptr() if isinstance(a, torch.Tensor) else a
+                args.append(("input", p) if p in fixed else ("tensor", names.setdefault(p, len(names))))
+            else:
+                args.append(a)
+        out.append((launch.grid, launch.function, launch.kernel_metadata, launch.hooks, tuple(args)))
+    return out
+
+
+def check_replayed_calls(arch: int = 90) -> list[str]:
+    """Every launch of a block's training step composed in C++ (``block_train``), taken through the Python
+    launchers and replayed from C++ (replay.py): the same variants, grids and arguments, each pointer
+    argument the same input or the same tensor of the step's data flow. Returns the mismatches; empty
+    when they agree and the replayed step ran no Python launcher."""
+    from . import replay
+    from .. import get_backend
+
+    problems: list[str] = []
+    enabled = replay.ENABLED
+    try:
+        with offline_launches(arch) as rec:
+            if not get_backend("triton").block_node:
+                return ["the C++ training composition is not available (the extension is not built)"]
+            for dtype in (torch.float32, torch.bfloat16):
+                for name, block, x in _block_cases(dtype, torch.Generator().manual_seed(0)):
+                    fixed = {t.data_ptr() for t in [x, *block.parameters(), *block.buffers()]}
+                    steps = []
+                    for replaying in (False, True, True):  # the Python path; a first replayed step records
+                        replay.ENABLED = replaying
+                        n0, python = len(rec.launches), sum(_launch.LAUNCHES.values())
+                        with _KeepAlive():
+                            _training_step(block, x)
+                        steps.append((rec.launches[n0:], sum(_launch.LAUNCHES.values()) - python))
+                    (reference, _), _, (replayed, python) = steps
+                    if python:
+                        problems.append(f"{name}: {python} launches took the Python path in a replayed step")
+                    if _dataflow(reference, fixed) != _dataflow(replayed, fixed):
+                        problems.append(f"{name}: the replayed launches differ from the Python launchers'")
+    finally:
+        replay.ENABLED = enabled
+    return problems
+
+
 def main() -> int:
     import triton
     problems = check_direct_launches()
@@ -265,7 +343,12 @@ def main() -> int:
     print(f"direct Triton launches (Triton {triton.__version__}, offline, sm_90): "
           f"{'OK' if not problems else f'{len(problems)} mismatches'}; "
           f"{sum(_launch.DIRECT_LAUNCHES.values())} direct launches checked")
-    return 1 if problems else 0
+    replayed = check_replayed_calls()
+    for p in replayed:
+        print(p)
+    print(f"training steps replayed from C++ (Triton {triton.__version__}, offline, sm_90): "
+          f"{'OK' if not replayed else f'{len(replayed)} mismatches'}")
+    return 1 if problems or replayed else 0
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ Defined with ``torch.library.Library`` and plain Python kernels, not ``custom_op
 calls the launcher directly (~3 us per call on a CI-class CPU; ``custom_op``'s wrapper costs ~10 us more,
 a dozen times per training step). Not ``triton_op`` either: it hands fake tensors to the Triton
 interpreter, so it cannot run in CI; one registration path for CPU and GPU keeps what CI tests what the
-GPU runs. The kernels register for CPU (the interpreter's and the offline check's stand-ins) and CUDA.
+GPU runs. The kernels register for CPU (the interpreter's and the offline check's stand-ins) and CUDA;
+each can run under replay.py's capture, which lets block_train replay a call's launches from C++.
 """
 
 import torch
 
 from .bn import launch_bn_add_relu, launch_bn_backward_apply, launch_bn_backward_reduce, launch_bn_finalize
 from .conv import conv_plan, is_training_variant, launch_conv, output_memory_format
+from .replay import capturing
 
 PREFIX = "triton_"  # block_train's ``primitives`` argument for this backend
 
@@ -45,7 +47,7 @@ _LIB = torch.library.Library("fused_resnet", "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
     _LIB.define(PREFIX + _name + _schema)
     for _key in ("CPU", "CUDA"):
-        _LIB.impl(PREFIX + _name, KERNELS[_name], _key)
+        _LIB.impl(PREFIX + _name, capturing(KERNELS[_name]), _key)
 
 
 def _op(name: str) -> torch._ops.OpOverload:

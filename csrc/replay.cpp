@@ -1,0 +1,301 @@
+// Replayer (replay.h): operator calls replayed from C++, the plans recorded by
+// fused_resnet/backends/triton/replay.py. Everything here runs holding the GIL: the plans hold Python
+// objects (Triton's compiled launchers), and a replayed launch is a call of one.
+#include "replay.h"
+
+#include <Python.h>
+#include <torch/csrc/Dtype.h>
+
+#include <ATen/ops/empty_strided.h>
+#include <c10/util/hash.h>
+
+#include <bit>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <unordered_map>
+#include <vector>
+
+namespace fused_resnet {
+namespace {
+
+struct Gil {
+  PyGILState_STATE state = PyGILState_Ensure();
+  ~Gil() { PyGILState_Release(state); }
+};
+
+// An owned reference, released only while the GIL is held (a plan dies in Replayer::call or never: the
+// cache outlives the interpreter, whose objects must not be touched at exit).
+struct Ref {
+  PyObject* p = nullptr;
+  Ref() = default;
+  explicit Ref(PyObject* o) : p(o) {}
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+  ~Ref() { Py_XDECREF(p); }
+};
+
+[[noreturn]] void python_error(const char* what) {
+  PyObject *type = nullptr, *value = nullptr, *trace = nullptr;
+  PyErr_Fetch(&type, &value, &trace);
+  std::string message = "unknown error";
+  if (type != nullptr) message = reinterpret_cast<PyTypeObject*>(type)->tp_name;
+  if (value != nullptr) {
+    if (PyObject* s = PyObject_Str(value)) {
+      if (const char* c = PyUnicode_AsUTF8(s); c != nullptr && *c != 0) message += std::string(": ") + c;
+      Py_DECREF(s);
+    }
+  }
+  Py_XDECREF(type);
+  Py_XDECREF(value);
+  Py_XDECREF(trace);
+  PyErr_Clear();
+  TORCH_CHECK(false, "fused_resnet (Triton replay): ", what, ": ", message);
+}
+
+std::vector<int64_t> ints(PyObject* tuple) {
+  std::vector<int64_t> v(PyTuple_GET_SIZE(tuple));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(tuple, i));
+  return v;
+}
+
+at::ScalarType dtype_of(PyObject* o) {
+  TORCH_CHECK(THPDtype_Check(o), "fused_resnet (Triton replay): a plan's dtype is not a torch.dtype");
+  return reinterpret_cast<THPDtype*>(o)->scalar_type;
+}
+
+// A plan, as replay.py's _Capture.plan() gives it; the PyObject pointers are borrowed from `source`.
+struct Plan {
+  enum Kind { kInput = 0, kAllocation = 1, kValue = 2 };
+  struct Arg {
+    int kind;
+    int64_t index, offset;  // an input's stack index or an allocation's, and a byte offset
+    PyObject* value;        // kValue
+  };
+  struct Launch {
+    PyObject *run, *function, *metadata, *tail;
+    int64_t grid[3];
+    std::vector<Arg> args;
+  };
+  struct Alloc {
+    std::vector<int64_t> sizes, strides;
+    at::ScalarType dtype;
+  };
+  struct Out {
+    int kind;  // kAllocation: a view of allocation `index`; kValue: an empty tensor of its own
+    int64_t index, offset;
+    std::vector<int64_t> sizes, strides;
+    at::ScalarType dtype;
+  };
+
+  Ref source;  // None: this key's calls cannot be replayed
+  std::vector<Alloc> allocs;
+  std::vector<Out> outs;
+  std::vector<Launch> launches;
+
+  bool replayable() const { return source.p != Py_None; }
+
+  explicit Plan(PyObject* p) : source(p) {
+    if (p == Py_None) return;
+    PyObject* a = PyTuple_GET_ITEM(p, 0);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(a); ++i) {
+      PyObject* e = PyTuple_GET_ITEM(a, i);
+      allocs.push_back({ints(PyTuple_GET_ITEM(e, 0)), ints(PyTuple_GET_ITEM(e, 1)), dtype_of(PyTuple_GET_ITEM(e, 2))});
+    }
+    PyObject* o = PyTuple_GET_ITEM(p, 1);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); ++i) {
+      PyObject* e = PyTuple_GET_ITEM(o, i);
+      outs.push_back({static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(e, 0))),
+                      PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1)), PyLong_AsLongLong(PyTuple_GET_ITEM(e, 2)), ints(PyTuple_GET_ITEM(e, 3)),
+                      ints(PyTuple_GET_ITEM(e, 4)), dtype_of(PyTuple_GET_ITEM(e, 5))});
+    }
+    PyObject* l = PyTuple_GET_ITEM(p, 2);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(l); ++i) {
+      PyObject* e = PyTuple_GET_ITEM(l, i);
+      Launch launch{PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1), PyTuple_GET_ITEM(e, 2), PyTuple_GET_ITEM(e, 3),
+                    {PyLong_AsLongLong(PyTuple_GET_ITEM(e, 4)), PyLong_AsLongLong(PyTuple_GET_ITEM(e, 5)),
+                     PyLong_AsLongLong(PyTuple_GET_ITEM(e, 6))},
+                    {}};
+      PyObject* spec = PyTuple_GET_ITEM(e, 7);
+      for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(spec); ++j) {
+        PyObject* s = PyTuple_GET_ITEM(spec, j);
+        const int kind = static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(s, 0)));
+        PyObject* what = PyTuple_GET_ITEM(s, 1);
+        launch.args.push_back({kind, kind == kValue ? 0 : PyLong_AsLongLong(what),
+                               PyLong_AsLongLong(PyTuple_GET_ITEM(s, 2)), kind == kValue ? what : nullptr});
+      }
+      launches.push_back(std::move(launch));
+    }
+    TORCH_CHECK(!PyErr_Occurred(), "fused_resnet (Triton replay): a malformed plan");
+  }
+};
+
+struct KeyHash {
+  size_t operator()(const std::vector<int64_t>& k) const {
+    size_t h = 0;
+    for (int64_t v : k) h = c10::hash_combine(h, std::hash<int64_t>{}(v));
+    return h;
+  }
+};
+
+// Every operator's plans, keyed by the operator (its schema's address) and the call (see key()).
+constexpr size_t kMaxPlans = 4096;  // a workload of ever new shapes starts afresh
+std::mutex plans_mutex;
+auto& plans = *new std::unordered_map<std::vector<int64_t>, std::shared_ptr<Plan>, KeyHash>();
+
+// What a launcher's decisions read from the arguments; false for an argument kind it cannot key.
+bool key(const c10::OperatorHandle& op, const torch::jit::Stack& stack, int64_t token, std::vector<int64_t>& k) {
+  k.reserve(8 + 12 * stack.size());
+  k.push_back(reinterpret_cast<intptr_t>(&op.schema()));
+  k.push_back(token);
+  for (const c10::IValue& v : stack) {
+    if (v.isTensor()) {
+      const at::Tensor& t = v.toTensor();
+      if (!t.defined()) {
+        k.push_back(-1);
+        continue;
+      }
+      k.push_back(1);
+      k.push_back(static_cast<int64_t>(t.scalar_type()));
+      k.push_back(static_cast<int64_t>(t.device().type()));
+      k.push_back(t.device().index());
+      k.push_back(t.dim());
+      for (int64_t s : t.sizes()) k.push_back(s);
+      for (int64_t s : t.strides()) k.push_back(s);
+      k.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr()) & 15));
+    } else if (v.isNone()) {
+      k.push_back(0);
+    } else if (v.isInt()) {
+      k.push_back(2);
+      k.push_back(v.toInt());
+    } else if (v.isDouble()) {
+      k.push_back(3);
+      k.push_back(std::bit_cast<int64_t>(v.toDouble()));
+    } else if (v.isBool()) {
+      k.push_back(4);
+      k.push_back(v.toBool());
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+PyObject* address(const at::Tensor& t, int64_t offset) {
+  return PyLong_FromUnsignedLongLong(reinterpret_cast<uintptr_t>(t.const_data_ptr()) + offset);
+}
+
+// The plan's allocations and launches with this call's tensors; the stack then holds the results.
+void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate) {
+  at::Device device(at::kCPU);
+  for (const c10::IValue& v : stack)
+    if (v.isTensor() && v.toTensor().defined()) {
+      device = v.toTensor().device();
+      break;
+    }
+  std::vector<at::Tensor> allocs;
+  allocs.reserve(plan.allocs.size());
+  for (const Plan::Alloc& a : plan.allocs)
+    allocs.push_back(at::empty_strided(a.sizes, a.strides, at::TensorOptions().dtype(a.dtype).device(device)));
+  PyObject *stream = PyTuple_GET_ITEM(gate, 1), *enter = PyTuple_GET_ITEM(gate, 2), *exit = PyTuple_GET_ITEM(gate, 3);
+  for (const Plan::Launch& l : plan.launches) {
+    const Py_ssize_t n_args = static_cast<Py_ssize_t>(l.args.size()), n_tail = PyTuple_GET_SIZE(l.tail);
+    Ref call(PyTuple_New(9 + n_args + n_tail));
+    PyObject* t = call.p;
+    for (int i = 0; i < 3; ++i) PyTuple_SET_ITEM(t, i, PyLong_FromLongLong(l.grid[i]));
+    PyObject* fixed[] = {stream, l.function, l.metadata, Py_None, enter, exit};
+    for (int i = 0; i < 6; ++i) {
+      Py_INCREF(fixed[i]);
+      PyTuple_SET_ITEM(t, 3 + i, fixed[i]);
+    }
+    for (Py_ssize_t i = 0; i < n_args; ++i) {
+      const Plan::Arg& a = l.args[i];
+      PyObject* value = a.value;
+      if (a.kind == Plan::kInput)
+        value = address(stack[a.index].toTensor(), a.offset);
+      else if (a.kind == Plan::kAllocation)
+        value = address(allocs[a.index], a.offset);
+      else
+        Py_INCREF(value);
+      PyTuple_SET_ITEM(t, 9 + i, value);
+    }
+    for (Py_ssize_t i = 0; i < n_tail; ++i) {
+      PyObject* value = PyTuple_GET_ITEM(l.tail, i);
+      Py_INCREF(value);
+      PyTuple_SET_ITEM(t, 9 + n_args + i, value);
+    }
+    if (PyErr_Occurred()) python_error("building a launch");
+    Ref result(PyObject_Call(l.run, t, nullptr));
+    if (result.p == nullptr) python_error("a launch");
+  }
+  stack.clear();
+  for (const Plan::Out& o : plan.outs) {
+    if (o.kind == Plan::kValue) {
+      stack.emplace_back(at::empty_strided(o.sizes, o.strides, at::TensorOptions().dtype(o.dtype).device(device)));
+      continue;
+    }
+    const at::Tensor& a = allocs[o.index];
+    const bool whole = o.offset == 0 && a.sizes().equals(o.sizes) && a.strides().equals(o.strides);
+    stack.emplace_back(whole ? a : a.as_strided(o.sizes, o.strides, o.offset));
+  }
+}
+
+PyObject* function(PyObject* module, const char* name) {
+  PyObject* f = PyObject_GetAttrString(module, name);
+  if (f == nullptr) python_error(name);
+  return f;
+}
+
+}  // namespace
+
+void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) const {
+  Gil gil;
+  static PyObject *gate_fn = nullptr, *begin_fn = nullptr, *end_fn = nullptr;  // kept for the process
+  if (gate_fn == nullptr) {
+    Ref module(PyImport_ImportModule(module_.c_str()));
+    if (module.p == nullptr) python_error("importing the replay module");
+    begin_fn = function(module.p, "begin");
+    end_fn = function(module.p, "end");
+    gate_fn = function(module.p, "gate");
+  }
+  Ref gate(PyObject_CallNoArgs(gate_fn));
+  if (gate.p == nullptr) python_error("gate()");
+  std::vector<int64_t> k;
+  if (gate.p == Py_None || !key(op, stack, PyLong_AsLongLong(PyTuple_GET_ITEM(gate.p, 0)), k)) {
+    op.callBoxed(stack);
+    return;
+  }
+  std::shared_ptr<Plan> plan;
+  {
+    std::lock_guard<std::mutex> lock(plans_mutex);
+    auto it = plans.find(k);
+    if (it != plans.end()) plan = it->second;
+  }
+  if (plan == nullptr) {  // the first call of this key: the operator itself, recording its plan
+    Ref began(PyObject_CallNoArgs(begin_fn));
+    if (began.p == nullptr) python_error("begin()");
+    try {
+      op.callBoxed(stack);
+    } catch (...) {
+      Ref ended(PyObject_CallNoArgs(end_fn));  // discards the capture
+      PyErr_Clear();
+      throw;
+    }
+    PyObject* recorded = PyObject_CallNoArgs(end_fn);
+    if (recorded == nullptr) python_error("end()");
+    auto fresh = std::make_shared<Plan>(recorded);
+    std::remove_reference_t<decltype(plans)> dropped;  // released after the lock (releasing may run Python)
+    std::lock_guard<std::mutex> lock(plans_mutex);
+    if (plans.size() >= kMaxPlans) plans.swap(dropped);
+    plans.emplace(std::move(k), std::move(fresh));
+    return;
+  }
+  if (!plan->replayable()) {
+    op.callBoxed(stack);
+    return;
+  }
+  run(*plan, stack, gate.p);
+}
+
+}  // namespace fused_resnet

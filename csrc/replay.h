@@ -1,0 +1,61 @@
+// An operator call that can be replayed without its Python kernel: the Triton backend's primitives
+// (fused_resnet/backends/triton/replay.py says how a plan is recorded and when replaying is off).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/boxing/impl/boxing.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <string>
+#include <tuple>
+#include <utility>
+
+namespace fused_resnet {
+
+// Replays calls of operators whose kernels implement replay.py's capture protocol: per call, the key
+// (the arguments' dtypes, devices, sizes, strides, addresses modulo 16, every other argument's value, and
+// the state token the Python gate reports) finds the plan its first call recorded -- allocations and
+// the compiled Triton launchers to call, with each tensor argument traced to an input or an allocation
+// -- and runs it from C++. Keys without a plan run the operator (recording one); calls the gate turns
+// away run the operator as they are.
+class Replayer {
+ public:
+  explicit Replayer(std::string module) : module_(std::move(module)) {}
+  // `stack` holds the operator's arguments; it holds its results afterwards, as callBoxed leaves it.
+  void call(const c10::OperatorHandle& op, torch::jit::Stack& stack) const;
+
+ private:
+  std::string module_;  // the Python module with gate(), begin() and end()
+};
+
+// The typed result of a boxed call.
+template <class Ret>
+struct Unstack {
+  static Ret get(torch::jit::Stack& s) { return std::move(s[0]).toTensor(); }
+};
+template <class... T>
+struct Unstack<std::tuple<T...>> {
+  static std::tuple<T...> get(torch::jit::Stack& s) { return get(s, std::index_sequence_for<T...>{}); }
+  template <size_t... I>
+  static std::tuple<T...> get(torch::jit::Stack& s, std::index_sequence<I...>) {
+    return std::tuple<T...>{std::move(s[I]).toTensor()...};
+  }
+};
+
+// One primitive of a family: the dispatcher's typed call, or a Replayer's when the family has one.
+template <class Sig>
+struct Prim;
+template <class Ret, class... A>
+struct Prim<Ret(A...)> {
+  c10::TypedOperatorHandle<Ret(A...)> handle;
+  const Replayer* replay = nullptr;
+
+  Ret call(A... args) const {
+    if (replay == nullptr) return handle.call(args...);
+    torch::jit::Stack stack = c10::impl::boxArgs<A...>(args...);
+    replay->call(handle, stack);
+    return Unstack<Ret>::get(stack);
+  }
+};
+
+}  // namespace fused_resnet

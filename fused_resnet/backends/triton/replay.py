@@ -1,0 +1,187 @@
+"""Triton operator calls replayed from C++: the training composition's host path without Python.
+
+The training block composed in C++ (csrc/block_train.cpp, ``primitives="triton_"``) calls the Triton
+backend's operators (ops.py) a dozen times per step. Each call's Python -- the launcher's plan, its
+allocations, the direct-launch key, the dispatcher's boxing into Python -- cost more host time than the
+kernels take at small shapes. So csrc/triton_replay.cpp keys each call on everything the launcher's
+decisions read from its arguments (every tensor's dtype, device, sizes, strides and address modulo 16,
+every other argument's value) and on the state ``gate()`` reports; the first call of a key runs the
+Python launcher under a capture (below), later calls of that key allocate the same outputs and call the
+same compiled launchers from C++ with the current pointers -- the call ``launch._run``'s direct path
+makes, with addresses where it passes tensors.
+
+A capture records the launcher's allocations (a dispatch mode sees every aten call: an allocation or a
+view is allowed, anything else -- a copy, a fill, reading a value -- makes the call not replayable) and
+its launches, each tensor argument traced to an input (at an offset) or an allocation. A call that
+cannot be replayed exactly (the interpreter, a launch hook, a tensor from elsewhere such as a cache)
+stays on the Python path for that key.
+
+Off (every call takes the Python path) while ``gate()`` says so: ``FUSED_RESNET_TRITON_REPLAY=0``, direct
+launches off, a launch recorder or counter, a launch hook, a forced or modelled configuration, poisoned
+outputs, the interpreter, a dispatch mode (it must see the operator calls). The epoch of the state a plan
+depends on (``launch.EPOCH``: the driver's compiled kernels, the tile table) is part of every key.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+
+from .. import base
+from . import configs, launch
+
+ENABLED = os.environ.get("FUSED_RESNET_TRITON_REPLAY", "1") != "0"
+
+_aten = torch.ops.aten
+_ALLOCATIONS = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.new_empty.default,
+                _aten.new_empty_strided.default, _aten.empty_like.default}
+
+_TABLE: list = [None]  # the tile table the plans were recorded with
+
+
+def bump_epoch() -> None:
+    """Plans recorded so far no longer apply (another tile table; ``launch.forget_direct_launches`` bumps it
+    for another driver)."""
+    launch.EPOCH[0] += 1
+
+
+def gate() -> Optional[tuple]:
+    """What csrc/triton_replay.cpp asks before each call: None (take the Python path) or (the state token
+    of the key, the current stream, the launch enter and exit hooks to pass Triton's launcher)."""
+    if not (ENABLED and launch.DIRECT) or launch._RECORDERS or launch._COUNTING or configs._FORCED \
+            or len(configs._MODELLED) != 1 or base.POISON_OUTPUTS or configs.interpreting() \
+            or (torch._C._len_torch_dispatch_stack() and not _modes_see_allocations_only()):
+        return None
+    if configs.TUNED_CONV is not _TABLE[0]:  # another table assigned (a test, a tuner)
+        _TABLE[0] = configs.TUNED_CONV
+        bump_epoch()
+    driver, runtime = launch._runtime()
+    if not launch._hooks_idle(runtime):
+        return None
+    drv = driver.active
+    device = drv.get_current_device()
+    token = (launch.EPOCH[0] * 1024 + device) * 2 + bool(torch.backends.cudnn.allow_tf32)
+    return token, drv.get_current_stream(device), runtime.launch_enter_hook, runtime.launch_exit_hook
+
+
+def _modes_see_allocations_only() -> bool:
+    """Whether every active dispatch mode declares it needs to see only allocations (``SEES_ALLOCATIONS_ONLY``,
+    as the offline check's does); any other must see the operator calls themselves."""
+    return all(getattr(m, "SEES_ALLOCATIONS_ONLY", False) for m in _get_current_dispatch_mode_stack())
+
+
+class _Capture(TorchDispatchMode):
+    """One operator call's allocations and launches (see the module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.args: Optional[tuple] = None
+        self.out: Any = None
+        self.allocations: list[torch.Tensor] = []
+        self.launches: list[tuple] = []
+        self.bad: Optional[str] = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _ALLOCATIONS:
+            self.allocations.append(out)
+        elif not func.is_view and self.bad is None:
+            self.bad = f"it runs {func}"
+        return out
+
+    def launched(self, kernel, grid: tuple, args: tuple, entry: Optional[tuple]) -> None:
+        """From ``launch.launch``: ``entry`` is the compiled kernel and argument tail it called, or None."""
+        if entry is None:
+            self.bad = self.bad or f"{kernel.fn.__name__} took Triton's own launch path"
+        else:
+            self.launches.append((entry, tuple(grid) + (1,) * (3 - len(grid)), args))
+
+    def plan(self) -> tuple:
+        """(allocations, outputs, launches) as csrc/triton_replay.cpp reads them, or raises ValueError."""
+        if self.bad or self.args is None:
+            raise ValueError(self.bad or "no launcher ran")
+        allocs = self.allocations
+        bases = [(a.untyped_storage().data_ptr(), a.untyped_storage().nbytes()) for a in allocs]
+        inputs = [(i, a.data_ptr(), _extent(a)) for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
+
+        def trace(p: int, nbytes: int) -> tuple:
+            for i, start, extent in inputs:
+                if start <= p and p + nbytes <= start + extent:
+                    return (0, i, p - start)
+            for j, (start, extent) in enumerate(bases):
+                if start <= p and p + nbytes <= start + extent:
+                    return (1, j, p - start)
+            raise ValueError("a launch reads a tensor that is neither an input nor allocated by the call")
+
+        outputs = []
+        for o in (self.out if isinstance(self.out, (tuple, list)) else (self.out,)):
+            if o.numel() == 0:
+                outputs.append((2, 0, 0, tuple(o.shape), o.stride(), o.dtype))
+                continue
+            kind, j, off = trace(o.data_ptr(), _extent(o))
+            if kind != 1:
+                raise ValueError("an output aliases an input")
+            outputs.append((1, j, o.storage_offset(), tuple(o.shape), o.stride(), o.dtype))
+        launches = []
+        for (compiled, tail), grid, args in self.launches:
+            spec = []
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    if a.numel() == 0:
+                        raise ValueError("a launch passes an empty tensor")
+                    spec.append(trace(a.data_ptr(), _extent(a)))
+                else:
+                    spec.append((2, a, 0))
+            launches.append((compiled.run, compiled.function, compiled.packed_metadata, tuple(tail), *grid,
+                             tuple(spec)))
+        return (tuple((tuple(a.shape), a.stride(), a.dtype) for a in allocs), tuple(outputs), tuple(launches))
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from ``t.data_ptr()`` to the end of its last element."""
+    if t.numel() == 0:
+        return 0
+    return (sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+_PENDING: dict[int, _Capture] = {}  # thread ident -> the capture its next operator call runs under
+
+
+def begin() -> None:
+    """This thread's next operator call (the C++ side makes it next) runs under a capture."""
+    _PENDING[threading.get_ident()] = _Capture()
+
+
+def end() -> Optional[tuple]:
+    """The plan of the call made since ``begin()``, or None when it cannot be replayed."""
+    cap = _PENDING.pop(threading.get_ident(), None)
+    try:
+        return cap.plan() if cap is not None else None
+    except ValueError:
+        return None
+
+
+def capturing(launcher):
+    """An operator kernel: ``launcher`` itself, under the capture ``begin()`` asked for."""
+
+    @functools.wraps(launcher)
+    def kernel(*args):
+        cap = _PENDING.get(threading.get_ident()) if _PENDING else None
+        if cap is None or cap.args is not None:
+            return launcher(*args)
+        cap.args = args
+        me = threading.get_ident()
+        launch._CAPTURES[me] = cap
+        try:
+            with cap:
+                cap.out = launcher(*args)
+        finally:
+            del launch._CAPTURES[me]
+        return cap.out
+
+    return kernel

@@ -1,0 +1,175 @@
+"""Triton operator calls replayed from C++ (fused_resnet/backends/triton/replay.py, csrc/replay.cpp): the
+training composition's later calls of a key allocate and launch what the first call's Python launcher
+did. Without a GPU, proven offline (Triton compiles for sm_90, launches are recorded: a process with the
+interpreter off); with one, replayed and Python steps must give the same bits."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fused_resnet
+from fused_resnet import reference
+from fused_resnet.backends.extension import has_kernel
+from fused_resnet.testing import randomize_
+
+from tests.conftest import HAS_CUDA
+
+pytestmark = [
+    pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
+                       reason="Triton needs a GPU or TRITON_INTERPRET=1"),
+    pytest.mark.skipif(not has_kernel("block_train", "CompositeImplicitAutograd"),
+                       reason="replaying is the C++ training composition's (the extension is not built)"),
+]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _offline(code: str, **env_extra) -> str:
+    """Run ``code`` in a process with the interpreter off; returns its output (asserts it succeeded)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra)
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
+def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
+    """Both block kinds, float32 and bfloat16, channels_last, NCHW, a misaligned input, the two-level
+    merge: a replayed training step launches the same variants, grids and arguments as the Python
+    launchers (each pointer the same input or the same tensor of the step), and no Python launcher runs.
+    And the check has teeth: a plan with an input's offset moved, two allocations swapped or its last
+    launch dropped fails it in every case."""
+    out = _offline("""
+        from fused_resnet.backends.triton import offline, replay
+        assert offline.check_replayed_calls() == [], offline.check_replayed_calls()
+        plan = replay._Capture.plan
+
+        def mutated(kind):
+            def wrong(self):
+                allocs, outs, launches = plan(self)
+                if kind == "drop":
+                    return allocs, outs, launches[:-1]
+                launches = [list(l) for l in launches]
+                for l in launches:
+                    spec = list(l[-1])
+                    inputs = [i for i, a in enumerate(spec) if a[0] == 0]
+                    fresh = [i for i, a in enumerate(spec) if a[0] == 1]
+                    if kind == "offset" and inputs:
+                        spec[inputs[0]] = (0, spec[inputs[0]][1], spec[inputs[0]][2] + 16)
+                    elif kind == "swap" and len(fresh) >= 2:
+                        i, j = fresh[:2]
+                        spec[i], spec[j] = spec[j], spec[i]
+                    l[-1] = tuple(spec)
+                return allocs, outs, tuple(tuple(l) for l in launches)
+            return wrong
+
+        for kind in ("offset", "swap", "drop"):
+            replay._Capture.plan = mutated(kind)
+            print(kind, len(offline.check_replayed_calls()))
+    """)
+    assert out.split() == ["offset", "10", "swap", "10", "drop", "10"], out
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
+def test_the_gate_turns_replaying_off_and_keys_the_state_plans_depend_on():
+    """Off (None) while launches are recorded or counted, with a forced or modelled configuration, a
+    dispatch mode (it must see the operator calls), poisoned outputs or FUSED_RESNET_TRITON_REPLAY=0; the
+    token changes with the tile table, the driver's compiled kernels and the TF32 switch, and a changed
+    table makes the next step plan afresh."""
+    out = _offline("""
+        import copy
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        import fused_resnet
+        from fused_resnet import reference
+        from fused_resnet.backends import base
+        from fused_resnet.backends.triton import configs, launch, offline, replay
+        from fused_resnet.testing import randomize_
+
+        with offline.offline_launches(keep=False):
+            token = replay.gate()[0]
+            class Mode(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    return func(*args, **(kwargs or {}))
+
+            for ctx in (launch.counting(), launch.recording(), configs.forced_conv_config(configs.ConvConfig(
+                        32, 32, 16, 1, 4, 1)), configs.modelled_device(configs.A100), Mode()):
+                with ctx:
+                    assert replay.gate() is None, ctx
+            base.POISON_OUTPUTS, poison = True, base.POISON_OUTPUTS
+            assert replay.gate() is None
+            base.POISON_OUTPUTS = poison
+            torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32
+            assert replay.gate()[0] != token
+            torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32
+            assert replay.gate()[0] == token
+            configs.TUNED_CONV[(1, 1, 1, 1, torch.float32, 90, True)] = configs.ConvConfig(32, 32, 16, 1, 4, 1)
+            assert replay.gate()[0] != token
+            token = replay.gate()[0]
+            launch.forget_direct_launches()
+            assert replay.gate()[0] != token
+
+            blk = fused_resnet.convert(randomize_(reference.Residual(8, 8)), backend="triton").train()
+            x = torch.randn(2, 8, 6, 6)
+
+            def python_launches():
+                before = sum(launch.LAUNCHES.values())
+                blk(x).sum().backward()
+                return sum(launch.LAUNCHES.values()) - before
+
+            assert python_launches() > 0 and python_launches() == 0   # recorded, then replayed
+            configs.TUNED_CONV.pop((1, 1, 1, 1, torch.float32, 90, True))
+            assert python_launches() > 0 and python_launches() == 0   # planned afresh
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+    out = _offline("""
+        from fused_resnet.backends.triton import offline, replay
+        with offline.offline_launches(keep=False):
+            print(replay.gate())
+    """, FUSED_RESNET_TRITON_REPLAY="0")
+    assert out.strip() == "None"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs without a GPU")
+def test_the_interpreter_never_replays():
+    from fused_resnet.backends.triton import replay
+    assert replay.gate() is None
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replayed_and_python_steps_give_the_same_bits(dtype, unpoisoned, monkeypatch):
+    """Three training steps of a 1x1-shortcut block with replaying off, then on (the first records, the
+    rest replay): the same output, gradients and running statistics, and the replayed step runs no
+    Python launcher."""
+    from fused_resnet.backends.triton import launch, replay
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(replay, "ENABLED", replay.ENABLED)
+    seed = randomize_(reference.Residual(16, 32, use_1x1conv=True, stride=2))
+    x = torch.randn(4, 16, 12, 12, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    results = {}
+    for enabled in (False, True):
+        replay.ENABLED = enabled
+        blk = fused_resnet.convert(copy.deepcopy(seed), backend="triton").cuda().to(dtype).train()
+        steps = []
+        for _ in range(3):
+            xi = x.clone().requires_grad_()
+            before = sum(launch.LAUNCHES.values())
+            y = blk(xi)
+            y.float().square().sum().backward()
+            steps.append((y.detach(), xi.grad, [p.grad.clone() for p in blk.parameters()],
+                          [b.clone() for b in blk.buffers()], sum(launch.LAUNCHES.values()) - before))
+            blk.zero_grad()
+        results[enabled] = steps
+    assert results[True][-1][-1] == 0 and results[False][-1][-1] >= 10
+    for (y0, gx0, g0, b0, _), (y1, gx1, g1, b1, _) in zip(results[False], results[True]):
+        assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+        assert all(torch.equal(a, b) for a, b in zip(g0 + b0, g1 + b1))
