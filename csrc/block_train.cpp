@@ -518,8 +518,22 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
   return Output::apply(at::TensorList(out.inputs), a);
 }
 
+T7 replayed_triton_conv_fused(const Tensor& x, const Tensor& weight, const Opt& bias, int64_t stride, int64_t padding,
+                              const Opt& bn_mean, const Opt& bn_var, const Opt& bn_gamma, const Opt& bn_beta,
+                              double bn_eps, const Opt& in_mean, const Opt& in_scale, const Opt& in_shift,
+                              const Opt& residual, const Opt& sc_x, const Opt& sc_weight, const Opt& sc_bias,
+                              int64_t sc_stride, bool sc_separate, bool relu, bool stats, at::ScalarType out_dtype,
+                              bool sc_stats) {
+  return ops("triton_").conv_fused.call(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps,
+                                        in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
+                                        sc_separate, relu, stats, out_dtype, sc_stats);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet, CompositeImplicitAutograd, m) { m.impl("block_train", &block_train); }
+TORCH_LIBRARY_IMPL(fused_resnet, CompositeExplicitAutograd, m) {
+  m.impl("replayed_triton_conv_fused", &replayed_triton_conv_fused);
+}
 
 }  // namespace fused_resnet

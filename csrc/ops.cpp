@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 extern "C" {
 // Importing fused_resnet._C loads this library, which runs the registrations below; the module itself
 // is empty (the ops live in torch.ops.fused_resnet).
@@ -25,11 +27,16 @@ TORCH_LIBRARY(fused_resnet, m) {
   // statistics when `stats`, the 1x1 shortcut conv of sc_x (+ sc_bias when given) added (or returned when
   // sc_separate, with its own per-tile statistics when sc_stats), + residual, ReLU. Returns (out, shortcut,
   // part_mean, part_m2, part_count, sc_part_mean, sc_part_m2); unused ones are empty.
-  m.def("conv_fused(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, Tensor? bn_mean, "
-        "Tensor? bn_var, Tensor? bn_gamma, Tensor? bn_beta, float bn_eps, Tensor? in_mean, Tensor? in_scale, "
-        "Tensor? in_shift, Tensor? residual, Tensor? sc_x, Tensor? sc_weight, Tensor? sc_bias, int sc_stride, "
-        "bool sc_separate, bool relu, bool stats, ScalarType out_dtype, bool sc_stats=False) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  const std::string conv_fused_schema =
+      "(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, Tensor? bn_mean, "
+      "Tensor? bn_var, Tensor? bn_gamma, Tensor? bn_beta, float bn_eps, Tensor? in_mean, Tensor? in_scale, "
+      "Tensor? in_shift, Tensor? residual, Tensor? sc_x, Tensor? sc_weight, Tensor? sc_bias, int sc_stride, "
+      "bool sc_separate, bool relu, bool stats, ScalarType out_dtype, bool sc_stats=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
+  m.def(("conv_fused" + conv_fused_schema).c_str());
+  // fused_resnet::triton_conv_fused (the Triton backend's operator), its calls replayed from C++ after a key's
+  // first (csrc/replay.h): the Triton backend's eager inference calls it. Not differentiable.
+  m.def(("replayed_triton_conv_fused" + conv_fused_schema).c_str());
   // The gather conv_fused performs, as a matrix: row n * P * Q + p * Q + q, column (c * kernel + r) * kernel +
   // s (F.unfold's order), zeros in the padding. For tests and for inspecting the addressing.
   m.def("im2col(Tensor x, int kernel, int stride, int padding) -> Tensor");

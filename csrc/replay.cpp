@@ -107,8 +107,8 @@ struct Plan {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); ++i) {
       PyObject* e = PyTuple_GET_ITEM(o, i);
       outs.push_back({static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(e, 0))),
-                      PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1)), PyLong_AsLongLong(PyTuple_GET_ITEM(e, 2)), ints(PyTuple_GET_ITEM(e, 3)),
-                      ints(PyTuple_GET_ITEM(e, 4)), dtype_of(PyTuple_GET_ITEM(e, 5))});
+                      PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1)), PyLong_AsLongLong(PyTuple_GET_ITEM(e, 2)),
+                      ints(PyTuple_GET_ITEM(e, 3)), ints(PyTuple_GET_ITEM(e, 4)), dtype_of(PyTuple_GET_ITEM(e, 5))});
     }
     PyObject* l = PyTuple_GET_ITEM(p, 2);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(l); ++i) {
@@ -149,14 +149,22 @@ bool key(const c10::OperatorHandle& op, const torch::jit::Stack& stack, int64_t 
   k.reserve(8 + 12 * stack.size());
   k.push_back(reinterpret_cast<intptr_t>(&op.schema()));
   k.push_back(token);
-  for (const c10::IValue& v : stack) {
+  for (size_t i = 0; i < stack.size(); ++i) {
+    const c10::IValue& v = stack[i];
     if (v.isTensor()) {
       const at::Tensor& t = v.toTensor();
       if (!t.defined()) {
         k.push_back(-1);
         continue;
       }
+      // which earlier argument shares its memory, if any: a plan traced each launch argument to one input
+      int64_t shares = -1;
+      for (size_t j = 0; j < i && shares < 0; ++j)
+        if (stack[j].isTensor() && stack[j].toTensor().defined() && stack[j].toTensor().has_storage() &&
+            t.has_storage() && stack[j].toTensor().storage().is_alias_of(t.storage()))
+          shares = static_cast<int64_t>(j);
       k.push_back(1);
+      k.push_back(shares);
       k.push_back(static_cast<int64_t>(t.scalar_type()));
       k.push_back(static_cast<int64_t>(t.device().type()));
       k.push_back(t.device().index());

@@ -42,10 +42,10 @@ def _offline(code: str, **env_extra) -> str:
 @pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
 def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
     """Both block kinds, float32 and bfloat16, channels_last, NCHW, a misaligned input, the two-level
-    merge: a replayed training step launches the same variants, grids and arguments as the Python
-    launchers (each pointer the same input or the same tensor of the step), and no Python launcher runs.
-    And the check has teeth: a plan with an input's offset moved, two allocations swapped or its last
-    launch dropped fails it in every case."""
+    merge: a replayed training step and inference call launch the same variants, grids and arguments as
+    the Python launchers (each pointer the same input or the same tensor of the call), and no Python
+    launcher runs. And the check has teeth: a plan with an input's offset moved, two allocations (or
+    inputs) swapped or its last launch dropped fails it in every case."""
     out = _offline("""
         from fused_resnet.backends.triton import offline, replay
         assert offline.check_replayed_calls() == [], offline.check_replayed_calls()
@@ -63,8 +63,8 @@ def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
                     fresh = [i for i, a in enumerate(spec) if a[0] == 1]
                     if kind == "offset" and inputs:
                         spec[inputs[0]] = (0, spec[inputs[0]][1], spec[inputs[0]][2] + 16)
-                    elif kind == "swap" and len(fresh) >= 2:
-                        i, j = fresh[:2]
+                    elif kind == "swap" and len(fresh if len(fresh) >= 2 else inputs) >= 2:
+                        i, j = (fresh if len(fresh) >= 2 else inputs)[:2]
                         spec[i], spec[j] = spec[j], spec[i]
                     l[-1] = tuple(spec)
                 return allocs, outs, tuple(tuple(l) for l in launches)
@@ -74,7 +74,7 @@ def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
             replay._Capture.plan = mutated(kind)
             print(kind, len(offline.check_replayed_calls()))
     """)
-    assert out.split() == ["offset", "10", "swap", "10", "drop", "10"], out
+    assert out.split() == ["offset", "20", "swap", "20", "drop", "20"], out
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
@@ -147,9 +147,9 @@ def test_the_interpreter_never_replays():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_replayed_and_python_steps_give_the_same_bits(dtype, unpoisoned, monkeypatch):
-    """Three training steps of a 1x1-shortcut block with replaying off, then on (the first records, the
-    rest replay): the same output, gradients and running statistics, and the replayed step runs no
-    Python launcher."""
+    """Three training steps and three inference calls of a 1x1-shortcut block with replaying off, then on
+    (the first records, the rest replay): the same outputs, gradients and running statistics, and the
+    replayed calls run no Python launcher."""
     from fused_resnet.backends.triton import launch, replay
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(replay, "ENABLED", replay.ENABLED)
@@ -168,8 +168,46 @@ def test_replayed_and_python_steps_give_the_same_bits(dtype, unpoisoned, monkeyp
             steps.append((y.detach(), xi.grad, [p.grad.clone() for p in blk.parameters()],
                           [b.clone() for b in blk.buffers()], sum(launch.LAUNCHES.values()) - before))
             blk.zero_grad()
+        blk.eval()
+        with torch.no_grad():
+            for _ in range(3):
+                before = sum(launch.LAUNCHES.values())
+                steps.append((blk(x), sum(launch.LAUNCHES.values()) - before))
         results[enabled] = steps
-    assert results[True][-1][-1] == 0 and results[False][-1][-1] >= 10
-    for (y0, gx0, g0, b0, _), (y1, gx1, g1, b1, _) in zip(results[False], results[True]):
+    assert results[True][2][-1] == 0 and results[False][2][-1] >= 10      # training
+    assert results[True][-1][-1] == 0 and results[False][-1][-1] == 2     # inference
+    for (y0, gx0, g0, b0, _), (y1, gx1, g1, b1, _) in zip(results[False][:3], results[True][:3]):
         assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
         assert all(torch.equal(a, b) for a, b in zip(g0 + b0, g1 + b1))
+    for (y0, _), (y1, _) in zip(results[False][3:], results[True][3:]):
+        assert torch.equal(y0, y1)
+
+
+def test_a_plan_traces_each_argument_to_the_one_input_or_allocation_holding_it():
+    """An input itself by identity, else the one input or allocation whose bytes hold it (at a byte
+    offset); a tensor held by none (a cache) or by several inputs (sharing memory), or an output that is
+    not a view of an allocation, makes the call not replayable."""
+    from fused_resnet.backends.triton import replay
+
+    class Compiled:
+        run = function = packed_metadata = None
+
+    memory = torch.randn(64)
+    a, b = memory[:32], memory[16:48]            # two inputs sharing memory
+    out = torch.empty(8)
+
+    def plan(*launch_args, outputs=(out,)):
+        cap = replay._Capture()
+        cap.args, cap.allocations, cap.out = (a, b, 3), [out], outputs
+        cap.launches = [((Compiled(), (7,)), (2, 1, 1), launch_args)]
+        return cap.plan()
+
+    allocs, outs, launches = plan(a, b, out[2:], 5)
+    assert allocs == (((8,), (1,), torch.float32),) and outs == ((1, 0, 0, (8,), (1,), torch.float32),)
+    assert launches[0][3:] == ((7,), 2, 1, 1, ((0, 0, 0), (0, 1, 0), (1, 0, 8), (2, 5, 0)))
+    assert plan(a[4:8])[2][0][-1] == ((0, 0, 16),)
+    for wrong in ((memory[20:24],), (torch.randn(4),)):
+        with pytest.raises(ValueError):
+            plan(*wrong)
+    with pytest.raises(ValueError):
+        plan(a, outputs=(a,))

@@ -188,7 +188,10 @@ def test_triton_operators_pass_opcheck(variant, fmt):
     from tests.test_ops import CONV_VARIANTS, _conv_args, opcheck_primitives
     from fused_resnet.backends.triton import ops
     device = "cuda" if HAS_CUDA else "cpu"
-    opcheck_primitives(ops.PREFIX, _conv_args(device, torch.float32, FMT[fmt], **CONV_VARIANTS[variant]))
+    args = _conv_args(device, torch.float32, FMT[fmt], **CONV_VARIANTS[variant])
+    opcheck_primitives(ops.PREFIX, args)
+    if ops.replayed_conv_fused_op is not None:  # the convolution as eager inference calls it (replay.py)
+        torch.library.opcheck(ops.replayed_conv_fused_op, args)
 
 
 def test_tuned_entries_key_the_training_variant_apart(monkeypatch):

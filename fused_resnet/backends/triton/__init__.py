@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..base import Backend, BNFold, ConvOut, as_f32
 from ..packing import channels_dense_weight
-from . import bn as bn_kernels, conv as conv_kernels, ops
+from . import bn as bn_kernels, conv as conv_kernels, ops, replay
 from .configs import interpreting
 from .launch import LAUNCHES, counting, executing, offline_active, recording
 
@@ -31,6 +31,8 @@ class TritonBackend(Backend):
     def __init__(self) -> None:
         from ..extension import has_kernel
         self._block_node = has_kernel("block_train", "CompositeImplicitAutograd")
+        # fused_resnet::replayed_triton_conv_fused where the extension has it (conv_fused below)
+        self._replayed_conv = ops.replayed_conv_fused_op if replay.ENABLED else None
 
     # Training composed in C++ over this backend's operators (ops.py) where the extension is built: the
     # Python autograd Functions cost more host time than the kernels take at small shapes. Not in a dry run
@@ -63,18 +65,27 @@ class TritonBackend(Backend):
             return "the Triton interpreter computes bfloat16 dot products wrongly; bfloat16 runs on the GPU"
         return None
 
-    # Eager calls go straight to the launchers; under torch.compile the custom ops (``ops.py``) stand in,
-    # with their fake implementations. The op layer costs host time a block call should not pay.
+    # Eager calls go to the launchers: the convolution through its replayed operator where the extension has
+    # it (after a key's first call C++ allocates and launches, replay.py), the others directly (the operator
+    # layer costs host time a call should not pay). Under torch.compile the operators (``ops.py``) stand in,
+    # with their fake implementations.
     def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
                    residual=None, sc_x=None, sc_weight=None, sc_bias=None, sc_stride=1, sc_separate=False,
                    relu=False, stats=False, out_dtype=None, sc_stats=False) -> ConvOut:
         mean, var, gamma, beta, eps = bn if bn is not None else (None, None, None, None, 0.0)
         if in_scale is not None:
             in_mean, in_scale, in_shift = (as_f32(v) for v in (in_mean, in_scale, in_shift))
+        compiling = torch.compiler.is_compiling()
+        replayed = self._replayed_conv is not None and not compiling
+        if replayed:  # a plan reads only the call's arguments: the packed weights are passed, not looked up
+            weight = channels_dense_weight(weight)
+            sc_weight = channels_dense_weight(sc_weight) if sc_weight is not None else None
         args = (x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale, in_shift,
                 residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype or x.dtype, sc_stats)
-        if torch.compiler.is_compiling():
+        if compiling:
             return ConvOut(*ops.conv_fused_op(*args))
+        if replayed:
+            return ConvOut(*self._replayed_conv(*args))
         return ConvOut(*conv_kernels.launch_conv(*args, distinct_placeholders=False))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,

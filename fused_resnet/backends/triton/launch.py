@@ -9,6 +9,9 @@ cuda:0 is current is launched inside a guard for cuda:1.
 ``recording(execute=False)`` records without running anything: the launchers still allocate their
 outputs and choose their configurations exactly as they would, which is how the variants a workload
 launches are listed on a machine without a GPU (``python -m fused_resnet kernels``).
+
+"The one path" up to a replay: operator calls that replay.py has planned launch the same compiled
+kernels from C++ without coming here; a recorder or a counter turns replaying off while it is active.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-LAUNCHES: Counter = Counter()
+LAUNCHES: Counter = Counter()   # launches through ``launch`` (calls replayed from C++ do not count: replay.py)
 
 # Kernel arguments the JIT must not specialise on: sizes that vary with the batch or the image (each
 # distinct value equal to 1 or divisible by 16 would be another compilation). Channel counts and strides

@@ -204,6 +204,12 @@ def _training_step(block: torch.nn.Module, x: torch.Tensor) -> None:
     y.float().square().sum().backward()
 
 
+def _inference_call(block: torch.nn.Module, x: torch.Tensor) -> None:
+    block.eval()
+    with torch.no_grad():
+        block(x)
+
+
 def _block_steps(dtype: torch.dtype) -> Iterator[str]:
     """A training step and an inference call of each of ``_block_cases``, then the synchronized batch
     norm's merge of partial statistics."""
@@ -213,9 +219,7 @@ def _block_steps(dtype: torch.dtype) -> Iterator[str]:
     for name, block, x in _block_cases(dtype, gen):
         _training_step(block, x)
         yield f"{name} training"
-        block.eval()
-        with torch.no_grad():
-            block(x)
+        _inference_call(block, x)
         yield f"{name} inference"
     parts = torch.rand(300, 8, generator=gen), torch.rand(300, 8, generator=gen), torch.full((300,), 4.0)
     bn.launch_bn_merge(*parts)
@@ -302,10 +306,11 @@ def _dataflow(launches: list[Launch], fixed: set[int]) -> list[tuple]:
 
 
 def check_replayed_calls(arch: int = 90) -> list[str]:
-    """Every launch of a block's training step composed in C++ (``block_train``), taken through the Python
-    launchers and replayed from C++ (replay.py): the same variants, grids and arguments, each pointer
-    argument the same input or the same tensor of the step's data flow. Returns the mismatches; empty
-    when they agree and the replayed step ran no Python launcher."""
+    """Every launch of a block's training step composed in C++ (``block_train``) and of its inference call
+    (``replayed_triton_conv_fused``), taken through the Python launchers and replayed from C++
+    (replay.py): the same variants, grids and arguments, each pointer argument the same input or the same
+    tensor of the call's data flow. Returns the mismatches; empty when they agree and the replayed calls
+    ran no Python launcher."""
     from . import replay
     from .. import get_backend
 
@@ -318,18 +323,19 @@ def check_replayed_calls(arch: int = 90) -> list[str]:
             for dtype in (torch.float32, torch.bfloat16):
                 for name, block, x in _block_cases(dtype, torch.Generator().manual_seed(0)):
                     fixed = {t.data_ptr() for t in [x, *block.parameters(), *block.buffers()]}
-                    steps = []
-                    for replaying in (False, True, True):  # the Python path; a first replayed step records
-                        replay.ENABLED = replaying
-                        n0, python = len(rec.launches), sum(_launch.LAUNCHES.values())
-                        with _KeepAlive():
-                            _training_step(block, x)
-                        steps.append((rec.launches[n0:], sum(_launch.LAUNCHES.values()) - python))
-                    (reference, _), _, (replayed, python) = steps
-                    if python:
-                        problems.append(f"{name}: {python} launches took the Python path in a replayed step")
-                    if _dataflow(reference, fixed) != _dataflow(replayed, fixed):
-                        problems.append(f"{name}: the replayed launches differ from the Python launchers'")
+                    for mode, step in (("training", _training_step), ("inference", _inference_call)):
+                        calls = []
+                        for replaying in (False, True, True):  # the Python path; a first replayed call records
+                            replay.ENABLED = replaying
+                            n0, python = len(rec.launches), sum(_launch.LAUNCHES.values())
+                            with _KeepAlive():
+                                step(block, x)
+                            calls.append((rec.launches[n0:], sum(_launch.LAUNCHES.values()) - python))
+                        (reference, _), _, (replayed, python) = calls
+                        if python:
+                            problems.append(f"{name} {mode}: {python} launches took the Python path, replayed")
+                        if _dataflow(reference, fixed) != _dataflow(replayed, fixed):
+                            problems.append(f"{name} {mode}: the replayed launches differ from the Python launchers'")
     finally:
         replay.ENABLED = enabled
     return problems

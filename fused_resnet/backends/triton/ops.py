@@ -16,6 +16,7 @@ each can run under replay.py's capture, which lets block_train replay a call's l
 
 import torch
 
+from ..extension import has_kernel
 from .bn import launch_bn_add_relu, launch_bn_backward_apply, launch_bn_backward_reduce, launch_bn_finalize
 from .conv import conv_plan, is_training_variant, launch_conv, output_memory_format
 from .replay import capturing
@@ -85,6 +86,14 @@ def _conv_fused_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma
     stats = stats or sc_stats
     return (out, sc, part(stats, tiles, k), part(stats, tiles, k), part(stats, tiles), part(sc_stats, tiles, k),
             part(sc_stats, tiles, k))
+
+
+# The extension's fused_resnet::replayed_triton_conv_fused (csrc/replay.h): this convolution, its calls
+# replayed from C++; what the backend's eager inference calls. None where the extension is not built.
+replayed_conv_fused_op = None
+if has_kernel("replayed_triton_conv_fused", "CompositeExplicitAutograd"):
+    replayed_conv_fused_op = torch.ops.fused_resnet.replayed_triton_conv_fused.default
+    torch.library.register_fake(replayed_conv_fused_op)(_conv_fused_fake)
 
 
 @torch.library.register_fake(bn_finalize_op)

@@ -1,20 +1,21 @@
-"""Triton operator calls replayed from C++: the training composition's host path without Python.
+"""Triton operator calls replayed from C++: the Triton backend's host path without its Python.
 
 The training block composed in C++ (csrc/block_train.cpp, ``primitives="triton_"``) calls the Triton
-backend's operators (ops.py) a dozen times per step. Each call's Python -- the launcher's plan, its
+backend's operators (ops.py) a dozen times per step, eager inference its convolution operator twice per
+block (``fused_resnet::replayed_triton_conv_fused``). Each call's Python -- the launcher's plan, its
 allocations, the direct-launch key, the dispatcher's boxing into Python -- cost more host time than the
-kernels take at small shapes. So csrc/triton_replay.cpp keys each call on everything the launcher's
-decisions read from its arguments (every tensor's dtype, device, sizes, strides and address modulo 16,
-every other argument's value) and on the state ``gate()`` reports; the first call of a key runs the
-Python launcher under a capture (below), later calls of that key allocate the same outputs and call the
-same compiled launchers from C++ with the current pointers -- the call ``launch._run``'s direct path
-makes, with addresses where it passes tensors.
+kernels take at small shapes. So csrc/replay.cpp keys each call on everything the launcher's decisions
+read from its arguments (every tensor's dtype, device, sizes, strides and address modulo 16, which
+arguments share memory, every other argument's value) and on the state ``gate()`` reports; the first
+call of a key runs the Python launcher under a capture (below), later calls of that key allocate the
+same outputs and call the same compiled launchers from C++ with the current addresses -- the call
+``launch._run``'s direct path makes, with addresses where it passes tensors.
 
 A capture records the launcher's allocations (a dispatch mode sees every aten call: an allocation or a
 view is allowed, anything else -- a copy, a fill, reading a value -- makes the call not replayable) and
-its launches, each tensor argument traced to an input (at an offset) or an allocation. A call that
-cannot be replayed exactly (the interpreter, a launch hook, a tensor from elsewhere such as a cache)
-stays on the Python path for that key.
+its launches, each tensor argument traced to an input (itself, or at an offset into the one input that
+holds it) or an allocation. A call that cannot be replayed exactly (a launch on another device than the
+current one, a tensor from elsewhere such as a cache) stays on the Python path for that key.
 
 Off (every call takes the Python path) while ``gate()`` says so: ``FUSED_RESNET_TRITON_REPLAY=0``, direct
 launches off, a launch recorder or counter, a launch hook, a forced or modelled configuration, poisoned
@@ -51,22 +52,32 @@ def bump_epoch() -> None:
 
 
 def gate() -> Optional[tuple]:
-    """What csrc/triton_replay.cpp asks before each call: None (take the Python path) or (the state token
-    of the key, the current stream, the launch enter and exit hooks to pass Triton's launcher)."""
+    """What csrc/replay.cpp asks before each call: None (take the Python path) or (the state token of the
+    key, the current stream, the launch enter and exit hooks to pass Triton's launcher)."""
     if not (ENABLED and launch.DIRECT) or launch._RECORDERS or launch._COUNTING or configs._FORCED \
-            or len(configs._MODELLED) != 1 or base.POISON_OUTPUTS or configs.interpreting() \
-            or (torch._C._len_torch_dispatch_stack() and not _modes_see_allocations_only()):
+            or len(configs._MODELLED) != 1 or base.POISON_OUTPUTS or not _compiled():
+        return None
+    if torch._C._len_torch_dispatch_stack() and not _modes_see_allocations_only():
         return None
     if configs.TUNED_CONV is not _TABLE[0]:  # another table assigned (a test, a tuner)
         _TABLE[0] = configs.TUNED_CONV
         bump_epoch()
     driver, runtime = launch._runtime()
-    if not launch._hooks_idle(runtime):
-        return None
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if (enter is not None and getattr(enter, "calls", True)) or \
+            (leave is not None and getattr(leave, "calls", True)):
+        return None  # a hook that runs (a profiler's): launch._hooks_idle
     drv = driver.active
     device = drv.get_current_device()
     token = (launch.EPOCH[0] * 1024 + device) * 2 + bool(torch.backends.cudnn.allow_tf32)
-    return token, drv.get_current_stream(device), runtime.launch_enter_hook, runtime.launch_exit_hook
+    return token, drv.get_current_stream(device), enter, leave
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled() -> bool:
+    """Whether the kernels were decorated for compiling (not for the interpreter: nothing to replay)."""
+    from .conv import conv_bn_act_kernel
+    return hasattr(conv_bn_act_kernel, "device_caches")
 
 
 def _modes_see_allocations_only() -> bool:
@@ -102,30 +113,36 @@ class _Capture(TorchDispatchMode):
             self.launches.append((entry, tuple(grid) + (1,) * (3 - len(grid)), args))
 
     def plan(self) -> tuple:
-        """(allocations, outputs, launches) as csrc/triton_replay.cpp reads them, or raises ValueError."""
+        """(allocations, outputs, launches) as csrc/replay.cpp reads them, or raises ValueError."""
         if self.bad or self.args is None:
             raise ValueError(self.bad or "no launcher ran")
         allocs = self.allocations
         bases = [(a.untyped_storage().data_ptr(), a.untyped_storage().nbytes()) for a in allocs]
-        inputs = [(i, a.data_ptr(), _extent(a)) for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
+        inputs = [(i, a, a.data_ptr(), _extent(a)) for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)]
 
-        def trace(p: int, nbytes: int) -> tuple:
-            for i, start, extent in inputs:
-                if start <= p and p + nbytes <= start + extent:
-                    return (0, i, p - start)
-            for j, (start, extent) in enumerate(bases):
-                if start <= p and p + nbytes <= start + extent:
-                    return (1, j, p - start)
-            raise ValueError("a launch reads a tensor that is neither an input nor allocated by the call")
+        def trace(t: torch.Tensor) -> tuple:
+            """(0, input index, byte offset) or (1, allocation index, byte offset) of what ``t`` addresses:
+            an input itself, else the one input or allocation whose bytes hold it."""
+            for i, a, _, _ in inputs:
+                if a is t:
+                    return (0, i, 0)
+            p, nbytes = t.data_ptr(), _extent(t)
+            spans = [(0, i, start, extent) for i, _, start, extent in inputs]
+            spans += [(1, j, start, extent) for j, (start, extent) in enumerate(bases)]
+            holders = [(kind, i, p - start) for kind, i, start, extent in spans
+                       if start <= p <= start + extent - nbytes]
+            if len(holders) != 1:  # none: a tensor from elsewhere (a cache); several: inputs sharing memory
+                raise ValueError(f"a launch reads a tensor held by {len(holders)} of the call's inputs and allocations")
+            return holders[0]
 
         outputs = []
         for o in (self.out if isinstance(self.out, (tuple, list)) else (self.out,)):
             if o.numel() == 0:
                 outputs.append((2, 0, 0, tuple(o.shape), o.stride(), o.dtype))
                 continue
-            kind, j, off = trace(o.data_ptr(), _extent(o))
-            if kind != 1:
-                raise ValueError("an output aliases an input")
+            kind, j, _ = trace(o)
+            if kind != 1 or o.dtype != allocs[j].dtype:
+                raise ValueError("an output is not a view of an allocation of its dtype")
             outputs.append((1, j, o.storage_offset(), tuple(o.shape), o.stride(), o.dtype))
         launches = []
         for (compiled, tail), grid, args in self.launches:
@@ -134,7 +151,7 @@ class _Capture(TorchDispatchMode):
                 if isinstance(a, torch.Tensor):
                     if a.numel() == 0:
                         raise ValueError("a launch passes an empty tensor")
-                    spec.append(trace(a.data_ptr(), _extent(a)))
+                    spec.append(trace(a))
                 else:
                     spec.append((2, a, 0))
             launches.append((compiled.run, compiled.function, compiled.packed_metadata, tuple(tail), *grid,
@@ -170,10 +187,10 @@ def capturing(launcher):
     """An operator kernel: ``launcher`` itself, under the capture ``begin()`` asked for."""
 
     @functools.wraps(launcher)
-    def kernel(*args):
+    def kernel(*args, **kwargs):
         cap = _PENDING.get(threading.get_ident()) if _PENDING else None
-        if cap is None or cap.args is not None:
-            return launcher(*args)
+        if cap is None or cap.args is not None or kwargs:  # a plan names arguments by position
+            return launcher(*args, **kwargs)
         cap.args = args
         me = threading.get_ident()
         launch._CAPTURES[me] = cap
