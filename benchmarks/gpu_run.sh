@@ -4,7 +4,7 @@
 #   env      environment facts (GPU, driver, nvcc, torch/Triton/CUDA versions, optional packages)
 #   build    the extension for this GPU's architecture only (or the one GPU_RUN_PREBUILT names), while
 #            the Triton kernel variants of the benchmark suite compile ahead of time in parallel
-#   tests-a  the CUDA extension's tests and the block on CUDA, both fused backends
+#   tests-a  the CUDA extension's tests, the block on CUDA (both fused backends), direct and replayed Triton launches' bits
 #   bench    benchmarks: eager and the fused backends (each case checked against float64 first)
 #   host     host time per block call (tiny blocks): Triton's direct launches, replays and C++ nodes on and off
 #   compile  benchmarks: torch.compile against eager, and each step captured in a CUDA graph (the head
@@ -204,7 +204,7 @@ PROCS=${GPU_RUN_TEST_PROCS:-12}
 TEST_PROCS=()
 if [ "$PROCS" -gt 0 ] && $PY -c "import xdist" 2>/dev/null; then TEST_PROCS=(-n "$PROCS"); fi
 A_FILES="tests/test_ops.py tests/test_primitives.py tests/test_block.py"
-A_EXPR="(cuda and (test_ops or test_primitives or test_block)) or test_direct_and_jit"
+A_EXPR="(cuda and (test_ops or test_primitives or test_block)) or test_direct_and_jit or test_replayed_and_python"
 run_step tests-a 150 "${PYTEST[@]}" "${TEST_PROCS[@]}" tests -k "$A_EXPR" --junitxml="$LOGS/tests-a.xml"
 skip() { say "=== $1: skipped ($2)"; printf '%s\tskipped (%s)\t0\t0\n' "$1" "$2" >> "$STATUS"; }
 

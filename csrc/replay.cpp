@@ -139,7 +139,8 @@ struct KeyHash {
   }
 };
 
-// Every operator's plans, keyed by the operator (its schema's address) and the call (see key()).
+// Every operator's plans, keyed by the operator (its schema's address) and the call (see key()); null: a key
+// called once so far.
 constexpr size_t kMaxPlans = 4096;  // a workload of ever new shapes starts afresh
 std::mutex plans_mutex;
 auto& plans = *new std::unordered_map<std::vector<int64_t>, std::shared_ptr<Plan>, KeyHash>();
@@ -275,12 +276,24 @@ void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) con
     return;
   }
   std::shared_ptr<Plan> plan;
+  bool seen = false;
   {
+    std::remove_reference_t<decltype(plans)> dropped;  // released after the lock (releasing may run Python)
     std::lock_guard<std::mutex> lock(plans_mutex);
     auto it = plans.find(k);
-    if (it != plans.end()) plan = it->second;
+    seen = it != plans.end();
+    if (seen) {
+      plan = it->second;
+    } else {  // a key's first call only marks it: a workload of ever new shapes never pays for a capture
+      if (plans.size() >= kMaxPlans) plans.swap(dropped);
+      plans.emplace(k, nullptr);
+    }
   }
-  if (plan == nullptr) {  // the first call of this key: the operator itself, recording its plan
+  if (!seen) {
+    op.callBoxed(stack);
+    return;
+  }
+  if (plan == nullptr) {  // the second call of this key: the operator itself, recording its plan
     Ref began(PyObject_CallNoArgs(begin_fn));
     if (began.p == nullptr) python_error("begin()");
     try {
@@ -293,10 +306,10 @@ void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) con
     PyObject* recorded = PyObject_CallNoArgs(end_fn);
     if (recorded == nullptr) python_error("end()");
     auto fresh = std::make_shared<Plan>(recorded);
-    std::remove_reference_t<decltype(plans)> dropped;  // released after the lock (releasing may run Python)
+    std::remove_reference_t<decltype(plans)> dropped;
     std::lock_guard<std::mutex> lock(plans_mutex);
     if (plans.size() >= kMaxPlans) plans.swap(dropped);
-    plans.emplace(std::move(k), std::move(fresh));
+    plans.insert_or_assign(std::move(k), std::move(fresh));
     return;
   }
   if (!plan->replayable()) {

@@ -14,10 +14,11 @@ namespace fused_resnet {
 
 // Replays calls of operators whose kernels implement replay.py's capture protocol: per call, the key
 // (the arguments' dtypes, devices, sizes, strides, addresses modulo 16 and which share memory, every other
-// argument's value, and the state token the Python gate reports) finds the plan its first call recorded --
+// argument's value, and the state token the Python gate reports) finds the plan an earlier call recorded --
 // allocations and the compiled Triton launchers to call, with each tensor argument traced to an input or
-// an allocation -- and runs it from C++. Keys without a plan run the operator (recording one); calls the
-// gate turns away, and keys whose first call could not be recorded exactly, run the operator as they are.
+// an allocation -- and runs it from C++. A key's first call runs the operator, its second too while
+// recording the plan (a workload of ever new shapes never pays for recording); calls the gate turns away,
+// and keys whose call could not be recorded exactly, run the operator as they are.
 class Replayer {
  public:
   explicit Replayer(std::string module) : module_(std::move(module)) {}

@@ -66,7 +66,7 @@ class TritonBackend(Backend):
         return None
 
     # Eager calls go to the launchers: the convolution through its replayed operator where the extension has
-    # it (after a key's first call C++ allocates and launches, replay.py), the others directly (the operator
+    # it (after a key's second call C++ allocates and launches, replay.py), the others directly (the operator
     # layer costs host time a call should not pay). Under torch.compile the operators (``ops.py``) stand in,
     # with their fake implementations.
     def conv_fused(self, x, weight, bias, *, stride, padding, bn=None, in_mean=None, in_scale=None, in_shift=None,
