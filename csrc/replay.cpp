@@ -11,6 +11,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -250,25 +251,32 @@ void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate) {
   }
 }
 
-PyObject* function(PyObject* module, const char* name) {
-  PyObject* f = PyObject_GetAttrString(module, name);
-  if (f == nullptr) python_error(name);
-  return f;
+// A replay module's functions (gate, begin, end), imported on first use and kept for the process. Holds the GIL.
+struct Protocol {
+  PyObject *gate, *begin, *end;
+};
+
+const Protocol& protocol(const std::string& name) {
+  static auto& loaded = *new std::map<std::string, Protocol>();
+  auto it = loaded.find(name);
+  if (it != loaded.end()) return it->second;
+  Ref module(PyImport_ImportModule(name.c_str()));
+  if (module.p == nullptr) python_error("importing the replay module");
+  Protocol p{};
+  for (auto [slot, attr] : {std::pair{&p.gate, "gate"}, {&p.begin, "begin"}, {&p.end, "end"}}) {
+    *slot = PyObject_GetAttrString(module.p, attr);
+    if (*slot == nullptr) python_error(attr);
+  }
+  return loaded.emplace(name, p).first->second;
 }
 
 }  // namespace
 
 void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) const {
   Gil gil;
-  static PyObject *gate_fn = nullptr, *begin_fn = nullptr, *end_fn = nullptr;  // kept for the process
-  if (gate_fn == nullptr) {
-    Ref module(PyImport_ImportModule(module_.c_str()));
-    if (module.p == nullptr) python_error("importing the replay module");
-    begin_fn = function(module.p, "begin");
-    end_fn = function(module.p, "end");
-    gate_fn = function(module.p, "gate");
-  }
-  Ref gate(PyObject_CallNoArgs(gate_fn));
+  const Protocol& py = protocol(module_);
+  PyObject *begin_fn = py.begin, *end_fn = py.end;
+  Ref gate(PyObject_CallNoArgs(py.gate));
   if (gate.p == nullptr) python_error("gate()");
   std::vector<int64_t> k;
   if (gate.p == Py_None || !key(op, stack, PyLong_AsLongLong(PyTuple_GET_ITEM(gate.p, 0)), k)) {
