@@ -208,6 +208,7 @@ constexpr const char* kDoubleBackward =
 // What every node's backward shares: its primitives, which slots need a gradient, its parameters, and its
 // results in the node's input order.
 struct Grads {
+  ReplayScope scope;  // the gate asked once for this backward's primitive calls
   AutogradContext* ctx;
   const Ops& o;
   std::vector<int64_t> v;  // as save_node wrote it
@@ -488,6 +489,7 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
               name, ": the shortcut's BN needs gamma, beta and (without batch statistics) running statistics");
 
   const Ops& prims = ops(std::string(primitives));  // an unknown family fails here, before anything runs
+  ReplayScope scope;                                 // the gate asked once for the forward's primitive calls
 
   // The chain: FirstConv, then one BnReluConv per further convolution (the last with the shortcut), Output.
   const Tensor& x = v[kX];

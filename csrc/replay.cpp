@@ -270,14 +270,37 @@ const Protocol& protocol(const std::string& name) {
   return loaded.emplace(name, p).first->second;
 }
 
+// The gate's answer for the scopes alive on this thread (an owned reference), once asked.
+thread_local int scope_depth = 0;
+thread_local PyObject* scoped_gate = nullptr;
+
 }  // namespace
+
+ReplayScope::ReplayScope() { ++scope_depth; }
+
+ReplayScope::~ReplayScope() {
+  if (--scope_depth == 0 && scoped_gate != nullptr) {
+    Gil gil;
+    Py_CLEAR(scoped_gate);
+  }
+}
 
 void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) const {
   Gil gil;
   const Protocol& py = protocol(module_);
   PyObject *begin_fn = py.begin, *end_fn = py.end;
-  Ref gate(PyObject_CallNoArgs(py.gate));
-  if (gate.p == nullptr) python_error("gate()");
+  Ref gate;
+  if (scope_depth > 0 && scoped_gate != nullptr) {
+    Py_INCREF(scoped_gate);
+    gate.p = scoped_gate;
+  } else {
+    gate.p = PyObject_CallNoArgs(py.gate);
+    if (gate.p == nullptr) python_error("gate()");
+    if (scope_depth > 0) {
+      Py_INCREF(gate.p);
+      scoped_gate = gate.p;
+    }
+  }
   std::vector<int64_t> k;
   if (gate.p == Py_None || !key(op, stack, PyLong_AsLongLong(PyTuple_GET_ITEM(gate.p, 0)), k)) {
     op.callBoxed(stack);

@@ -29,6 +29,17 @@ class Replayer {
   std::string module_;  // the Python module with gate(), begin() and end()
 };
 
+// While one is alive on a thread, the Replayer asks the Python gate once (its first call) rather than per
+// call: what the gate reports cannot change while C++ runs one node's calls (no user code runs between
+// them). Holds no lock; nests.
+class ReplayScope {
+ public:
+  ReplayScope();
+  ~ReplayScope();
+  ReplayScope(const ReplayScope&) = delete;
+  ReplayScope& operator=(const ReplayScope&) = delete;
+};
+
 // The typed result of a boxed call.
 template <class Ret>
 struct Unstack {

@@ -82,7 +82,7 @@ def test_the_gate_turns_replaying_off_and_keys_the_state_plans_depend_on():
     """Off (None) while launches are recorded or counted, with a forced or modelled configuration, a
     dispatch mode (it must see the operator calls), poisoned outputs or FUSED_RESNET_TRITON_REPLAY=0; the
     token changes with the tile table, the driver's compiled kernels and the TF32 switch, and a changed
-    table makes the next step plan afresh."""
+    table makes the next step plan afresh. A training step asks it once per C++ node, not per call."""
     out = _offline("""
         import copy
         import torch
@@ -127,6 +127,12 @@ def test_the_gate_turns_replaying_off_and_keys_the_state_plans_depend_on():
             assert python_launches() > 0 and python_launches() > 0 and python_launches() == 0  # marked, recorded
             configs.TUNED_CONV.pop((1, 1, 1, 1, torch.float32, 90, True))
             assert python_launches() > 0 and python_launches() > 0 and python_launches() == 0  # planned afresh
+
+            asked, runtime = [], launch._runtime        # the gate reads it once per question
+            launch._runtime = lambda: asked.append(1) or runtime()
+            assert python_launches() == 0
+            assert len(asked) == 3  # once per C++ node that replays: the forward, two of the three backwards
+            launch._runtime = runtime
         print("ok")
     """)
     assert out.strip() == "ok"
