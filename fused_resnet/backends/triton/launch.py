@@ -256,8 +256,9 @@ def _runtime():
 
 
 def _hooks_idle(runtime) -> bool:
-    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
-    return all(h is None or not getattr(h, "calls", True) for h in hooks)
+    """No launch hook that runs is set (an empty hook chain is idle). Asked per launch: no generator."""
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return (enter is None or not getattr(enter, "calls", True)) and (leave is None or not getattr(leave, "calls", True))
 
 
 def _remember(key: tuple, fn, compiled, nargs: int, constexprs: dict) -> Optional[tuple]:

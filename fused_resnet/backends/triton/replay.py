@@ -64,14 +64,12 @@ def gate() -> Optional[tuple]:
         _TABLE[0] = configs.TUNED_CONV
         bump_epoch()
     driver, runtime = launch._runtime()
-    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-    if (enter is not None and getattr(enter, "calls", True)) or \
-            (leave is not None and getattr(leave, "calls", True)):
-        return None  # a hook that runs (a profiler's): launch._hooks_idle
+    if not launch._hooks_idle(runtime):  # a hook that runs (a profiler's)
+        return None
     drv = driver.active
     device = drv.get_current_device()
     token = (launch.EPOCH[0] * 1024 + device) * 2 + bool(torch.backends.cudnn.allow_tf32)
-    return token, drv.get_current_stream(device), enter, leave
+    return token, drv.get_current_stream(device), runtime.launch_enter_hook, runtime.launch_exit_hook
 
 
 @functools.lru_cache(maxsize=None)
