@@ -37,6 +37,11 @@ TORCH_LIBRARY(fused_resnet, m) {
   // fused_resnet::triton_conv_fused (the Triton backend's operator), its calls replayed from C++ after a key's
   // first (csrc/replay.h): the Triton backend's eager inference calls it. Not differentiable.
   m.def(("replayed_triton_conv_fused" + conv_fused_schema).c_str());
+  // The CUDA conv_fused's launch configuration, for reading its kernels without a GPU (kernel_report.py:
+  // the library holds their static shared memory only): threads per CTA, dynamic shared memory of the
+  // tensor-core loops and of the SIMT loop (bytes), tile rows and columns, reduction slice bytes, ring stages.
+  // Defined by builds with the CUDA kernels.
+  m.def("cuda_conv_config() -> int[]");
   // The gather conv_fused performs, as a matrix: row n * P * Q + p * Q + q, column (c * kernel + r) * kernel +
   // s (F.unfold's order), zeros in the padding. For tests and for inspecting the addressing.
   m.def("im2col(Tensor x, int kernel, int stride, int padding) -> Tensor");

@@ -63,6 +63,8 @@ class SassStats:
     registers: int = 0
     stack: int = 0
     static_shared: int = 0
+    launch_shared: int = 0   # dynamic shared memory the launch adds (not in the binary: the launch's own figure)
+    threads: int = 256       # per CTA, as launched
     instructions: int = 0
     spills: int = 0          # local-memory loads and stores (LDL/STL)
     mma: int = 0             # tensor-core instructions
@@ -322,14 +324,34 @@ def extension_library() -> Optional[str]:
 
 
 def extension_stats(arch: int) -> dict[str, SassStats]:
-    """The CUDA extension's kernels (demangled-ish names) from the built library, or {} without one."""
+    """The CUDA extension's kernels (demangled-ish names) from the built library, or {} without one; the
+    convolution's threads and dynamic shared memory as its launches give them (``cuda_conv_config``)."""
     lib = extension_library()
     if lib is None:
         return {}
     try:
-        return sass_stats(lib, arch)
+        stats = sass_stats(lib, arch)
     except subprocess.CalledProcessError:  # a CPU-only build: no device code
         return {}
+    config = cuda_conv_config()
+    for name, st in stats.items():
+        if config is not None and "conv_bn_act_kernel" in name:
+            st.threads = config["threads"]
+            st.launch_shared = config["simt_smem" if "simt" in short_cuda_name(name) else "tc_smem"]
+    return stats
+
+
+def cuda_conv_config() -> Optional[dict]:
+    """The CUDA convolution's launch configuration (csrc/ops.cpp, ``cuda_conv_config``), or None where the
+    extension has no CUDA kernels."""
+    import torch
+
+    from .backends import extension
+
+    if not extension.has_kernel("cuda_conv_config", "CompositeImplicitAutograd"):
+        return None
+    keys = ("threads", "tc_smem", "simt_smem", "block_m", "block_n", "slice_bytes", "stages")
+    return dict(zip(keys, torch.ops.fused_resnet.cuda_conv_config()))
 
 
 def short_cuda_name(mangled: str) -> str:
@@ -394,13 +416,14 @@ def report(launches: list[Launch], arch: int, jobs: int) -> tuple[list[list[str]
 def extension_rows(arch: int) -> list[list[str]]:
     rows = []
     for name, s in sorted(extension_stats(arch).items(), key=lambda kv: short_cuda_name(kv[0])):
+        shared = s.static_shared + s.launch_shared
         rows.append([short_cuda_name(name), str(s.registers), str(s.stack), str(s.spills),
-                     f"{s.static_shared / 1024:.1f}", str(ctas_per_sm(s.registers, 256, s.static_shared, arch)),
+                     f"{shared / 1024:.1f}", str(ctas_per_sm(s.registers, s.threads, shared, arch)),
                      str(s.mma), str(s.async_copies), str(s.mma_loops), str(s.calls), str(s.calls_in_mma_loops)])
     return rows
 
 
-EXTENSION_COLUMNS = ("kernel", "regs", "stack", "spills", "smem KB", "CTAs/SM (256 threads)", "MMA", "async",
+EXTENSION_COLUMNS = ("kernel", "regs", "stack", "spills", "smem KB", "CTAs/SM", "MMA", "async",
                      "MMA loops", "calls", "calls in MMA loops")
 
 

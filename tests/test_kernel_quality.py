@@ -13,7 +13,8 @@ import pytest
 import fused_resnet
 from fused_resnet.bench import BenchCase
 from fused_resnet.cases import bottleneck_cases, seed_block_cases
-from fused_resnet.kernel_report import compile_all, extension_stats, record_launches, short_cuda_name
+from fused_resnet.kernel_report import (compile_all, ctas_per_sm, cuda_conv_config, extension_stats,
+                                        record_launches, short_cuda_name)
 
 pytestmark = pytest.mark.skipif("triton" not in fused_resnet.available_backends(),
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
@@ -67,6 +68,27 @@ def test_shared_memory_fits_the_architecture(compiled):
     for launch, m in variants:
         assert m["shared"] <= CTA_SHARED[arch], f"{_label(launch)}: {m['shared']} B of shared memory"
         assert m["ctas_per_sm"] >= 1, f"{_label(launch)}: does not fit an SM"
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=lambda a: f"sm_{a}")
+def test_cuda_conv_ring_fits_two_ctas_per_sm(arch):
+    """The CUDA convolution's tensor-core kernels launch with their ring in dynamic shared memory (the
+    library holds only the static part; the launch's figure comes from the extension): over the 48 KB a
+    launch gets unasked (so the launch must raise the limit, as it does), within one CTA's limit, and two
+    CTAs per SM by registers and shared memory together."""
+    stats = extension_stats(arch)
+    if not stats:
+        pytest.skip("this build has no CUDA kernels (no nvcc, or FUSED_RESNET_NO_CUDA)")
+    config = cuda_conv_config()
+    assert config is not None and config["threads"] == 256
+    convs = {short_cuda_name(n): s for n, s in stats.items() if "conv_bn_act_kernel" in n}
+    tensor_core = {n: s for n, s in convs.items() if "simt" not in n}
+    assert len(tensor_core) == 18 and len(convs) == 21, sorted(convs)  # 3 x 3 dtypes x 2 loops; 3 SIMT
+    for name, s in tensor_core.items():
+        shared = s.static_shared + s.launch_shared
+        assert s.launch_shared == config["tc_smem"] >= config["stages"] * 2 * 64 * config["slice_bytes"] > 48 * 1024
+        assert shared <= CTA_SHARED[arch], (name, shared)
+        assert ctas_per_sm(s.registers, s.threads, shared, arch) >= 2, (name, s.registers, shared)
 
 
 @pytest.mark.parametrize("arch", [90, 80], ids=lambda a: f"sm_{a}")

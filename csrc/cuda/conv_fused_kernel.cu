@@ -3,11 +3,12 @@
 //
 // One kernel, two main loops for the GEMM, one epilogue:
 // - tensor cores (WMMA, fp32 accumulation): float16 and bfloat16, and float32 as TF32 when
-//   torch.backends.cudnn.allow_tf32 is on. 64x64 output tiles, eight warps of 16x32, 64-byte reduction
-//   slices in a three-stage shared-memory ring. When x and the weights are channels-dense (channels_last,
-//   C a multiple of one 16-byte vector, 16-byte aligned) slices arrive by cp.async with zero-fill for the
-//   padding, so loads overlap the MMAs; otherwise each thread gathers its chunk with strided loads into the
-//   same ring. The prologue (BN + ReLU of the input) is applied in shared memory by the thread that loaded
+//   torch.backends.cudnn.allow_tf32 is on. 64x64 output tiles, eight warps of 16x32, 128-byte reduction
+//   slices (64 16-bit channels, 32 float32) in a four-stage shared-memory ring (72 KB, dynamic shared
+//   memory: two CTAs per SM on sm_80 and sm_90), three slices in flight while one is multiplied. When x and
+//   the weights are channels-dense (channels_last, C a multiple of one 16-byte vector, 16-byte aligned)
+//   slices arrive by cp.async with zero-fill for the padding, so loads overlap the MMAs; otherwise each
+//   thread gathers its chunks with strided loads into the same ring. The prologue (BN + ReLU of the input) is applied in shared memory by the thread that loaded
 //   the chunk, after it lands and before the MMAs read it, and only to pixels inside the image: the zero
 //   padding stays zero, as it follows the transform.
 // - SIMT fp32 FMA (64x64 tiles, 4x4 per thread): float32 with TF32 off, or on a GPU before sm_80.
@@ -27,8 +28,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../activation.h"
 #include "../conv_fused_common.h"
@@ -105,6 +110,24 @@ __device__ __forceinline__ Row gemm_row(int64_t m, const Params& p, const GemmSr
   return {o, o.n * g.xs.n + o.h0 * g.xs.h + o.w0 * g.xs.w, valid};
 }
 
+// The tensor-core loop's form of a Row (two per thread: registers count): the origin narrowed to 32 bits
+// (image coordinates are far below 2^31), and a row past M given an origin no tap reaches, so tc_inside
+// alone zero-fills it. tc_inside is tap_inside on those 32-bit coordinates.
+struct TcRow {
+  int64_t x;
+  int h0, w0;
+};
+
+__device__ __forceinline__ TcRow tc_row(int64_t m, const Params& p, const GemmSrc& g) {
+  const Row r = gemm_row(m, p, g);
+  return {r.x, r.valid ? static_cast<int>(r.o.h0) : INT_MIN / 2, static_cast<int>(r.o.w0)};
+}
+
+__device__ __forceinline__ bool tc_inside(const TcRow& row, int r, int s, int H, int W) {
+  return static_cast<unsigned>(row.h0 + r) < static_cast<unsigned>(H) &&
+         static_cast<unsigned>(row.w0 + s) < static_cast<unsigned>(W);
+}
+
 // ------------------------------------------------------------------------------------------- SIMT loop
 // Accumulates acc += A(rows of this tile, taps x channels) * B(taps x channels, columns of this tile).
 template <typename in_t>
@@ -170,31 +193,39 @@ template <>
 struct Tc<float> {
   using elem = float;
   using prec = wmma::precision::tf32;
-  static constexpr int kBK = 16, kWK = 8;
+  static constexpr int kBK = 32, kWK = 8;
 };
 template <>
 struct Tc<c10::Half> {
   using elem = __half;
   using prec = __half;
-  static constexpr int kBK = 32, kWK = 16;
+  static constexpr int kBK = 64, kWK = 16;
 };
 template <>
 struct Tc<c10::BFloat16> {
   using elem = __nv_bfloat16;
   using prec = __nv_bfloat16;
-  static constexpr int kBK = 32, kWK = 16;
+  static constexpr int kBK = 64, kWK = 16;
 };
 
-constexpr int kStages = 3;
-constexpr int kVecBytes = 16;                      // one cp.async / one thread's chunk
-constexpr int kSliceBytes = 64;                    // one row of a reduction slice
+constexpr int kStages = 4;
+constexpr int kVecBytes = 16;                      // one cp.async / one chunk
+constexpr int kSliceBytes = 128;                   // one row of a reduction slice
 constexpr int kRowBytes = kSliceBytes + kVecBytes;  // padded: WMMA wants 32-byte aligned fragments and
                                                     // the pad staggers banks
 constexpr int kStageBytes = (kBM + kBN) * kRowBytes;
+constexpr int kChunksPerRow = kSliceBytes / kVecBytes;
+constexpr int kRowStep = kThreads / kChunksPerRow;      // a thread's chunks: rows r, r + kRowStep, ...
+constexpr int kChunks = kBM * kChunksPerRow / kThreads;  // per thread per operand per slice
 constexpr int kCsLd = kBN + 4;  // float accumulator tile, row-major
-constexpr int kSmemBytes = kStages * kStageBytes > kBM * kCsLd * 4 ? kStages * kStageBytes : kBM * kCsLd * 4;
-static_assert(kThreads == kBM * (kSliceBytes / kVecBytes), "one A chunk and one B chunk per thread per slice");
+static_assert(kBM == kBN && kBM % kRowStep == 0 && kChunks * kRowStep == kBM,
+              "a thread's A rows and B columns share one mapping");
 static_assert(kBM == 64 && kBN == 64 && kThreads == 256, "warp tiling below: 4 x 2 warps of 16 x 32");
+
+// Dynamic shared memory per CTA, by main loop: the ring (its memory then takes the float accumulator tile),
+// or the SIMT loop's two float tiles. Over 48 KB: the launch raises the kernel's limit first (launch()).
+constexpr int kTcSmemBytes = std::max(kStages * kStageBytes, kBM * kCsLd * 4);
+constexpr int kSimtSmemBytes = kBK * (kBM + kBN) * 4;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -223,13 +254,15 @@ __device__ void tc_reduce_tile(float (&out)[4][4], unsigned char* smem, const Ge
   using T = Tc<in_t>;
   using elem = typename T::elem;
   constexpr int V = kVecBytes / sizeof(in_t), BK = T::kBK, LD = kRowBytes / sizeof(in_t);
-  static_assert(BK * sizeof(in_t) == kSliceBytes, "a slice row is 64 bytes");
+  static_assert(BK * sizeof(in_t) == kSliceBytes && BK == kChunksPerRow * V, "a slice row is 128 bytes");
   const int tid = threadIdx.x, warp = tid / 32, wm = warp % 4, wn = warp / 4;
-  // This thread's chunk of every slice: A row `arow`, B column `arow`, channels [kc, kc + V).
-  const int arow = tid / (BK / V), kc = (tid % (BK / V)) * V;
-  const int64_t k = col0 + arow;
-  const Row row = gemm_row(row0 + arow, p, g);  // the only divisions: the loop below steps by addition
-  const int channels = static_cast<int>(g.channels);
+  // This thread's chunks of every slice: A rows and B columns arow + h * kRowStep (h < kChunks), channels
+  // [kc, kc + V) of each.
+  const int arow = tid / kChunksPerRow, kc = (tid % kChunksPerRow) * V;
+  TcRow rows[kChunks];  // the only divisions: the loop below steps by addition
+#pragma unroll
+  for (int h = 0; h < kChunks; ++h) rows[h] = tc_row(row0 + arow + h * kRowStep, p, g);
+  const int channels = static_cast<int>(g.channels), H = static_cast<int>(g.H), W = static_cast<int>(g.W);
   const int slices = g.kh * g.kw * ((channels + BK - 1) / BK);
 
   auto a_of = [&](int stage) { return reinterpret_cast<in_t*>(smem + stage * kStageBytes); };
@@ -240,35 +273,54 @@ __device__ void tc_reduce_tile(float (&out)[4][4], unsigned char* smem, const Ge
   SliceCursor load_at, transform_at;  // the next slice to load; the next to run the prologue on
   auto load = [&](int stage) {
     const int c = load_at.c0 + kc;
-    const bool pix = row.valid && tap_inside(row.o, load_at.r, load_at.s, g.H, g.W);
-    const int64_t xo = row.x + load_at.r * g.xs.h + load_at.s * g.xs.w + static_cast<int64_t>(c) * g.xs.c;
-    const int64_t wo = k * g.ws.n + static_cast<int64_t>(c) * g.ws.c + load_at.r * g.ws.h + load_at.s * g.ws.w;
-    in_t* a = a_of(stage) + arow * LD + kc;
-    in_t* b = b_of(stage) + arow * LD + kc;
-    if constexpr (ASYNC) {  // whole vectors: channels % V == 0 was checked on the host
-      const bool a_ok = pix && c < channels, b_ok = k < p.K && c < channels;
-      cp_async16(a, a_ok ? x + xo : x, a_ok ? kVecBytes : 0);
-      cp_async16(b, b_ok ? w + wo : w, b_ok ? kVecBytes : 0);
-    } else {
+    const bool in_c = c < channels;
+    const int64_t x_tap = load_at.r * g.xs.h + load_at.s * g.xs.w + static_cast<int64_t>(c) * g.xs.c;
+    const int64_t w_tap = static_cast<int64_t>(c) * g.ws.c + load_at.r * g.ws.h + load_at.s * g.ws.w;
+    auto chunk = [&](int h) {
+      const int r = arow + h * kRowStep;
+      const int64_t k = col0 + r;
+      TcRow row = rows[0];  // rows[h] without indexing by a variable (that would put rows in local memory)
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const bool in_c = c + e < channels;
-        a[e] = pix && in_c ? x[xo + e * g.xs.c] : in_t(0.f);
-        b[e] = k < p.K && in_c ? w[wo + e * g.ws.c] : in_t(0.f);
+      for (int j = 1; j < kChunks; ++j)
+        if (j == h) row = rows[j];
+      const bool pix = tc_inside(row, load_at.r, load_at.s, H, W);
+      const int64_t xo = row.x + x_tap, wo = k * g.ws.n + w_tap;
+      in_t* a = a_of(stage) + r * LD + kc;
+      in_t* b = b_of(stage) + r * LD + kc;
+      if constexpr (ASYNC) {  // whole vectors: channels % V == 0 was checked on the host
+        const bool a_ok = pix && in_c, b_ok = k < p.K && in_c;
+        cp_async16(a, a_ok ? x + xo : x, a_ok ? kVecBytes : 0);
+        cp_async16(b, b_ok ? w + wo : w, b_ok ? kVecBytes : 0);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const bool in_e = c + e < channels;
+          a[e] = pix && in_e ? x[xo + e * g.xs.c] : in_t(0.f);
+          b[e] = k < p.K && in_e ? w[wo + e * g.ws.c] : in_t(0.f);
+        }
       }
+    };
+    if constexpr (ASYNC) {
+#pragma unroll
+      for (int h = 0; h < kChunks; ++h) chunk(h);
+    } else {  // 2 V strided loads per chunk: one chunk at a time keeps them in registers (no spills)
+#pragma unroll 1
+      for (int h = 0; h < kChunks; ++h) chunk(h);
     }
     load_at.next(g.kw, channels, BK);
   };
-  // The prologue on this thread's own A chunk of the next slice, once it has landed.
+  // The prologue on this thread's own A chunks of the next slice, once they have landed.
   auto transform = [&](int stage) {
     const int c = transform_at.c0 + kc;
-    const bool pix = row.valid && tap_inside(row.o, transform_at.r, transform_at.s, g.H, g.W);
-    transform_at.next(g.kw, channels, BK);
-    if (!pix) return;
-    in_t* a = a_of(stage) + arow * LD + kc;
 #pragma unroll
-    for (int e = 0; e < V; ++e)
-      if (c + e < channels) a[e] = static_cast<in_t>(prologue_f(static_cast<float>(a[e]), p, c + e));
+    for (int h = 0; h < kChunks; ++h) {
+      if (!tc_inside(rows[h], transform_at.r, transform_at.s, H, W)) continue;
+      in_t* a = a_of(stage) + (arow + h * kRowStep) * LD + kc;
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if (c + e < channels) a[e] = static_cast<in_t>(prologue_f(static_cast<float>(a[e]), p, c + e));
+    }
+    transform_at.next(g.kw, channels, BK);
   };
 
   wmma::fragment<wmma::accumulator, 16, 16, T::kWK, float> acc[2];
@@ -332,7 +384,7 @@ enum class Loop { kSimt, kTensorCore, kTensorCoreAsync };
 
 template <typename in_t, typename out_t, Loop LOOP>
 __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
-  __shared__ __align__(128) unsigned char smem[kSmemBytes];
+  extern __shared__ __align__(128) unsigned char smem[];  // kTcSmemBytes or kSimtSmemBytes: launch()
   __shared__ float red[16][kBN];  // per-column partial sums across the 16 row groups
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM, col0 = static_cast<int64_t>(blockIdx.y) * kBN;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -444,14 +496,28 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
   }
 }
 
-// The SIMT loop serves float32 only (TF32 off, or a GPU before sm_80): 16-bit inputs always have tensor cores
-// on the architectures this extension is built for, so their SIMT variants are not instantiated.
-template <typename in_t, typename out_t>
-void launch_simt(dim3 grid, cudaStream_t stream, const Params& p) {
-  if constexpr (std::is_same_v<in_t, float>) {
-    conv_bn_act_kernel<in_t, out_t, Loop::kSimt><<<grid, kThreads, 0, stream>>>(p);
-  } else {
+constexpr int smem_bytes(Loop loop) { return loop == Loop::kSimt ? kSimtSmemBytes : kTcSmemBytes; }
+
+// One launch with the loop's dynamic shared memory; the first on each device raises the kernel's limit when
+// that is over the default 48 KB (a per-function attribute: raising it twice is harmless, so no lock). The
+// SIMT loop serves float32 only (TF32 off, or a GPU before sm_80): 16-bit inputs always have tensor cores on
+// the architectures this extension is built for, so their SIMT variants are not instantiated.
+template <typename in_t, typename out_t, Loop LOOP>
+void launch(dim3 grid, cudaStream_t stream, const Params& p, int device) {
+  if constexpr (LOOP == Loop::kSimt && !std::is_same_v<in_t, float>) {
     TORCH_CHECK(false, "conv_fused: float16/bfloat16 need a GPU with compute capability 8.0 or newer");
+  } else {
+    constexpr int smem = smem_bytes(LOOP);
+    if constexpr (smem > 48 * 1024) {
+      static std::atomic<uint64_t> raised{0};  // a bit per device index below 64; beyond, every launch
+      const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+      if (bit == 0 || !(raised.load(std::memory_order_relaxed) & bit)) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(conv_bn_act_kernel<in_t, out_t, LOOP>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        raised.fetch_or(bit, std::memory_order_relaxed);
+      }
+    }
+    conv_bn_act_kernel<in_t, out_t, LOOP><<<grid, kThreads, smem, stream>>>(p);
   }
 }
 
@@ -538,15 +604,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   FR_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), "conv_fused_cuda", [&] {
     using in_t = scalar_t;
     FR_DISPATCH_FLOAT_HALF_BF16(out_dtype, "conv_fused_cuda_out", [&] {
+      const int device = x.get_device();
       switch (loop) {
         case Loop::kTensorCoreAsync:
-          conv_bn_act_kernel<in_t, scalar_t, Loop::kTensorCoreAsync><<<grid, kThreads, 0, stream>>>(p);
+          launch<in_t, scalar_t, Loop::kTensorCoreAsync>(grid, stream, p, device);
           break;
         case Loop::kTensorCore:
-          conv_bn_act_kernel<in_t, scalar_t, Loop::kTensorCore><<<grid, kThreads, 0, stream>>>(p);
+          launch<in_t, scalar_t, Loop::kTensorCore>(grid, stream, p, device);
           break;
         case Loop::kSimt:
-          launch_simt<in_t, scalar_t>(grid, stream, p);
+          launch<in_t, scalar_t, Loop::kSimt>(grid, stream, p, device);
           break;
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -582,11 +649,16 @@ at::Tensor im2col_cuda(const at::Tensor& x, int64_t kernel, int64_t stride, int6
   return out;
 }
 
+std::vector<int64_t> cuda_conv_config() {
+  return {kThreads, kTcSmemBytes, kSimtSmemBytes, kBM, kBN, kSliceBytes, kStages};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("conv_fused", &conv_fused_cuda);
   m.impl("im2col", &im2col_cuda);
 }
+TORCH_LIBRARY_IMPL(fused_resnet, CompositeImplicitAutograd, m) { m.impl("cuda_conv_config", &cuda_conv_config); }
 
 }  // namespace fused_resnet
