@@ -51,6 +51,20 @@ FR_HOST_DEVICE RowOrigin row_origin(int64_t m, int64_t P, int64_t Q, int64_t str
   return {n, p * stride - pad, q * stride - pad};
 }
 
+// Row m + 1's origin from row m's, by additions only: what row_origin(m + 1, P, Q, stride, pad) gives. With
+// stride 1 and no padding, the next output position (n, p, q) itself.
+FR_HOST_DEVICE void next_row(RowOrigin& o, int64_t P, int64_t Q, int64_t stride, int64_t pad) {
+  o.w0 += stride;
+  if (o.w0 == Q * stride - pad) {
+    o.w0 = -pad;
+    o.h0 += stride;
+    if (o.h0 == P * stride - pad) {
+      o.h0 = -pad;
+      ++o.n;
+    }
+  }
+}
+
 // Whether tap (r, s) of a row lands inside the H x W image (outside is the zero padding).
 FR_HOST_DEVICE bool tap_inside(RowOrigin o, int64_t r, int64_t s, int64_t H, int64_t W) {
   return o.h0 + r >= 0 && o.h0 + r < H && o.w0 + s >= 0 && o.w0 + s < W;

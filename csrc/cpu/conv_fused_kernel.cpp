@@ -285,9 +285,10 @@ at::Tensor im2col_cpu(const at::Tensor& x, int64_t kernel, int64_t stride, int64
   const int64_t rows = pb.N * pb.P * pb.Q, cols = pb.C * kernel * kernel;
   at::Tensor out = at::empty({rows, cols}, x.options());
   const Strides4 xs = strides4(x);
-  // Each row walks the reduction as the CUDA kernel's main loop does (row_origin once, then a SliceCursor
-  // over taps x channel slices, here of 3 channels so the last slice of a tap is ragged), so the tests
-  // that compare this op with F.unfold check that traversal too.
+  // Each row walks the reduction as the CUDA kernel's main loop does (its origin, then a SliceCursor over
+  // taps x channel slices, here of 3 channels so the last slice of a tap is ragged), and each chunk of rows
+  // steps from one origin to the next as the CUDA epilogue does (row_origin once, then next_row), so the
+  // tests that compare this op with F.unfold check both.
   constexpr int kSlice = 3;
   const int channels = static_cast<int>(pb.C);
   const int slices = static_cast<int>(kernel * kernel) * ((channels + kSlice - 1) / kSlice);
@@ -295,8 +296,8 @@ at::Tensor im2col_cpu(const at::Tensor& x, int64_t kernel, int64_t stride, int64
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const RowOrigin o = row_origin(m, pb.P, pb.Q, stride, padding);
+      RowOrigin o = row_origin(begin, pb.P, pb.Q, stride, padding);
+      for (int64_t m = begin; m < end; ++m, next_row(o, pb.P, pb.Q, stride, padding)) {
         const int64_t base = o.n * xs.n + o.h0 * xs.h + o.w0 * xs.w;
         SliceCursor cur;
         for (int t = 0; t < slices; ++t, cur.next(static_cast<int>(kernel), channels, kSlice)) {

@@ -309,16 +309,32 @@ __device__ void tc_reduce_tile(float (&out)[4][4], unsigned char* smem, const Ge
     }
     load_at.next(g.kw, channels, BK);
   };
-  // The prologue on this thread's own A chunks of the next slice, once they have landed.
+  // The prologue on this thread's own A chunks of the next slice, once they have landed: the V channels'
+  // parameters read once for all chunks, each chunk read and written back as one 16-byte vector (a chunk
+  // is 16-byte aligned in the ring). Channels past C stay zero (their parameters are never read).
   auto transform = [&](int stage) {
     const int c = transform_at.c0 + kc;
+    float mean[V], scale[V], shift[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const bool in_e = c + e < channels;
+      mean[e] = in_e ? p.in_mean[c + e] : 0.f;
+      scale[e] = in_e ? p.in_scale[c + e] : 0.f;
+      shift[e] = in_e ? p.in_shift[c + e] : 0.f;
+    }
 #pragma unroll
     for (int h = 0; h < kChunks; ++h) {
       if (!tc_inside(rows[h], transform_at.r, transform_at.s, H, W)) continue;
-      in_t* a = a_of(stage) + (arow + h * kRowStep) * LD + kc;
+      uint4* chunk = reinterpret_cast<uint4*>(a_of(stage) + (arow + h * kRowStep) * LD + kc);
+      union {
+        uint4 raw;
+        in_t v[V];
+      } u{*chunk};
 #pragma unroll
       for (int e = 0; e < V; ++e)
-        if (c + e < channels) a[e] = static_cast<in_t>(prologue_f(static_cast<float>(a[e]), p, c + e));
+        if (c + e < channels)
+          u.v[e] = static_cast<in_t>(relu_keep_nan((static_cast<float>(u.v[e]) - mean[e]) * scale[e] + shift[e]));
+      *chunk = u.raw;
     }
     transform_at.next(g.kw, channels, BK);
   };
@@ -474,10 +490,12 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
     if (p.sc_pmean)  // the shortcut's own batch norm: its statistics, before its bias as above
       tile_stats([&](int i, int j) { return sc[i][j]; }, p.sc_pmean, p.sc_pm2, sc_add);
   }
-  for (int i = 0; i < 4; ++i) {
+  // This thread's four rows as (n, p, q): the first decomposed (stride 1, no padding: the position itself),
+  // the others stepped to (no division per row).
+  RowOrigin pos = row_origin(row0 + ty * 4, p.P, p.Q, 1, 0);
+  for (int i = 0; i < 4; ++i, next_row(pos, p.P, p.Q, 1, 0)) {
     const int64_t m = row0 + ty * 4 + i;
     if (m >= p.M) continue;
-    const RowOrigin pos = row_origin(m, p.P, p.Q, 1, 0);  // stride 1, no padding: (n, p, q) itself
     const int64_t n = pos.n, ph = pos.h0, qw = pos.w0;
     for (int j = 0; j < 4; ++j) {
       const int64_t k = col0 + tx * 4 + j;
