@@ -72,6 +72,7 @@ struct Params {
   int64_t N, C, H, W, K, P, Q, M, SC_C, SC_H, SC_W;
   int kh, kw, stride, pad, sc_stride;
   bool relu, sc_separate;
+  bool vec4;  // out, residual and shortcut out take four channels as one aligned vector (vec4_ok())
   Strides4 xs, ws, os, rs, ss, sws;
 };
 
@@ -90,6 +91,40 @@ struct GemmSrc {
 template <typename in_t>
 __device__ __forceinline__ float load_f(const void* p, int64_t i) {
   return static_cast<float>(static_cast<const in_t*>(p)[i]);
+}
+
+// Four consecutive channels of one position as one 8- or 16-byte access (channels-dense and aligned:
+// vec4_ok()). 16-bit values are packed by their bits (element j in bits 16 (j % 2) of word j / 2: little
+// endian). The stores are written out: nvcc splits an 8-byte store of packed 16-bit values in two.
+template <typename T>
+__device__ __forceinline__ void store4(void* base, int64_t at, const float (&v)[4]) {
+  T* dst = static_cast<T*>(base) + at;
+  if constexpr (sizeof(T) == 2) {
+    auto bits = [](float f) { return static_cast<uint32_t>(static_cast<T>(f).x); };
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(dst), "r"(bits(v[0]) | bits(v[1]) << 16),
+                 "r"(bits(v[2]) | bits(v[3]) << 16)
+                 : "memory");
+  } else {
+    asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+                 : "memory");
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void add4(const void* base, int64_t at, float (&v)[4]) {
+  const T* src = static_cast<const T*>(base) + at;
+  if constexpr (sizeof(T) == 2) {
+    const uint2 r = *reinterpret_cast<const uint2*>(src);
+    auto value = [](uint32_t b) {
+      T t;
+      t.x = static_cast<uint16_t>(b);
+      return static_cast<float>(t);
+    };
+    v[0] += value(r.x), v[1] += value(r.x >> 16), v[2] += value(r.y), v[3] += value(r.y >> 16);
+  } else {
+    const float4 r = *reinterpret_cast<const float4*>(src);
+    v[0] += r.x, v[1] += r.y, v[2] += r.z, v[3] += r.w;
+  }
 }
 
 __device__ __forceinline__ float prologue_f(float v, const Params& p, int64_t c) {
@@ -493,10 +528,35 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
   // This thread's four rows as (n, p, q): the first decomposed (stride 1, no padding: the position itself),
   // the others stepped to (no division per row).
   RowOrigin pos = row_origin(row0 + ty * 4, p.P, p.Q, 1, 0);
+  const int64_t k0 = col0 + tx * 4;
   for (int i = 0; i < 4; ++i, next_row(pos, p.P, p.Q, 1, 0)) {
     const int64_t m = row0 + ty * 4 + i;
     if (m >= p.M) continue;
     const int64_t n = pos.n, ph = pos.h0, qw = pos.w0;
+    if (p.vec4) {  // the same arithmetic, four channels per access (K % 4 == 0: all four or none are < K)
+      if (k0 >= p.K) continue;
+      const int64_t o = n * p.os.n + k0 + ph * p.os.h + qw * p.os.w;
+      float v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = (acc[i][j] + add[j] - center[j]) * scale[j] + beta[j];
+      if (p.scw) {
+        float sv[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) sv[j] = sc[i][j] + sc_add[j];
+        if (p.sc_separate) {
+          store4<out_t>(p.sco, o, sv);
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) v[j] += sv[j];
+        }
+      }
+      if (p.res) add4<out_t>(p.res, n * p.rs.n + k0 + ph * p.rs.h + qw * p.rs.w, v);
+      if (p.relu)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = relu_keep_nan(v[j]);
+      store4<out_t>(p.out, o, v);
+      continue;
+    }
     for (int j = 0; j < 4; ++j) {
       const int64_t k = col0 + tx * 4 + j;
       if (k >= p.K) continue;
@@ -546,6 +606,17 @@ bool vector_dense(const at::Tensor& t) {
   const auto addr = reinterpret_cast<uintptr_t>(t.const_data_ptr());
   auto whole = [&](int d) { return t.size(d) == 1 || t.stride(d) % v == 0; };  // a size-1 dim is never stepped
   return t.stride(1) == 1 && t.size(1) % v == 0 && whole(0) && whole(2) && whole(3) && addr % kVecBytes == 0;
+}
+
+// Whether the epilogue may take four channels per access: channels-dense (channel stride 1, every other
+// stride a multiple of 4) and 4-element aligned, for the output, the residual and the separate shortcut.
+bool vec4_ok(const at::Tensor& out, const c10::optional<at::Tensor>& residual, const at::Tensor* sc_out) {
+  auto dense4 = [](const at::Tensor& t) {
+    const auto addr = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    return t.size(1) % 4 == 0 && t.stride(1) == 1 && t.stride(0) % 4 == 0 && t.stride(2) % 4 == 0 &&
+           t.stride(3) % 4 == 0 && addr % (4 * t.element_size()) == 0;
+  };
+  return dense4(out) && (!residual.has_value() || dense4(*residual)) && (sc_out == nullptr || dense4(*sc_out));
 }
 
 Loop choose_loop(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& sc_x,
@@ -610,6 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.kh = static_cast<int>(pb.KH), p.kw = static_cast<int>(pb.KW), p.stride = static_cast<int>(stride);
   p.pad = static_cast<int>(padding), p.sc_stride = static_cast<int>(sc_stride);
   p.relu = relu, p.sc_separate = sc_separate;
+  p.vec4 = vec4_ok(out, residual, has_sc && sc_separate ? &sc_out : nullptr);
   p.xs = strides4(x), p.ws = strides4(weight), p.os = strides4(out);
   p.rs = residual.has_value() ? strides4(*residual) : Strides4{0, 0, 0, 0};
   p.ss = has_sc ? strides4(*sc_x) : Strides4{0, 0, 0, 0};
