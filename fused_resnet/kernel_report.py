@@ -69,6 +69,7 @@ class SassStats:
     spills: int = 0          # local-memory loads and stores (LDL/STL)
     mma: int = 0             # tensor-core instructions
     async_copies: int = 0    # cp.async (LDGSTS) and TMA
+    wide_stores: int = 0     # global stores of 8 or 16 bytes (STG.E.64/.128)
     loops: int = 0
     mma_loops: int = 0       # loops holding tensor-core instructions: the GEMM main loops
     calls: int = 0           # subroutine calls (64-bit integer division, slow-path float division)
@@ -96,6 +97,7 @@ def sass_stats(binary: str, arch: int) -> dict[str, SassStats]:
         s.spills = sum(op in ("LDL", "STL") for op in ops)
         s.mma = sum(op in MMA_OPS for op in ops)
         s.async_copies = sum(op in ASYNC_OPS for op in ops)
+        s.wide_stores = sum(op.startswith("STG") and op.endswith((".64", ".128")) for _, op, _ in insns)
         # Subroutine calls (64-bit integer division, slow-path float division). A CALL to the instruction
         # just past the next one is not a subroutine: it is how the compiler leaves a loop.
         calls = {a for a, o, rest in insns if o.split(".")[0] == "CALL" and not _call_is_loop_exit(a, rest)}

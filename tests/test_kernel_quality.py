@@ -89,6 +89,8 @@ def test_cuda_conv_ring_fits_two_ctas_per_sm(arch):
         assert s.launch_shared == config["tc_smem"] >= config["stages"] * 2 * 64 * config["slice_bytes"] > 48 * 1024
         assert shared <= CTA_SHARED[arch], (name, shared)
         assert ctas_per_sm(s.registers, s.threads, shared, arch) >= 2, (name, s.registers, shared)
+        # the epilogue's channels-dense path: four channels per store (nvcc split a packed 8-byte store)
+        assert s.wide_stores > 0, name
 
 
 @pytest.mark.parametrize("arch", [90, 80], ids=lambda a: f"sm_{a}")
