@@ -133,6 +133,32 @@ def test_node_under_autocast_keeps_the_identity_in_its_dtype(backend, block_name
         assert torch.equal(a, b), f"result {i} differs"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shortcut_conv_with_bias_under_autocast(backend):
+    """The seed's 1x1 shortcut convolution has a bias, which autocast leaves in float32 while the
+    convolution runs in 16 bits: the block runs (evaluation and a training step) and matches eager under
+    the same autocast."""
+    device = DEVICE_OF[backend]
+    dtype = torch.float16 if backend == "triton" and device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    seed = randomize_(BLOCKS["seed-1x1"]()).to(device)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    for training in (False, True):
+        outs = []
+        for block in (copy.deepcopy(seed), fused_resnet.convert(copy.deepcopy(seed), backend=backend)):
+            block.train(training)
+            xi = x.clone().requires_grad_(training)
+            with torch.autocast(device, dtype=dtype):
+                y = block(xi)
+            if training:
+                y.float().square().sum().backward()
+            outs.append((y.float(), xi.grad))
+        (y_eager, g_eager), (y_fused, g_fused) = outs
+        assert y_fused.dtype == y_eager.dtype and (y_fused - y_eager).abs().max() <= 0.05 * y_eager.abs().max()
+        if training:
+            assert (g_fused - g_eager).abs().max() <= 0.05 * g_eager.abs().max()
+
+
 def _nodes(fn) -> list:
     seen, todo = [], [fn]
     while todo:

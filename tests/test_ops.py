@@ -170,6 +170,40 @@ def opcheck_primitives(prefix: str, conv_args: tuple) -> None:
     torch.library.opcheck(op("bn_act"), (z, mean, scale, invstd, mask, False, z.dtype, mean, scale, invstd))
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_channel_parameters_are_read_in_their_own_dtype(device, param_dtype):
+    """Biases and batch norm parameters of a float16/bfloat16 model go to the kernels as they are (no
+    conversion operator per call) and give the same bits as their float32 values; a strided one (a view)
+    takes the converted copy."""
+    if not extension.has_kernel("conv_fused", device.upper()):
+        pytest.skip(f"no {device} kernel in this build")
+    g = torch.Generator().manual_seed(5)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    k, c = 16, 8
+    x = torch.randn(2, c, 6, 6, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(k, c, 3, 3, generator=g) / 8).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    sc_x = torch.randn(2, c, 6, 6, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    sc_w = (torch.randn(k, c, 1, 1, generator=g) / 3).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    vec = lambda lo: (lo + torch.rand(2 * k, generator=g)).to(device, param_dtype)[::2]  # strided views
+    bias, mean, var, gamma, beta, sc_bias = vec(-0.5), vec(-0.5), vec(0.5), vec(0.5), vec(-0.5), vec(-0.5)
+    dense = [t.contiguous() for t in (bias, mean, var, gamma, beta, sc_bias)]
+
+    def run(bias, mean, var, gamma, beta, sc_bias):
+        return torch.ops.fused_resnet.conv_fused(x, w, bias, 1, 1, mean, var, gamma, beta, 1e-5, None, None, None,
+                                                 None, sc_x, sc_w, sc_bias, 1, False, True, False, dtype)[0]
+
+    want = run(*[t.float() for t in dense])
+    assert torch.equal(run(*dense), want)  # read as they are
+    assert torch.equal(run(bias, mean, var, gamma, beta, sc_bias), want)  # strided: converted
+    # bn_finalize's gamma and beta likewise
+    pm, pm2 = torch.randn(3, k, generator=g).to(device), torch.rand(3, k, generator=g).to(device)
+    pc = torch.full((3,), 4.0, device=device)
+    fin = lambda gm, bt: torch.ops.fused_resnet.bn_finalize(pm, pm2, pc, gm, bt, 1e-5, None, None, 0.1)
+    for got, exp in zip(fin(dense[3], dense[4]), fin(dense[3].float(), dense[4].float())):
+        assert torch.equal(got, exp)
+
+
 def test_conv_fused_rejects_bad_arguments():
     args = list(_conv_args("cpu", torch.float32, torch.contiguous_format))
     op = torch.ops.fused_resnet.conv_fused.default

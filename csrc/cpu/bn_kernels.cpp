@@ -14,6 +14,7 @@
 #include "../bn_stats.h"
 #include "loops.h"
 #include "../dispatch.h"
+#include "../param_vec.h"
 
 namespace fused_resnet {
 namespace {
@@ -25,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
   const auto [T, C] = check_bn_finalize(part_mean, part_m2, part_count, gamma, beta, running_mean, running_var,
                                         c10::DeviceType::CPU);
   const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
-  const at::Tensor g = as_f32(gamma), b = as_f32(beta);
+  at::Tensor keep_g, keep_b;  // gamma and beta in their own dtype, as the CUDA kernel reads them
+  const ParamVec g = param_vec(gamma, keep_g), b = param_vec(beta, keep_b);
   auto opts = part_mean.options();
   at::Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts), mean = at::empty({C}, opts),
              invstd = at::empty({C}, opts), unbiased = at::empty({C}, opts);
@@ -37,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
       const float base = mp[c];  // the shift: the first tile's mean
       Moments acc;
       for (int64_t t = 0; t < T; ++t) acc = merge(acc, Moments{cp[t], mp[t * C + c] - base, qp[t * C + c]});
-      const BnFold f = fold(acc, base, g.const_data_ptr<float>()[c], b.const_data_ptr<float>()[c],
+      const BnFold f = fold(acc, base, g.load(c), b.load(c),
                             static_cast<float>(eps));
       scale.mutable_data_ptr<float>()[c] = f.scale, shift.mutable_data_ptr<float>()[c] = f.shift;
       mean.mutable_data_ptr<float>()[c] = f.mean, invstd.mutable_data_ptr<float>()[c] = f.invstd;

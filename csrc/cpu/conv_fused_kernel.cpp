@@ -12,15 +12,20 @@
 
 #include "../conv_fused_common.h"
 #include "../dispatch.h"
+#include "../param_vec.h"
 #include "loops.h"
 
 namespace fused_resnet {
 namespace {
 
+// A per-channel parameter as float32, read through ParamVec as the CUDA kernel reads it (no conversion op).
 std::vector<float> floats(const c10::optional<at::Tensor>& v) {
   if (!v.has_value()) return {};
-  const at::Tensor t = as_f32(*v);
-  return std::vector<float>(t.const_data_ptr<float>(), t.const_data_ptr<float>() + t.numel());
+  at::Tensor keep;
+  const ParamVec pv = param_vec(v, keep);
+  std::vector<float> out(v->numel());
+  for (int64_t i = 0; i < v->numel(); ++i) out[i] = pv.load(i);
+  return out;
 }
 
 // The prologue over a unit-stride span: relu((x - mean) * scale + shift), constants per element (PER: the
@@ -186,7 +191,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor z = at::convolution(xin, weight, c10::nullopt, {stride, stride}, {padding, padding}, {1, 1}, false,
                                  {0, 0}, 1).contiguous(fmt);
   const bool has_sc = sc_weight.has_value();
-  at::Tensor s = has_sc ? at::convolution(*sc_x, *sc_weight, sc_bias, {sc_stride, sc_stride}, {0, 0}, {1, 1}, false,
+  // aten's convolution takes a bias of its input's dtype; under autocast the module's bias stays float32
+  // while the convolution runs in 16 bits: rounded to them, as eager autocast rounds it.
+  c10::optional<at::Tensor> sc_b = sc_bias;
+  if (has_sc && sc_b.has_value() && sc_b->scalar_type() != sc_x->scalar_type()) sc_b = sc_b->to(sc_x->scalar_type());
+  at::Tensor s = has_sc ? at::convolution(*sc_x, *sc_weight, sc_b, {sc_stride, sc_stride}, {0, 0}, {1, 1}, false,
                                           {0, 0}, 1).contiguous(fmt)
                         : at::Tensor();
 

@@ -15,6 +15,7 @@
 #include "../bn_backward_common.h"
 #include "../bn_stats.h"
 #include "../dispatch.h"
+#include "../param_vec.h"
 
 namespace fused_resnet {
 namespace {
@@ -39,8 +40,8 @@ __device__ __forceinline__ float ld(const scalar_t* p, int64_t i) {
 // merge took 13.)
 template <typename stat_t>
 __global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float* __restrict__ pm2,
-                                   const float* __restrict__ pcount, const float* __restrict__ gamma,
-                                   const float* __restrict__ beta, stat_t* running_mean, stat_t* running_var,
+                                   const float* __restrict__ pcount, ParamVec gamma, ParamVec beta,
+                                   stat_t* running_mean, stat_t* running_var,
                                    float* scale, float* shift, float* mean, float* invstd, int64_t T, int64_t C,
                                    float eps, float momentum) {
   __shared__ float part[3][kFinalizeLanes][kFinalizeChannels];  // a Moments per (lane, channel)
@@ -63,7 +64,7 @@ __global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float*
     __syncthreads();
   }
   if (threadIdx.y != 0 || c >= C) return;
-  const BnFold f = fold(get(0), base, gamma[c], beta[c], eps);
+  const BnFold f = fold(get(0), base, gamma.load(c), beta.load(c), eps);
   scale[c] = f.scale, shift[c] = f.shift, mean[c] = f.mean, invstd[c] = f.invstd;
   if (running_mean != nullptr) {  // as BatchNorm2d: unbiased variance, in the buffers' own dtype
     running_mean[c] = static_cast<stat_t>(static_cast<float>(running_mean[c]) * (1.0f - momentum) + f.mean * momentum);
@@ -184,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
   const auto [T, C] = check_bn_finalize(part_mean, part_m2, part_count, gamma, beta, running_mean, running_var,
                                         c10::DeviceType::CUDA);
   const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
-  const at::Tensor g = as_f32(gamma), b = as_f32(beta);
+  at::Tensor keep_g, keep_b;  // gamma and beta in their own dtype (ParamVec): no conversion kernels
+  const ParamVec g = param_vec(gamma, keep_g), b = param_vec(beta, keep_b);
   auto opts = part_mean.options();
   at::Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts), mean = at::empty({C}, opts),
              invstd = at::empty({C}, opts);
@@ -194,8 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
   const auto stat_type = running_mean.has_value() ? running_mean->scalar_type() : at::kFloat;
   FR_DISPATCH_FLOAT_HALF_BF16(stat_type, "bn_finalize_cuda", [&] {
     bn_finalize_kernel<scalar_t><<<blocks, block, 0, stream>>>(
-        pm.const_data_ptr<float>(), pq.const_data_ptr<float>(), pc.const_data_ptr<float>(), g.const_data_ptr<float>(),
-        b.const_data_ptr<float>(), running_mean.has_value() ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
+        pm.const_data_ptr<float>(), pq.const_data_ptr<float>(), pc.const_data_ptr<float>(), g, b, running_mean.has_value() ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
         running_var.has_value() ? running_var->mutable_data_ptr<scalar_t>() : nullptr, scale.mutable_data_ptr<float>(),
         shift.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>(), T, C,
         static_cast<float>(eps), static_cast<float>(momentum));

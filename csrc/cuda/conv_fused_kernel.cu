@@ -38,6 +38,7 @@
 #include "../activation.h"
 #include "../conv_fused_common.h"
 #include "../dispatch.h"
+#include "../param_vec.h"
 
 namespace fused_resnet {
 namespace {
@@ -54,16 +55,16 @@ struct Params {
   const void* scx;
   const void* scw;
   void* sco;
-  const float* bias;     // conv bias, float32 (or null)
-  const float* bn_mean;  // folded BN (or null): (z - mean) * gamma * rsqrt(var + eps) + beta
-  const float* bn_var;
-  const float* bn_gamma;
-  const float* bn_beta;
+  ParamVec bias;     // conv bias (or null)
+  ParamVec bn_mean;  // folded BN (or null): (z - mean) * gamma * rsqrt(var + eps) + beta
+  ParamVec bn_var;
+  ParamVec bn_gamma;
+  ParamVec bn_beta;
   float bn_eps;
   const float* in_mean;  // prologue (or null)
   const float* in_scale;
   const float* in_shift;
-  const float* sc_bias;  // (or null)
+  ParamVec sc_bias;  // (or null)
   float* pmean;
   float* pm2;
   float* pcount;
@@ -451,16 +452,18 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
   float acc[4][4] = {};
   gemm(acc, GemmSrc{p.x, p.xs, p.w, p.ws, p.C, p.H, p.W, p.kh, p.kw, p.stride, p.pad, p.in_scale != nullptr});
 
-  // Epilogue constants of this thread's 4 columns.
+  // Epilogue constants of this thread's 4 columns (columns past K: 0, 1, 0, 0, never stored).
   float add[4], center[4], scale[4], beta[4];
-  for (int j = 0; j < 4; ++j) {
-    const int64_t k = col0 + tx * 4 + j;
-    const bool ok = k < p.K;
-    add[j] = ok && p.bias ? p.bias[k] : 0.f;
-    center[j] = 0.f, scale[j] = 1.f, beta[j] = 0.f;
-    if (ok && p.bn_mean) {
-      center[j] = p.bn_mean[k], scale[j] = p.bn_gamma[k] * rsqrtf(p.bn_var[k] + p.bn_eps), beta[j] = p.bn_beta[k];
-    }
+  p.bias.load_n(col0 + tx * 4, p.K, add, 0.f);
+  p.bn_mean.load_n(col0 + tx * 4, p.K, center, 0.f);
+  p.bn_beta.load_n(col0 + tx * 4, p.K, beta, 0.f);
+  if (p.bn_mean.p) {
+    float var[4];
+    p.bn_var.load_n(col0 + tx * 4, p.K, var, 0.f);
+    p.bn_gamma.load_n(col0 + tx * 4, p.K, scale, 0.f);
+    for (int j = 0; j < 4; ++j) scale[j] = col0 + tx * 4 + j < p.K ? scale[j] * rsqrtf(var[j] + p.bn_eps) : 1.f;
+  } else {
+    for (int j = 0; j < 4; ++j) scale[j] = 1.f;
   }
 
   // Per-tile (mean, M2) of v(i, j) over this tile's valid rows: two passes, each summed through shared
@@ -505,7 +508,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
 
   if (p.pmean) {
     // Of the pre-residual value: the BN-folded output, or the convolution before its bias.
-    const bool bn = p.bn_mean != nullptr;
+    const bool bn = p.bn_mean.p != nullptr;
     float back[4];
     for (int j = 0; j < 4; ++j) back[j] = bn ? 0.f : add[j];
     tile_stats([&](int i, int j) { return bn ? (acc[i][j] + add[j] - center[j]) * scale[j] + beta[j] : acc[i][j]; },
@@ -518,10 +521,7 @@ __global__ void __launch_bounds__(kThreads) conv_bn_act_kernel(Params p) {
   if (p.scw) {
     __syncthreads();
     gemm(sc, GemmSrc{p.scx, p.ss, p.scw, p.sws, p.SC_C, p.SC_H, p.SC_W, 1, 1, p.sc_stride, 0, false});
-    for (int j = 0; j < 4; ++j) {
-      const int64_t k = col0 + tx * 4 + j;
-      sc_add[j] = p.sc_bias && k < p.K ? p.sc_bias[k] : 0.f;
-    }
+    p.sc_bias.load_n(col0 + tx * 4, p.K, sc_add, 0.f);
     if (p.sc_pmean)  // the shortcut's own batch norm: its statistics, before its bias as above
       tile_stats([&](int i, int j) { return sc[i][j]; }, p.sc_pmean, p.sc_pm2, sc_add);
   }
@@ -665,12 +665,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.scx = has_sc ? sc_x->const_data_ptr() : nullptr;
   p.scw = has_sc ? sc_weight->const_data_ptr() : nullptr;
   p.sco = has_sc && sc_separate ? sc_out.mutable_data_ptr() : nullptr;
-  p.bias = f32_or_null(bias, keep[0]);
-  p.bn_mean = f32_or_null(bn_mean, keep[1]), p.bn_var = f32_or_null(bn_var, keep[2]);
-  p.bn_gamma = f32_or_null(bn_gamma, keep[3]), p.bn_beta = f32_or_null(bn_beta, keep[4]);
+  p.bias = param_vec(bias, keep[0]);
+  p.bn_mean = param_vec(bn_mean, keep[1]), p.bn_var = param_vec(bn_var, keep[2]);
+  p.bn_gamma = param_vec(bn_gamma, keep[3]), p.bn_beta = param_vec(bn_beta, keep[4]);
   p.bn_eps = static_cast<float>(bn_eps);
   p.in_mean = f32_or_null(in_mean, keep[5]), p.in_scale = f32_or_null(in_scale, keep[6]);
-  p.in_shift = f32_or_null(in_shift, keep[7]), p.sc_bias = f32_or_null(sc_bias, keep[8]);
+  p.in_shift = f32_or_null(in_shift, keep[7]), p.sc_bias = param_vec(sc_bias, keep[8]);
   p.pmean = stats ? pmean.mutable_data_ptr<float>() : nullptr;
   p.pm2 = stats ? pm2.mutable_data_ptr<float>() : nullptr;
   p.pcount = stats ? pcount.mutable_data_ptr<float>() : nullptr;
