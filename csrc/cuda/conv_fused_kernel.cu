@@ -8,9 +8,10 @@
 //   memory: two CTAs per SM on sm_80 and sm_90), three slices in flight while one is multiplied. When x and
 //   the weights are channels-dense (channels_last, C a multiple of one 16-byte vector, 16-byte aligned)
 //   slices arrive by cp.async with zero-fill for the padding, so loads overlap the MMAs; otherwise each
-//   thread gathers its chunks with strided loads into the same ring. The prologue (BN + ReLU of the input) is applied in shared memory by the thread that loaded
-//   the chunk, after it lands and before the MMAs read it, and only to pixels inside the image: the zero
-//   padding stays zero, as it follows the transform.
+//   thread gathers its chunks with strided loads into the same ring. The prologue (BN + ReLU of the
+//   input) is applied in shared memory by the thread that loaded the chunk, after it lands and before the
+//   MMAs read it, and only to pixels inside the image: the zero padding stays zero, as it follows the
+//   transform.
 // - SIMT fp32 FMA (64x64 tiles, 4x4 per thread): float32 with TF32 off, or on a GPU before sm_80.
 // The accumulators land in shared memory and each thread takes the same 4x4 patch either way, so the
 // epilogue (folded BN or bias, per-tile statistics, 1x1 shortcut as a second GEMM, residual, ReLU) is shared.
