@@ -196,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
   const auto stat_type = running_mean.has_value() ? running_mean->scalar_type() : at::kFloat;
   FR_DISPATCH_FLOAT_HALF_BF16(stat_type, "bn_finalize_cuda", [&] {
     bn_finalize_kernel<scalar_t><<<blocks, block, 0, stream>>>(
-        pm.const_data_ptr<float>(), pq.const_data_ptr<float>(), pc.const_data_ptr<float>(), g, b, running_mean.has_value() ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
+        pm.const_data_ptr<float>(), pq.const_data_ptr<float>(), pc.const_data_ptr<float>(), g, b,
+        running_mean.has_value() ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
         running_var.has_value() ? running_var->mutable_data_ptr<scalar_t>() : nullptr, scale.mutable_data_ptr<float>(),
         shift.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>(), T, C,
         static_cast<float>(eps), static_cast<float>(momentum));

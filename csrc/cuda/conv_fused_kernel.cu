@@ -129,8 +129,13 @@ __device__ __forceinline__ void add4(const void* base, int64_t at, float (&v)[4]
   }
 }
 
+// The prologue's arithmetic (batch norm with batch statistics, then ReLU), one element.
+__device__ __forceinline__ float bn_relu(float v, float mean, float scale, float shift) {
+  return relu_keep_nan((v - mean) * scale + shift);
+}
+
 __device__ __forceinline__ float prologue_f(float v, const Params& p, int64_t c) {
-  return relu_keep_nan((v - p.in_mean[c]) * p.in_scale[c] + p.in_shift[c]);
+  return bn_relu(v, p.in_mean[c], p.in_scale[c], p.in_shift[c]);
 }
 
 // A GEMM row's origin (conv_geometry.h) with its offset in x: decomposed once per tile, so the main loops
@@ -370,7 +375,7 @@ __device__ void tc_reduce_tile(float (&out)[4][4], unsigned char* smem, const Ge
 #pragma unroll
       for (int e = 0; e < V; ++e)
         if (c + e < channels)
-          u.v[e] = static_cast<in_t>(relu_keep_nan((static_cast<float>(u.v[e]) - mean[e]) * scale[e] + shift[e]));
+          u.v[e] = static_cast<in_t>(bn_relu(static_cast<float>(u.v[e]), mean[e], scale[e], shift[e]));
       *chunk = u.raw;
     }
     transform_at.next(g.kw, channels, BK);
