@@ -146,11 +146,17 @@ constexpr size_t kMaxPlans = 4096;  // a workload of ever new shapes starts afre
 std::mutex plans_mutex;
 auto& plans = *new std::unordered_map<std::vector<int64_t>, std::shared_ptr<Plan>, KeyHash>();
 
-// What a launcher's decisions read from the arguments; false for an argument kind it cannot key.
+// What a launcher's decisions read from the arguments; false for an argument kind it cannot key. `k` is
+// cleared first (callers reuse one buffer: no allocation per call once it has grown).
 bool key(const c10::OperatorHandle& op, const torch::jit::Stack& stack, int64_t token, std::vector<int64_t>& k) {
-  k.reserve(8 + 12 * stack.size());
+  k.clear();
   k.push_back(reinterpret_cast<intptr_t>(&op.schema()));
   k.push_back(token);
+  // The storages of the tensor arguments seen so far (stack index, storage): which earlier argument a tensor
+  // shares memory with, if any (a plan traced each launch argument to one input).
+  constexpr size_t kMaxTensors = 32;
+  std::pair<size_t, const c10::Storage*> seen[kMaxTensors];
+  size_t n_seen = 0;
   for (size_t i = 0; i < stack.size(); ++i) {
     const c10::IValue& v = stack[i];
     if (v.isTensor()) {
@@ -159,20 +165,22 @@ bool key(const c10::OperatorHandle& op, const torch::jit::Stack& stack, int64_t 
         k.push_back(-1);
         continue;
       }
-      // which earlier argument shares its memory, if any: a plan traced each launch argument to one input
       int64_t shares = -1;
-      for (size_t j = 0; j < i && shares < 0; ++j)
-        if (stack[j].isTensor() && stack[j].toTensor().defined() && stack[j].toTensor().has_storage() &&
-            t.has_storage() && stack[j].toTensor().storage().is_alias_of(t.storage()))
-          shares = static_cast<int64_t>(j);
+      if (t.has_storage()) {
+        const c10::Storage& storage = t.storage();
+        for (size_t j = 0; j < n_seen && shares < 0; ++j)
+          if (seen[j].second->is_alias_of(storage)) shares = static_cast<int64_t>(seen[j].first);
+        if (n_seen == kMaxTensors) return false;  // more tensors than any primitive takes: not keyed
+        seen[n_seen++] = {i, &storage};
+      }
       k.push_back(1);
       k.push_back(shares);
       k.push_back(static_cast<int64_t>(t.scalar_type()));
       k.push_back(static_cast<int64_t>(t.device().type()));
       k.push_back(t.device().index());
       k.push_back(t.dim());
-      for (int64_t s : t.sizes()) k.push_back(s);
-      for (int64_t s : t.strides()) k.push_back(s);
+      k.insert(k.end(), t.sizes().begin(), t.sizes().end());
+      k.insert(k.end(), t.strides().begin(), t.strides().end());
       k.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr()) & 15));
     } else if (v.isNone()) {
       k.push_back(0);
@@ -301,7 +309,8 @@ void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) con
       scoped_gate = gate.p;
     }
   }
-  std::vector<int64_t> k;
+  thread_local std::vector<int64_t> key_buffer;  // reused: a call allocates nothing for its key
+  std::vector<int64_t>& k = key_buffer;
   if (gate.p == Py_None || !key(op, stack, PyLong_AsLongLong(PyTuple_GET_ITEM(gate.p, 0)), k)) {
     op.callBoxed(stack);
     return;
@@ -325,6 +334,7 @@ void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) con
     return;
   }
   if (plan == nullptr) {  // the second call of this key: the operator itself, recording its plan
+    std::vector<int64_t> recorded_key(k);  // the operator's Python may replay calls of its own (the buffer)
     Ref began(PyObject_CallNoArgs(begin_fn));
     if (began.p == nullptr) python_error("begin()");
     try {
@@ -340,7 +350,7 @@ void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) con
     std::remove_reference_t<decltype(plans)> dropped;
     std::lock_guard<std::mutex> lock(plans_mutex);
     if (plans.size() >= kMaxPlans) plans.swap(dropped);
-    plans.insert_or_assign(std::move(k), std::move(fresh));
+    plans.insert_or_assign(std::move(recorded_key), std::move(fresh));
     return;
   }
   if (!plan->replayable()) {

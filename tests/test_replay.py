@@ -144,6 +144,38 @@ def test_the_gate_turns_replaying_off_and_keys_the_state_plans_depend_on():
     assert out.strip() == "None"
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
+def test_which_arguments_share_memory_is_part_of_the_key():
+    """A plan traced each launch argument to one input: a call whose residual *is* its input and a call
+    with a residual of its own, otherwise alike (dtype, sizes, strides, alignment), must not share a plan.
+    Each call's third run is replayed; its launch must read that call's own residual."""
+    out = _offline("""
+        import torch
+        from fused_resnet.backends.packing import channels_dense_weight
+        from fused_resnet.backends.triton import offline, ops
+
+        x = torch.randn(2, 8, 6, 6)
+        own = torch.randn(2, 8, 6, 6)
+        w = channels_dense_weight(torch.randn(8, 8, 3, 3))
+
+        def call(residual):
+            return ops.replayed_conv_fused_op(x, w, None, 1, 1, None, None, None, None, 0.0, None, None, None,
+                                             residual, None, None, None, 1, False, True, False, torch.float32,
+                                             False)
+
+        with offline.offline_launches() as rec:
+            for residual in (x, own):
+                for _ in range(3):  # marks the key, records its plan, replays it
+                    rec.launches.clear()
+                    out = call(residual)
+                (launch,) = rec.launches
+                addresses = {a for a in launch.args if type(a) is int and a >= 1 << 16}
+                replayed = not any(isinstance(a, torch.Tensor) for a in launch.args)
+                print(replayed, residual.data_ptr() in addresses, (own.data_ptr() in addresses) == (residual is own))
+    """)
+    assert out.split() == ["True"] * 6, out
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs without a GPU")
 def test_the_interpreter_never_replays():
     from fused_resnet.backends.triton import replay
