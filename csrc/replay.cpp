@@ -74,8 +74,12 @@ struct Plan {
     int64_t index, offset;  // an input's stack index or an allocation's, and a byte offset
     PyObject* value;        // kValue
   };
+  // Called as (grid, stream, function, *head, metadata, None, enter hook, exit hook, *mid, then the kernel's
+  // arguments and tail, as one tuple when packed): replay.py's _callee says which callee takes which form.
   struct Launch {
-    PyObject *run, *function, *metadata, *tail;
+    PyObject *callee, *head, *mid;
+    bool packed;
+    PyObject *function, *metadata, *tail;
     int64_t grid[3];
     std::vector<Arg> args;
   };
@@ -114,11 +118,20 @@ struct Plan {
     PyObject* l = PyTuple_GET_ITEM(p, 2);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(l); ++i) {
       PyObject* e = PyTuple_GET_ITEM(l, i);
-      Launch launch{PyTuple_GET_ITEM(e, 0), PyTuple_GET_ITEM(e, 1), PyTuple_GET_ITEM(e, 2), PyTuple_GET_ITEM(e, 3),
-                    {PyLong_AsLongLong(PyTuple_GET_ITEM(e, 4)), PyLong_AsLongLong(PyTuple_GET_ITEM(e, 5)),
-                     PyLong_AsLongLong(PyTuple_GET_ITEM(e, 6))},
+      TORCH_CHECK(PyTuple_GET_SIZE(e) == 11 && PyTuple_Check(PyTuple_GET_ITEM(e, 1)) &&
+                      PyTuple_Check(PyTuple_GET_ITEM(e, 2)) && PyTuple_Check(PyTuple_GET_ITEM(e, 6)),
+                  "fused_resnet (Triton replay): a malformed launch in a plan");
+      Launch launch{PyTuple_GET_ITEM(e, 0),
+                    PyTuple_GET_ITEM(e, 1),
+                    PyTuple_GET_ITEM(e, 2),
+                    PyObject_IsTrue(PyTuple_GET_ITEM(e, 3)) == 1,
+                    PyTuple_GET_ITEM(e, 4),
+                    PyTuple_GET_ITEM(e, 5),
+                    PyTuple_GET_ITEM(e, 6),
+                    {PyLong_AsLongLong(PyTuple_GET_ITEM(e, 7)), PyLong_AsLongLong(PyTuple_GET_ITEM(e, 8)),
+                     PyLong_AsLongLong(PyTuple_GET_ITEM(e, 9))},
                     {}};
-      PyObject* spec = PyTuple_GET_ITEM(e, 7);
+      PyObject* spec = PyTuple_GET_ITEM(e, 10);
       for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(spec); ++j) {
         PyObject* s = PyTuple_GET_ITEM(spec, j);
         const int kind = static_cast<int>(PyLong_AsLong(PyTuple_GET_ITEM(s, 0)));
@@ -219,13 +232,28 @@ void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate) {
   PyObject *stream = PyTuple_GET_ITEM(gate, 1), *enter = PyTuple_GET_ITEM(gate, 2), *exit = PyTuple_GET_ITEM(gate, 3);
   for (const Plan::Launch& l : plan.launches) {
     const Py_ssize_t n_args = static_cast<Py_ssize_t>(l.args.size()), n_tail = PyTuple_GET_SIZE(l.tail);
-    Ref call(PyTuple_New(9 + n_args + n_tail));
+    const Py_ssize_t n_head = PyTuple_GET_SIZE(l.head), n_mid = PyTuple_GET_SIZE(l.mid);
+    const Py_ssize_t n_kernel = n_args + n_tail, n_front = 9 + n_head + n_mid;
+    Ref call(PyTuple_New(n_front + (l.packed ? 1 : n_kernel)));
     PyObject* t = call.p;
-    for (int i = 0; i < 3; ++i) PyTuple_SET_ITEM(t, i, PyLong_FromLongLong(l.grid[i]));
-    PyObject* fixed[] = {stream, l.function, l.metadata, Py_None, enter, exit};
-    for (int i = 0; i < 6; ++i) {
-      Py_INCREF(fixed[i]);
-      PyTuple_SET_ITEM(t, 3 + i, fixed[i]);
+    Py_ssize_t at = 0;
+    auto put = [&](PyObject* borrowed) {
+      Py_INCREF(borrowed);
+      PyTuple_SET_ITEM(t, at++, borrowed);
+    };
+    for (int i = 0; i < 3; ++i) PyTuple_SET_ITEM(t, at++, PyLong_FromLongLong(l.grid[i]));
+    put(stream);
+    put(l.function);
+    for (Py_ssize_t i = 0; i < n_head; ++i) put(PyTuple_GET_ITEM(l.head, i));
+    for (PyObject* o : {l.metadata, Py_None, enter, exit}) put(o);
+    for (Py_ssize_t i = 0; i < n_mid; ++i) put(PyTuple_GET_ITEM(l.mid, i));
+    PyObject* kernel = t;  // the kernel's arguments: in the call itself, or in a tuple of their own
+    Py_ssize_t k = at;
+    if (l.packed) {
+      kernel = PyTuple_New(n_kernel);
+      if (kernel == nullptr) python_error("building a launch");
+      PyTuple_SET_ITEM(t, at, kernel);
+      k = 0;
     }
     for (Py_ssize_t i = 0; i < n_args; ++i) {
       const Plan::Arg& a = l.args[i];
@@ -236,15 +264,15 @@ void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate) {
         value = address(allocs[a.index], a.offset);
       else
         Py_INCREF(value);
-      PyTuple_SET_ITEM(t, 9 + i, value);
+      PyTuple_SET_ITEM(kernel, k + i, value);
     }
     for (Py_ssize_t i = 0; i < n_tail; ++i) {
       PyObject* value = PyTuple_GET_ITEM(l.tail, i);
       Py_INCREF(value);
-      PyTuple_SET_ITEM(t, 9 + n_args + i, value);
+      PyTuple_SET_ITEM(kernel, k + n_args + i, value);
     }
     if (PyErr_Occurred()) python_error("building a launch");
-    Ref result(PyObject_Call(l.run, t, nullptr));
+    Ref result(PyObject_Call(l.callee, t, nullptr));
     if (result.p == nullptr) python_error("a launch");
   }
   stack.clear();

@@ -44,8 +44,10 @@ def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
     """Both block kinds, float32 and bfloat16, channels_last, NCHW, a misaligned input, the two-level
     merge: a replayed training step and inference call launch the same variants, grids and arguments as
     the Python launchers (each pointer the same input or the same tensor of the call), and no Python
-    launcher runs. And the check has teeth: a plan with an input's offset moved, two allocations (or
-    inputs) swapped or its last launch dropped fails it in every case."""
+    launcher runs, nor Triton's ``CudaLauncher.__call__`` (replays call its C ``launch``, here a recorder
+    behind the real ``__call__``). And the check has teeth: a plan with an input's offset moved, two
+    allocations (or inputs) swapped, its last launch dropped or a fixed argument of the C launch missing
+    fails it in every case, and so do replays that call the launcher object instead of its C launch."""
     out = _offline("""
         from fused_resnet.backends.triton import offline, replay
         assert offline.check_replayed_calls() == [], offline.check_replayed_calls()
@@ -57,6 +59,10 @@ def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
                 if kind == "drop":
                     return allocs, outs, launches[:-1]
                 launches = [list(l) for l in launches]
+                if kind == "c-order":  # the C launch called with one of its fixed arguments missing
+                    for l in launches:
+                        l[1] = l[1][:-1]
+                    return allocs, outs, tuple(tuple(l) for l in launches)
                 for l in launches:
                     spec = list(l[-1])
                     inputs = [i for i, a in enumerate(spec) if a[0] == 0]
@@ -70,11 +76,15 @@ def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
                 return allocs, outs, tuple(tuple(l) for l in launches)
             return wrong
 
-        for kind in ("offset", "swap", "drop"):
+        for kind in ("offset", "swap", "drop", "c-order"):
             replay._Capture.plan = mutated(kind)
             print(kind, len(offline.check_replayed_calls()))
+        replay._Capture.plan = plan
+        # Triton's CudaLauncher object called instead of its C launch: the same launches, one frame more each
+        replay._callee = lambda run: (run, (), (), False)
+        print("frame", len(offline.check_replayed_calls()))
     """)
-    assert out.split() == ["offset", "20", "swap", "20", "drop", "20"], out
+    assert out.split() == ["offset", "20", "swap", "20", "drop", "20", "c-order", "20", "frame", "20"], out
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
@@ -242,10 +252,46 @@ def test_a_plan_traces_each_argument_to_the_one_input_or_allocation_holding_it()
 
     allocs, outs, launches = plan(a, b, out[2:], 5)
     assert allocs == (((8,), (1,), torch.float32),) and outs == ((1, 0, 0, (8,), (1,), torch.float32),)
-    assert launches[0][3:] == ((7,), 2, 1, 1, ((0, 0, 0), (0, 1, 0), (1, 0, 8), (2, 5, 0)))
+    assert launches[0][6:] == ((7,), 2, 1, 1, ((0, 0, 0), (0, 1, 0), (1, 0, 8), (2, 5, 0)))
+    assert launches[0][1:4] == ((), (), False)  # a launcher replay.py does not know is called as it is
     assert plan(a[4:8])[2][0][-1] == ((0, 0, 16),)
     for wrong in ((memory[20:24],), (torch.randn(4),)):
         with pytest.raises(ValueError):
             plan(*wrong)
     with pytest.raises(ValueError):
         plan(a, outputs=(a,))
+
+
+def test_replays_call_the_c_launch_only_where_its_argument_order_is_known(monkeypatch):
+    """Triton's CudaLauncher of 3.6 or 3.8, for a kernel without scratch memory: its C ``launch`` with the
+    fixed arguments its ``__call__`` adds, in that release's order. Anything else -- another release, a
+    kernel asking for scratch memory, an instrumented launcher, a missing attribute, another class, the
+    switch off -- keeps the launcher object itself."""
+    from fused_resnet.backends.triton import replay
+
+    Launcher = type("CudaLauncher", (), {"__module__": "triton.backends.nvidia.driver"})
+
+    def launcher(**changes):
+        run = Launcher()
+        attrs = dict(launch=print, launch_cooperative_grid=False, launch_pdl=True, global_scratch_size=0,
+                     profile_scratch_size=0, arg_annotations=("a",), kernel_signature=("s",))
+        attrs.update(changes)
+        for name, value in attrs.items():
+            if value is not None:
+                setattr(run, name, value)
+        return run
+
+    run = launcher()
+    monkeypatch.setattr(replay, "c_launch_release", lambda: (3, 6))
+    assert replay._callee(run) == (print, (False, True, None, None), (), False)
+    monkeypatch.setattr(replay, "c_launch_release", lambda: (3, 8))
+    assert replay._callee(run) == (print, (False, True), (None, None, ("a",), ("s",)), True)
+    plain = [launcher(global_scratch_size=64), launcher(profile_scratch_size=8), launcher(gsan_enabled=True),
+             launcher(launch_pdl=None), launcher(arg_annotations=None), type("Other", (), {})()]
+    for other in plain:
+        assert replay._callee(other) == (other, (), (), False), vars(other)
+    monkeypatch.setattr(replay, "c_launch_release", lambda: None)
+    assert replay._callee(run) == (run, (), (), False)
+    monkeypatch.setattr(replay, "c_launch_release", lambda: (3, 6))
+    monkeypatch.setattr(replay, "C_LAUNCH", False)
+    assert replay._callee(run) == (run, (), (), False)

@@ -1,21 +1,23 @@
 """Triton's GPU launch path on a machine without a GPU: compile for real, record instead of launching.
 
 ``offline_launches()`` makes a stand-in CUDA driver Triton's active driver: the JIT binds, specialises
-and compiles each kernel variant for sm_<arch> exactly as on a GPU, loads nothing, and hands each launch
-(grid, the compiled variant, the launcher's arguments) to a recorder instead of the device. CPU tensors
-stand in for CUDA ones (only their dtypes, data pointers and sizes are read). Two uses, both without a
-GPU:
+and compiles each kernel variant for sm_<arch> exactly as on a GPU, loads nothing, and builds each
+variant's launcher as Triton's own ``CudaLauncher`` -- its ``__call__`` runs as on a GPU -- whose C
+``launch`` records its arguments (grid, the compiled variant, everything else in the release's order)
+instead of launching. CPU tensors stand in for CUDA ones (only their dtypes, data pointers and sizes are
+read). Two uses, both without a GPU:
 
 - proving that a direct launch (``launch._run``) passes the compiled launcher what ``kernel[grid](...)``
-  passes it, for every kernel a block launches (``check_direct_launches``; the tests run it with CI's
-  Triton, CI with the GPU machine's release too);
+  passes it, for every kernel a block launches (``check_direct_launches``), and that a replayed call
+  (replay.py) hands the C launch what the Python launchers' calls did (``check_replayed_calls``); the
+  tests run them with CI's Triton, CI with the GPU machine's release too;
 - timing the host side of a Triton block call, the path a GPU call takes up to the driver
   (``python -m fused_resnet bench --suite host``'s ``fused-triton`` rows).
 
 Needs a process whose kernels were decorated with the interpreter off (``TRITON_INTERPRET`` unset when
 ``fused_resnet.backends.triton`` was imported) and no CUDA device (its kernels would share the JIT's
 per-device cache with these). Relies on the driver interface ``JITFunction.run`` and ``CompiledKernel``
-use, the same in Triton 3.6 and 3.8.
+use, the same in Triton 3.6 and 3.8, and on how their ``CudaLauncher`` is built (``_real_launcher``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,13 +35,12 @@ from . import launch as _launch
 
 @dataclass
 class Launch:
-    """One launch as the compiled kernel's launcher received it."""
+    """One launch as Triton's C launch received it."""
 
     grid: tuple
     function: int            # the compiled variant (one handle per loaded kernel)
-    kernel_metadata: Any
-    hooks: tuple             # (enter, exit)
-    args: tuple              # the kernel's arguments, constexprs included, in parameter order
+    args: tuple              # the rest in the release's order: launch flags, metadata, hooks, scratch, the
+                             # kernel's arguments (constexprs included, in parameter order); see _recording_launch
 
 
 @dataclass
@@ -49,25 +50,62 @@ class Recorder:
     count: int = 0
 
 
-class _Launcher:
-    """Stands in for ``CudaLauncher``: same call, records instead of launching."""
+def _recording_launch(recorder: Recorder):
+    """Stands in for the C ``launch`` of Triton's ``CudaLauncher``: records its arguments instead of
+    launching. Their order is the release's own (replay.py's ``_callee``); what both releases share is the
+    grid, the stream and the compiled function first. The rest is kept in order, the kernel's arguments
+    unpacked where a release passes them as one tuple (3.8), so launches compare argument by argument."""
 
-    def __init__(self, recorder: Recorder) -> None:
-        self.recorder = recorder
+    def launch(*raw):
+        recorder.count += 1
+        if recorder.keep:
+            rest = raw[5:-1] + tuple(raw[-1]) if raw and isinstance(raw[-1], tuple) else raw[5:]
+            # The launch metadata is for launch hooks only: the JIT computes it per launch, the direct paths
+            # (launch._run, replays: only while no hook runs) pass None.
+            rest = tuple(None if type(a).__name__ == "LazyDict" else a for a in rest)
+            recorder.launches.append(Launch(tuple(raw[:3]), raw[4], rest))
 
-    def __call__(self, grid_x, grid_y, grid_z, stream, function, kernel_metadata, launch_metadata,
-                 enter_hook, exit_hook, *args):
-        rec = self.recorder
-        rec.count += 1
-        if rec.keep:
-            rec.launches.append(Launch((grid_x, grid_y, grid_z), function, kernel_metadata,
-                                       (enter_hook, exit_hook), args))
+    return launch
+
+
+def _real_launcher(recorder: Recorder):
+    """``launcher_cls`` for the stand-in driver: Triton's own ``CudaLauncher``, so that its ``__call__`` runs
+    as on a GPU, built without compiling its C module (3.6 compiles one per signature: the build is
+    replaced by one whose ``launch`` records; 3.8 takes the driver's ``utils.launch``, which records)."""
+    from triton.backends.nvidia import driver as nvidia
+
+    record = _recording_launch(recorder)
+
+    class _Module:
+        launch = staticmethod(record)
+
+    def make(src, metadata):
+        patched = {"compile_module_from_src": lambda *args, **kwargs: _Module, "library_dirs": lambda: []}
+        # 3.8 annotates the signature with types of its C utilities module (None until that loads)
+        patched.update({name: stand_in for name, stand_in in (
+            ("PyKernelArg", lambda nested_tuple, type: ("kernel-arg", type, nested_tuple)),
+            ("ARG_CONSTEXPR", "constexpr"), ("ARG_KERNEL", "kernel"), ("ARG_TUPLE", "tuple"))
+            if getattr(nvidia, name, 0) is None})
+        saved = {name: getattr(nvidia, name) for name in patched if hasattr(nvidia, name)}
+        try:
+            for name in saved:
+                setattr(nvidia, name, patched[name])
+            return nvidia.CudaLauncher(src, metadata)
+        finally:
+            for name, value in saved.items():
+                setattr(nvidia, name, value)
+
+    return make, record
 
 
 class _Utils:
-    def __init__(self, arch: int) -> None:
+    def __init__(self, arch: int, launch) -> None:
         self.arch = arch
         self._handles = itertools.count(1)
+        self.launch = launch  # Triton 3.8's launchers call the driver's generic C launch
+
+    def build_signature_metadata(self, kernel_signature) -> tuple:  # 3.8: a C object, passed to launch as is
+        return ("signature", tuple(kernel_signature))
 
     def load_binary(self, name, kernel, shared, device):
         handle = next(self._handles)
@@ -88,9 +126,8 @@ class _Driver:
 
     def __init__(self, arch: int, recorder: Recorder) -> None:
         self.arch = arch
-        self.utils = _Utils(arch)
-        recorder_launcher = _Launcher(recorder)
-        self.launcher_cls = lambda src, metadata: recorder_launcher
+        self.launcher_cls, record = _real_launcher(recorder)
+        self.utils = _Utils(arch, record)
 
     def get_current_device(self) -> int:
         return 0
@@ -250,9 +287,8 @@ def check_direct_launches(arch: int = 90) -> list[str]:
         del rec.launches[n0:]
         name = kernel.fn.__name__
         for label, other in (("first", first), ("direct", direct)):
-            if (jit.grid, jit.function, jit.kernel_metadata, jit.hooks) != \
-                    (other.grid, other.function, other.kernel_metadata, other.hooks):
-                problems.append(f"{name}: {label} launch took another variant, grid or hooks than the JIT's")
+            if (jit.grid, jit.function) != (other.grid, other.function):
+                problems.append(f"{name}: {label} launch took another variant or grid than the JIT's")
             elif len(jit.args) != len(other.args) or not all(map(_same, jit.args, other.args)):
                 problems.append(f"{name}: {label} launch passed other arguments than the JIT's")
 
@@ -301,7 +337,7 @@ def _dataflow(launches: list[Launch], fixed: set[int]) -> list[tuple]:
                 args.append(("input", p) if p in fixed else ("tensor", names.setdefault(p, len(names))))
             else:
                 args.append(a)
-        out.append((launch.grid, launch.function, launch.kernel_metadata, launch.hooks, tuple(args)))
+        out.append((launch.grid, launch.function, tuple(args)))
     return out
 
 
@@ -310,14 +346,26 @@ def check_replayed_calls(arch: int = 90) -> list[str]:
     (``replayed_triton_conv_fused``), taken through the Python launchers and replayed from C++
     (replay.py): the same variants, grids and arguments, each pointer argument the same input or the same
     tensor of the call's data flow. Returns the mismatches; empty when they agree and the replayed calls
-    ran no Python launcher."""
+    ran no Python launcher -- nor, where replay.py calls Triton's C ``launch`` directly (3.6, 3.8), the
+    ``CudaLauncher.__call__`` frame it skips."""
+    from triton.backends.nvidia import driver as nvidia
+
     from . import replay
     from .. import get_backend
 
     problems: list[str] = []
     enabled = replay.ENABLED
+    frames = [0]
+    call = nvidia.CudaLauncher.__call__
+
+    def counted(self, *args, **kwargs):
+        frames[0] += 1
+        return call(self, *args, **kwargs)
+
+    nvidia.CudaLauncher.__call__ = counted
     try:
         with offline_launches(arch) as rec:
+            direct_c = replay.C_LAUNCH and replay.c_launch_release() is not None
             if not get_backend("triton").block_node:
                 return ["the C++ training composition is not available (the extension is not built)"]
             for dtype in (torch.float32, torch.bfloat16):
@@ -328,17 +376,22 @@ def check_replayed_calls(arch: int = 90) -> list[str]:
                         # the Python path; then a key's first call (marks it), its second (records), replayed
                         for replaying in (False, True, True, True):
                             replay.ENABLED = replaying
-                            n0, python = len(rec.launches), sum(_launch.LAUNCHES.values())
+                            n0, python, f0 = len(rec.launches), sum(_launch.LAUNCHES.values()), frames[0]
                             with _KeepAlive():
                                 step(block, x)
-                            calls.append((rec.launches[n0:], sum(_launch.LAUNCHES.values()) - python))
-                        (reference, _), *_, (replayed, python) = calls
+                            calls.append((rec.launches[n0:], sum(_launch.LAUNCHES.values()) - python,
+                                          frames[0] - f0))
+                        (reference, _, _), *_, (replayed, python, skipped) = calls
                         if python:
                             problems.append(f"{name} {mode}: {python} launches took the Python path, replayed")
+                        if direct_c and skipped:
+                            problems.append(f"{name} {mode}: {skipped} replayed launches went through "
+                                            "CudaLauncher.__call__, not its C launch")
                         if _dataflow(reference, fixed) != _dataflow(replayed, fixed):
                             problems.append(f"{name} {mode}: the replayed launches differ from the Python launchers'")
     finally:
         replay.ENABLED = enabled
+        nvidia.CudaLauncher.__call__ = call
     return problems
 
 

@@ -153,9 +153,52 @@ class _Capture(TorchDispatchMode):
                     spec.append(trace(a))
                 else:
                     spec.append((2, a, 0))
-            launches.append((compiled.run, compiled.function, compiled.packed_metadata, tuple(tail), *grid,
-                             tuple(spec)))
+            launches.append((*_callee(compiled.run), compiled.function, compiled.packed_metadata, tuple(tail),
+                             *grid, tuple(spec)))
         return (tuple((tuple(a.shape), a.stride(), a.dtype) for a in allocs), tuple(outputs), tuple(launches))
+
+
+# Whether a plan calls Triton's C launch function itself (``_callee``); FUSED_RESNET_TRITON_C_LAUNCH=0: the
+# launcher object, as ``CompiledKernel.run`` is called.
+C_LAUNCH = os.environ.get("FUSED_RESNET_TRITON_C_LAUNCH", "1") != "0"
+
+
+def _callee(run) -> tuple:
+    """(callee, head, mid, packed): what csrc/replay.cpp calls for a launch whose ``CompiledKernel.run`` is
+    ``run``, as (grid, stream, function, *head, kernel metadata, launch metadata, enter hook, exit hook, *mid,
+    then the kernel's arguments, as one tuple when ``packed``). Triton's ``CudaLauncher.__call__`` is a
+    Python frame per launch (it allocates the scratch buffers a kernel asks for, then calls the C ``launch``
+    in a release's own argument order); for a launcher of a release whose order is known (3.6, 3.8) and a
+    kernel that needs no scratch memory, the C ``launch`` is called directly with the arguments that frame
+    would pass it. Anything else (another release, another launcher class -- a subclass, another
+    backend's --, scratch memory, an instrumented launcher, an attribute missing): ``run`` itself, with
+    ``CompiledKernel.run``'s arguments. offline.py's checks run the real ``__call__`` against this."""
+    plain = (run, (), (), False)
+    cls = type(run)
+    if not C_LAUNCH or cls.__name__ != "CudaLauncher" or cls.__module__ != "triton.backends.nvidia.driver":
+        return plain
+    if not all(hasattr(run, a) for a in ("launch", "launch_cooperative_grid", "launch_pdl")) \
+            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1) \
+            or getattr(run, "gsan_enabled", False):
+        return plain
+    release = c_launch_release()
+    coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    if release == (3, 6):
+        return run.launch, (coop, pdl, None, None), (), False
+    if release == (3, 8) and hasattr(run, "arg_annotations") and hasattr(run, "kernel_signature"):
+        return run.launch, (coop, pdl), (None, None, run.arg_annotations, run.kernel_signature), True
+    return plain
+
+
+@functools.lru_cache(maxsize=None)
+def c_launch_release() -> Optional[tuple]:
+    """The running Triton release when ``_callee`` knows its C launch's argument order, else None."""
+    import triton
+    try:
+        release = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:
+        return None
+    return release if release in ((3, 6), (3, 8)) else None
 
 
 def _extent(t: torch.Tensor) -> int:
