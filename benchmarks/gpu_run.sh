@@ -6,7 +6,7 @@
 #            the Triton kernel variants of the benchmark suite compile ahead of time in parallel
 #   tests-a  the CUDA extension's tests, the block on CUDA (both fused backends), direct and replayed Triton launches' bits
 #   bench    benchmarks: eager and the fused backends (each case checked against float64 first)
-#   host     host time per block call (tiny blocks): Triton's direct launches, replays and C++ nodes on and off
+#   host     host time per block call (tiny blocks): Triton's direct launches, C launches, replays and C++ nodes on and off
 #   compile  benchmarks: torch.compile against eager, and each step captured in a CUDA graph (the head
 #            shape and the whole models)
 #   tune     the Triton tile table for the seed's 3x3 layers (benchmarks/tune_conv.py)
@@ -226,17 +226,20 @@ run_step bench 200 bench bench "$FUSED"
 host_times() {
   local dev=cuda triton=fused-triton
   [ "$DRY" = 1 ] && dev=cpu triton=fused-triton-offline   # the CPU times the Triton path offline (interpreter off)
-  for setting in "direct1 1 1 1 " "direct0 0 1 1 " "replay0 1 1 0 $triton" "node0 1 0 1 $triton"; do
-    # log name, FUSED_RESNET_TRITON_DIRECT, FUSED_RESNET_BLOCK_NODE, FUSED_RESNET_TRITON_REPLAY, providers (all: empty)
+  for setting in "direct1 1 1 1 1 " "direct0 0 1 1 1 " "claunch0 1 1 1 0 $triton" "replay0 1 1 0 1 $triton" \
+      "node0 1 0 1 1 $triton"; do
+    # log name, FUSED_RESNET_TRITON_DIRECT, FUSED_RESNET_BLOCK_NODE, FUSED_RESNET_TRITON_REPLAY,
+    # FUSED_RESNET_TRITON_C_LAUNCH, providers (all: empty)
     set -- $setting
-    echo "--- FUSED_RESNET_TRITON_DIRECT=$2 FUSED_RESNET_BLOCK_NODE=$3 FUSED_RESNET_TRITON_REPLAY=$4"
+    echo "--- FUSED_RESNET_TRITON_DIRECT=$2 FUSED_RESNET_BLOCK_NODE=$3 FUSED_RESNET_TRITON_REPLAY=$4 FUSED_RESNET_TRITON_C_LAUNCH=$5"
     TRITON_INTERPRET=0 FUSED_RESNET_TRITON_DIRECT=$2 FUSED_RESNET_BLOCK_NODE=$3 FUSED_RESNET_TRITON_REPLAY=$4 \
-      $PY -m fused_resnet bench --device $dev --suite host --threads 1 --iters 40 --rounds 10 --providers "${5:-}" \
+      FUSED_RESNET_TRITON_C_LAUNCH=$5 \
+      $PY -m fused_resnet bench --device $dev --suite host --threads 1 --iters 40 --rounds 10 --providers "${6:-}" \
       --json "$LOGS/host-$1.json" | grep -E "^\| [a-z0-9]" | cut -d'|' -f2-9
   done
 }
 export -f host_times
-if [ "$SHORT" = 1 ]; then skip host "short budget"; else TAIL_LINES=40 run_step host 120 host_times; fi
+if [ "$SHORT" = 1 ]; then skip host "short budget"; else TAIL_LINES=50 run_step host 120 host_times; fi
 
 # torch.compile, and every provider's step captured in a CUDA graph (a host-bound caller's remedy), beside eager
 if [ "$SHORT" = 1 ]; then skip compile "short budget"; else
