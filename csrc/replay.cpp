@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/csrc/Dtype.h>
 
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
 #include <c10/util/hash.h>
 
@@ -66,6 +68,13 @@ at::ScalarType dtype_of(PyObject* o) {
   return reinterpret_cast<THPDtype*>(o)->scalar_type;
 }
 
+// A call's small buffers (per-tile statistics, per-channel vectors) share one allocation: an allocation costs
+// a call more host time than carving tensors out of one. Each starts at a multiple of kPoolAlign bytes (the
+// launches' pointers were specialised on 16-byte alignment; the allocator's own blocks are 512-aligned).
+// Larger buffers -- activations -- keep allocations of their own, so none outlives its own last use.
+constexpr int64_t kPoolMaxBytes = 64 << 10;
+constexpr int64_t kPoolAlign = 256;
+
 // A plan, as replay.py's _Capture.plan() gives it; the PyObject pointers are borrowed from `source`.
 struct Plan {
   enum Kind { kInput = 0, kAllocation = 1, kValue = 2 };
@@ -86,6 +95,7 @@ struct Plan {
   struct Alloc {
     std::vector<int64_t> sizes, strides;
     at::ScalarType dtype;
+    int64_t pool_offset;  // a small buffer's byte offset in the call's pool; -1: an allocation of its own
   };
   struct Out {
     int kind;  // kAllocation: a view of allocation `index`; kValue: an empty tensor of its own
@@ -96,6 +106,8 @@ struct Plan {
 
   Ref source;  // None: this key's calls cannot be replayed
   std::vector<Alloc> allocs;
+  int64_t pool_bytes = 0;  // the small buffers', in one allocation per call
+  bool pooled = false;     // whether there is one (an empty buffer counts: its tensor needs a storage)
   std::vector<Out> outs;
   std::vector<Launch> launches;
 
@@ -106,7 +118,16 @@ struct Plan {
     PyObject* a = PyTuple_GET_ITEM(p, 0);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(a); ++i) {
       PyObject* e = PyTuple_GET_ITEM(a, i);
-      allocs.push_back({ints(PyTuple_GET_ITEM(e, 0)), ints(PyTuple_GET_ITEM(e, 1)), dtype_of(PyTuple_GET_ITEM(e, 2))});
+      Alloc alloc{ints(PyTuple_GET_ITEM(e, 0)), ints(PyTuple_GET_ITEM(e, 1)), dtype_of(PyTuple_GET_ITEM(e, 2)), -1};
+      TORCH_CHECK(alloc.sizes.size() == alloc.strides.size(), "fused_resnet (Triton replay): a malformed plan");
+      const int64_t nbytes = static_cast<int64_t>(
+          at::detail::computeStorageNbytes(alloc.sizes, alloc.strides, c10::elementSize(alloc.dtype)));
+      if (nbytes <= kPoolMaxBytes) {
+        alloc.pool_offset = pool_bytes;
+        pool_bytes += (nbytes + kPoolAlign - 1) / kPoolAlign * kPoolAlign;
+        pooled = true;
+      }
+      allocs.push_back(std::move(alloc));
     }
     PyObject* o = PyTuple_GET_ITEM(p, 1);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); ++i) {
@@ -165,10 +186,18 @@ bool key(const c10::OperatorHandle& op, const torch::jit::Stack& stack, int64_t 
   k.clear();
   k.push_back(reinterpret_cast<intptr_t>(&op.schema()));
   k.push_back(token);
-  // The storages of the tensor arguments seen so far (stack index, storage): which earlier argument a tensor
-  // shares memory with, if any (a plan traced each launch argument to one input).
+  // The tensor arguments seen so far (stack index, the tensor, its bytes [begin, end)): which earlier argument
+  // a tensor is, or whose bytes it overlaps, if any. A plan traced each launch argument to one input -- by
+  // identity, else by the one input whose bytes hold it -- which stays right for any call whose arguments
+  // overlap as the recorded call's did (tensors in one storage but apart, such as a call's outputs carved
+  // from one allocation, share nothing).
+  struct Seen {
+    size_t index;
+    const c10::TensorImpl* impl;
+    uintptr_t begin, end;
+  };
   constexpr size_t kMaxTensors = 32;
-  std::pair<size_t, const c10::Storage*> seen[kMaxTensors];
+  Seen seen[kMaxTensors];
   size_t n_seen = 0;
   for (size_t i = 0; i < stack.size(); ++i) {
     const c10::IValue& v = stack[i];
@@ -178,14 +207,16 @@ bool key(const c10::OperatorHandle& op, const torch::jit::Stack& stack, int64_t 
         k.push_back(-1);
         continue;
       }
+      if (!t.has_storage()) return false;  // not a plain dense tensor: the operator itself takes the call
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      const uintptr_t end = t.numel() == 0 ? begin : begin + at::detail::computeStorageNbytes(
+                                                                  t.sizes(), t.strides(), t.element_size());
       int64_t shares = -1;
-      if (t.has_storage()) {
-        const c10::Storage& storage = t.storage();
-        for (size_t j = 0; j < n_seen && shares < 0; ++j)
-          if (seen[j].second->is_alias_of(storage)) shares = static_cast<int64_t>(seen[j].first);
-        if (n_seen == kMaxTensors) return false;  // more tensors than any primitive takes: not keyed
-        seen[n_seen++] = {i, &storage};
-      }
+      for (size_t j = 0; j < n_seen && shares < 0; ++j)
+        if (seen[j].impl == t.unsafeGetTensorImpl() || (begin < seen[j].end && seen[j].begin < end))
+          shares = static_cast<int64_t>(seen[j].index);
+      if (n_seen == kMaxTensors) return false;  // more tensors than any primitive takes: not keyed
+      seen[n_seen++] = {i, t.unsafeGetTensorImpl(), begin, end};
       k.push_back(1);
       k.push_back(shares);
       k.push_back(static_cast<int64_t>(t.scalar_type()));
@@ -225,10 +256,23 @@ void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate) {
       device = v.toTensor().device();
       break;
     }
+  // The pool: the small buffers, and the storage of empty outputs (none when the plan has no small buffer:
+  // then an empty output is an allocation of its own).
+  at::Tensor pool;
+  if (plan.pooled) pool = at::empty({plan.pool_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  const c10::DispatchKeySet keys(c10::computeDispatchKey(std::nullopt, at::kStrided, device));
+  auto carve = [&](c10::IntArrayRef sizes, c10::IntArrayRef strides, at::ScalarType dtype, int64_t byte_offset) {
+    at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(pool.storage()), keys,
+                                                           c10::scalarTypeToTypeMeta(dtype));
+    t.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides, byte_offset / c10::elementSize(dtype));
+    return t;
+  };
   std::vector<at::Tensor> allocs;
   allocs.reserve(plan.allocs.size());
   for (const Plan::Alloc& a : plan.allocs)
-    allocs.push_back(at::empty_strided(a.sizes, a.strides, at::TensorOptions().dtype(a.dtype).device(device)));
+    allocs.push_back(a.pool_offset >= 0
+                         ? carve(a.sizes, a.strides, a.dtype, a.pool_offset)
+                         : at::empty_strided(a.sizes, a.strides, at::TensorOptions().dtype(a.dtype).device(device)));
   PyObject *stream = PyTuple_GET_ITEM(gate, 1), *enter = PyTuple_GET_ITEM(gate, 2), *exit = PyTuple_GET_ITEM(gate, 3);
   for (const Plan::Launch& l : plan.launches) {
     const Py_ssize_t n_args = static_cast<Py_ssize_t>(l.args.size()), n_tail = PyTuple_GET_SIZE(l.tail);
@@ -277,13 +321,16 @@ void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate) {
   }
   stack.clear();
   for (const Plan::Out& o : plan.outs) {
-    if (o.kind == Plan::kValue) {
-      stack.emplace_back(at::empty_strided(o.sizes, o.strides, at::TensorOptions().dtype(o.dtype).device(device)));
+    if (o.kind == Plan::kValue) {  // an empty output
+      stack.emplace_back(pool.defined() ? carve(o.sizes, o.strides, o.dtype, 0)
+                                        : at::empty_strided(o.sizes, o.strides,
+                                                            at::TensorOptions().dtype(o.dtype).device(device)));
       continue;
     }
+    // o.offset counts elements from the allocation's first, which a pooled allocation's storage does not start at
     const at::Tensor& a = allocs[o.index];
     const bool whole = o.offset == 0 && a.sizes().equals(o.sizes) && a.strides().equals(o.strides);
-    stack.emplace_back(whole ? a : a.as_strided(o.sizes, o.strides, o.offset));
+    stack.emplace_back(whole ? a : a.as_strided(o.sizes, o.strides, a.storage_offset() + o.offset));
   }
 }
 

@@ -186,6 +186,36 @@ def test_which_arguments_share_memory_is_part_of_the_key():
     assert out.split() == ["True"] * 6, out
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
+def test_a_replayed_call_carves_its_small_buffers_from_one_allocation():
+    """A replayed convolution with statistics: its per-tile statistics (and its empty outputs) come from one
+    allocation, apart, each at a multiple of 256 bytes into it (16-byte aligned, what the launches were
+    specialised on); the activation-sized output keeps an allocation of its own.
+    What the Python launcher returned for the same key: separate allocations, the same sizes and strides."""
+    out = _offline("""
+        import torch
+        from fused_resnet.backends.packing import channels_dense_weight
+        from fused_resnet.backends.triton import offline, ops
+
+        x = torch.randn(2, 8, 64, 64)
+        w = channels_dense_weight(torch.randn(8, 8, 3, 3))
+        with offline.offline_launches():
+            calls = [ops.replayed_conv_fused_op(x, w, None, 1, 1, None, None, None, None, 0.0, None, None, None,
+                                                None, None, None, None, 1, False, False, True, torch.float32,
+                                                False) for _ in range(3)]  # marks, records, replays
+        python, replayed = calls[1], calls[2]
+        assert [(t.shape, t.stride()) for t in python] == [(t.shape, t.stride()) for t in replayed]
+        out, stats, empty = replayed[0], list(replayed[2:5]), [replayed[1], *replayed[5:]]
+        storage = lambda t: t.untyped_storage().data_ptr()
+        assert all(t.numel() == 0 for t in empty) and all(t.numel() > 0 for t in stats)
+        print(len({storage(t) for t in python[2:5]}), len({storage(t) for t in stats + empty}),
+              storage(out) != storage(stats[0]),
+              all((t.data_ptr() - storage(t)) % 256 == 0 and t.data_ptr() % 16 == 0 for t in stats),
+              len({t.data_ptr() for t in stats}))
+    """)
+    assert out.split() == ["3", "1", "True", "True", "3"], out
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter runs without a GPU")
 def test_the_interpreter_never_replays():
     from fused_resnet.backends.triton import replay
