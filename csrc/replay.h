@@ -13,7 +13,7 @@
 namespace fused_resnet {
 
 // Replays calls of operators whose kernels implement replay.py's capture protocol: per call, the key
-// (the arguments' dtypes, devices, sizes, strides, addresses modulo 16 and which share memory, every other
+// (the arguments' dtypes, devices, sizes, strides, addresses modulo 16 and which overlap, every other
 // argument's value, and the state token the Python gate reports) finds the plan an earlier call recorded --
 // allocations and the compiled Triton launchers to call, with each tensor argument traced to an input or
 // an allocation -- and runs it from C++. A key's first call runs the operator, its second too while

@@ -6,11 +6,12 @@ block (``fused_resnet::replayed_triton_conv_fused``). Each call's Python -- the 
 allocations, the direct-launch key, the dispatcher's boxing into Python -- cost more host time than the
 kernels take at small shapes. So csrc/replay.cpp keys each call on everything the launcher's decisions
 read from its arguments (every tensor's dtype, device, sizes, strides and address modulo 16, which
-arguments share memory, every other argument's value) and on the state ``gate()`` reports; the second
-call of a key runs the Python launcher under a capture (below; the first only marks the key, so a
-workload of ever new shapes pays nothing for captures), later calls of that key allocate the same
-outputs and call the same compiled launchers from C++ with the current addresses -- the call
-``launch._run``'s direct path makes, with addresses where it passes tensors.
+arguments are the same tensor or overlap, every other argument's value) and on the state ``gate()``
+reports; the second call of a key runs the Python launcher under a capture (below; the first only marks
+the key, so a workload of ever new shapes pays nothing for captures), later calls of that key allocate
+the same outputs (the small ones carved from one allocation per call) and call the same compiled kernels
+from C++ with the current addresses -- through Triton's C launch where ``_callee`` knows its argument
+order, else the call ``launch._run``'s direct path makes, with addresses where it passes tensors.
 
 A capture records the launcher's allocations (a dispatch mode sees every aten call: an allocation or a
 view is allowed, anything else -- a copy, a fill, reading a value -- makes the call not replayable) and
