@@ -83,9 +83,12 @@ def check_input(block: nn.Module, chain: list, x: Tensor, synced: frozenset = fr
     weight = conv._parameters["weight"]
     if isinstance(x, Tensor):  # the common case, in a few comparisons: this runs on every block call
         s = x.shape
-        if (len(s) == 4 and s[1] == conv.in_channels and s[0] > 1 and s[2] >= 3 and s[3] >= 3
-                and x.dtype == weight.dtype and x.is_floating_point() and x.device == weight.device):
-            return  # every convolution leaves at least one position, and every batch norm two values
+        if (len(s) == 4 and s[1] == conv.in_channels and s[2] >= 3 and s[3] >= 3 and x.dtype == weight.dtype
+                and x.is_floating_point() and x.device == weight.device
+                and (s[0] > 1 or s[0] == 1 and not any(bn.training for _, bn in chain))):
+            # every convolution leaves at least one position, and every batch norm that takes batch
+            # statistics two values (a batch of one in eval mode -- serving -- needs no more)
+            return
     name = getattr(block, "kind", type(block).__name__)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} expected a Tensor input, got {type(x).__name__}")

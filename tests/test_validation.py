@@ -45,6 +45,10 @@ def test_batch_of_one_in_training():
         blk(torch.randn(1, 4, 2, 2))   # output 1x1: a single value per channel, as BatchNorm2d refuses
     blk.eval()
     assert blk(torch.randn(1, 4, 2, 2)).shape == (1, 8, 1, 1)
+    assert blk(torch.randn(1, 4, 5, 5)).shape == (1, 8, 3, 3)  # serving a batch of one
+    blk.bn2.train()  # one batch norm taking batch statistics is enough to refuse, as in eager
+    with pytest.raises(ValueError, match="more than 1 value per channel.*batch of one"):
+        blk(torch.randn(1, 4, 2, 2))
 
 
 def test_batch_of_one_with_spatial_extent_trains_like_eager():
@@ -53,7 +57,9 @@ def test_batch_of_one_with_spatial_extent_trains_like_eager():
     assert blk(torch.randn(1, 4, 3, 3)).shape == (1, 4, 3, 3)
 
 
-def test_empty_input(blk):
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_input(blk, training):
+    blk.train(training)
     with pytest.raises(ValueError, match="non-empty input"):
         blk(torch.randn(0, 4, 5, 5))
 
