@@ -116,10 +116,10 @@ def test_the_gate_turns_replaying_off_and_keys_the_state_plans_depend_on():
             base.POISON_OUTPUTS, poison = True, base.POISON_OUTPUTS
             assert replay.gate() is None
             base.POISON_OUTPUTS = poison
-            torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32
-            assert replay.gate()[0] != token
-            torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32
-            assert replay.gate()[0] == token
+            for flips in (1, 2):  # the switch the launcher and the gate read is the property's
+                torch.backends.cudnn.allow_tf32 = not torch.backends.cudnn.allow_tf32
+                assert launch.tf32_allowed() == torch.backends.cudnn.allow_tf32
+                assert (replay.gate()[0] == token) == (flips == 2)
             configs.TUNED_CONV[(1, 1, 1, 1, torch.float32, 90, True)] = configs.ConvConfig(32, 32, 16, 1, 4, 1)
             assert replay.gate()[0] != token
             token = replay.gate()[0]

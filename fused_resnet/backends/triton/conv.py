@@ -204,7 +204,7 @@ import torch  # noqa: E402
 from ..base import new_output  # noqa: E402
 from ..packing import channels_dense_weight  # noqa: E402
 from .configs import conv_config, device_model  # noqa: E402
-from .launch import cdiv, launch  # noqa: E402
+from .launch import cdiv, launch, tf32_allowed  # noqa: E402
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -299,7 +299,7 @@ def launch_conv(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_
         sc_c = 1
         sc_wstrides = (0, 0)
     # fp32 follows cuDNN's TF32 switch as eager's convolutions do; 16-bit inputs take the default (MMA).
-    precision = "ieee" if (x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32) else "tf32"
+    precision = "ieee" if (x.dtype == torch.float32 and not tf32_allowed()) else "tf32"
     grid = (tiles_m * cdiv(k, cfg.BLOCK_N),)
     # Pointers a variant does not use go to the kernel as None: Triton makes them constexprs, so the
     # launcher neither reads nor passes them (12 of 21 pointers at inference).

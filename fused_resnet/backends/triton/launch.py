@@ -210,6 +210,12 @@ EPOCH = [0]                           # bumped whenever remembered compiled kern
 _CAPTURES: dict = {}                  # thread ident -> its replay capture in progress (replay.py)
 
 
+# cuDNN's TF32 switch, read through the getter behind ``torch.backends.cudnn.allow_tf32`` (the property
+# costs ~0.2 us more per read): what the convolution launcher decides fp32's precision from, and what
+# replay.gate() keys plans on -- one function for both, so the two never disagree.
+tf32_allowed = getattr(torch._C, "_get_cudnn_allow_tf32", None) or (lambda: torch.backends.cudnn.allow_tf32)
+
+
 _LAYOUTS: dict[tuple, tuple] = {}      # (kernel, argument types) -> getters of its tensors and its other args
 _dtype_of = operator.attrgetter("dtype")
 _data_ptr = torch.Tensor.data_ptr

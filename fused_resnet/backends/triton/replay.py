@@ -45,6 +45,7 @@ _ALLOCATIONS = {_aten.empty.memory_format, _aten.empty_strided.default, _aten.ne
                 _aten.new_empty_strided.default, _aten.empty_like.default}
 
 _TABLE: list = [None]  # the tile table the plans were recorded with
+_dispatch_depth = torch._C._len_torch_dispatch_stack
 
 
 def bump_epoch() -> None:
@@ -59,7 +60,7 @@ def gate() -> Optional[tuple]:
     if not (ENABLED and launch.DIRECT) or launch._RECORDERS or launch._COUNTING or configs._FORCED \
             or len(configs._MODELLED) != 1 or base.POISON_OUTPUTS or not _compiled():
         return None
-    if torch._C._len_torch_dispatch_stack() and not _modes_see_allocations_only():
+    if _dispatch_depth() and not _modes_see_allocations_only():
         return None
     if configs.TUNED_CONV is not _TABLE[0]:  # another table assigned (a test, a tuner)
         _TABLE[0] = configs.TUNED_CONV
@@ -69,7 +70,7 @@ def gate() -> Optional[tuple]:
         return None
     drv = driver.active
     device = drv.get_current_device()
-    token = (launch.EPOCH[0] * 1024 + device) * 2 + bool(torch.backends.cudnn.allow_tf32)
+    token = (launch.EPOCH[0] * 1024 + device) * 2 + bool(launch.tf32_allowed())
     return token, drv.get_current_stream(device), runtime.launch_enter_hook, runtime.launch_exit_hook
 
 
