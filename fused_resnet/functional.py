@@ -409,11 +409,11 @@ def block_forward(block: nn.Module, layout: BlockLayout, x: Tensor) -> Tensor:
     synced = learning and any(g is not None for g in groups)
     check_input(block, chain, x, frozenset(id(bn) for bn, g in zip(bns, groups) if g is not None) if synced
                 else _NOTHING)
+    device_type = x.device.type
     # A synchronized block never takes the seed route: plain BN modules there would not synchronize.
-    backend = resolve_backend(block.backend, x, training, block, fused_only=synced)
+    backend = resolve_backend(block.backend, x, training, block, fused_only=synced, device_type=device_type)
     if backend is None:  # auto's seed route: the block's own modules, measured fastest here
         return eager_forward(chain, shortcut, x)
-    device_type = x.device.type
     weights = [conv._parameters["weight"] for conv, _ in chain]
     sc_weight = shortcut[0]._parameters["weight"] if shortcut is not None else None
     x_res = x

@@ -138,7 +138,14 @@ def resolve_backend_name(name: str, device_type: str, dtype: torch.dtype, traini
     ``fused_only``). A constant for torch.compile: resolved once while tracing, never traced into.
     Remembered per argument set (a pure function of them and of this installation): no search on the
     hot path."""
-    return _resolve_cached(requested_backend(name), device_type, dtype, training, shape, fused_only)
+    return _resolve_requested(requested_backend(name), device_type, dtype, training, shape, fused_only)
+
+
+def _resolve_requested(name: str, device_type: str, dtype: torch.dtype, training: bool, shape: Optional[tuple],
+                       fused_only: bool) -> str:
+    """``resolve_backend_name`` for a name ``requested_backend`` already gave: a block call reads the
+    environment once (~0.6 us a read while the variable is unset)."""
+    return _resolve_cached(name, device_type, dtype, training, shape, fused_only)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -173,6 +180,7 @@ def _resolve_cached(name: str, device_type: str, dtype: torch.dtype, training: b
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (and with it Triton,
 # before an entry point could choose the interpreter) at package import.
 resolve_backend_name._dynamo_marked_constant = True
+_resolve_requested._dynamo_marked_constant = True
 
 
 def block_shape(block, x: Tensor) -> Optional[tuple]:
@@ -182,15 +190,18 @@ def block_shape(block, x: Tensor) -> Optional[tuple]:
     if torch.compiler.is_compiling() or not getattr(block, "auto_table", False):
         return None  # the table measures the seed block; other blocks take AUTO_ORDER
     n, c, h, w = x.shape
-    fmt = "nhwc" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "nchw"
-    return (fmt, c, block.conv1.out_channels, block.conv1.stride[0], h, w, n)
+    fmt = "nchw" if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last) else "nhwc"
+    conv = block._modules["conv1"]  # not Module.__getattr__: this runs on every call of an auto block
+    return (fmt, c, conv.out_channels, conv.stride[0], h, w, n)
 
 
-def resolve_backend(name: str, x: Tensor, training: bool, block=None, fused_only: bool = False) -> Optional[Backend]:
+def resolve_backend(name: str, x: Tensor, training: bool, block=None, fused_only: bool = False,
+                    device_type: Optional[str] = None) -> Optional[Backend]:
     """The backend object that runs ``x`` (through ``block``, when given, for the per-shape choice), or
-    None for the seed route: see ``resolve_backend_name``."""
+    None for the seed route: see ``resolve_backend_name``. ``device_type``: ``x.device.type``, when the
+    caller has it."""
     name = requested_backend(name)
     # Only auto looks at the shape (its per-shape table): a named backend skips building the key.
     shape = block_shape(block, x) if block is not None and name == "auto" else None
-    name = resolve_backend_name(name, x.device.type, x.dtype, training, shape, fused_only)
+    name = _resolve_requested(name, device_type or x.device.type, x.dtype, training, shape, fused_only)
     return None if name == SEED_ROUTE else get_backend(name)
