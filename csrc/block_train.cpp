@@ -531,11 +531,25 @@ T7 replayed_triton_conv_fused(const Tensor& x, const Tensor& weight, const Opt& 
                                         sc_separate, relu, stats, out_dtype, sc_stats);
 }
 
+// replayed_triton_conv_fused's first result alone: a replayed call makes no tensor for the six others (at
+// inference all empty), and the caller wraps one result for Python, not seven.
+Tensor replayed_triton_conv_out(const Tensor& x, const Tensor& weight, const Opt& bias, int64_t stride, int64_t padding,
+                                const Opt& bn_mean, const Opt& bn_var, const Opt& bn_gamma, const Opt& bn_beta,
+                                double bn_eps, const Opt& in_mean, const Opt& in_scale, const Opt& in_shift,
+                                const Opt& residual, const Opt& sc_x, const Opt& sc_weight, const Opt& sc_bias,
+                                int64_t sc_stride, bool sc_separate, bool relu, bool stats, at::ScalarType out_dtype,
+                                bool sc_stats) {
+  return ops("triton_").conv_fused.first(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps,
+                                         in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
+                                         sc_separate, relu, stats, out_dtype, sc_stats);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet, CompositeImplicitAutograd, m) { m.impl("block_train", &block_train); }
 TORCH_LIBRARY_IMPL(fused_resnet, CompositeExplicitAutograd, m) {
   m.impl("replayed_triton_conv_fused", &replayed_triton_conv_fused);
+  m.impl("replayed_triton_conv_out", &replayed_triton_conv_out);
 }
 
 }  // namespace fused_resnet

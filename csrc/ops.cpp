@@ -37,6 +37,9 @@ TORCH_LIBRARY(fused_resnet, m) {
   // fused_resnet::triton_conv_fused (the Triton backend's operator), its calls replayed from C++ after a key's
   // first (csrc/replay.h): the Triton backend's eager inference calls it. Not differentiable.
   m.def(("replayed_triton_conv_fused" + conv_fused_schema).c_str());
+  // Its first result (out) alone: for calls that want no other (inference).
+  const std::string conv_out_schema = conv_fused_schema.substr(0, conv_fused_schema.rfind("->")) + "-> Tensor";
+  m.def(("replayed_triton_conv_out" + conv_out_schema).c_str());
   // The CUDA conv_fused's launch configuration, for reading its kernels without a GPU (kernel_report.py:
   // the library holds their static shared memory only): threads per CTA, dynamic shared memory of the
   // tensor-core loops and of the SIMT loop (bytes), tile rows and columns, reduction slice bytes, ring stages.

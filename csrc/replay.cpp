@@ -248,8 +248,9 @@ PyObject* address(const at::Tensor& t, int64_t offset) {
   return PyLong_FromUnsignedLongLong(reinterpret_cast<uintptr_t>(t.const_data_ptr()) + offset);
 }
 
-// The plan's allocations and launches with this call's tensors; the stack then holds the results.
-void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate) {
+// The plan's allocations and launches with this call's tensors; the stack then holds the first `wanted`
+// results.
+void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate, size_t wanted) {
   at::Device device(at::kCPU);
   for (const c10::IValue& v : stack)
     if (v.isTensor() && v.toTensor().defined()) {
@@ -321,6 +322,7 @@ void run(const Plan& plan, torch::jit::Stack& stack, PyObject* gate) {
   }
   stack.clear();
   for (const Plan::Out& o : plan.outs) {
+    if (stack.size() == wanted) break;
     if (o.kind == Plan::kValue) {  // an empty output
       stack.emplace_back(pool.defined() ? carve(o.sizes, o.strides, o.dtype, 0)
                                         : at::empty_strided(o.sizes, o.strides,
@@ -368,7 +370,7 @@ ReplayScope::~ReplayScope() {
   }
 }
 
-void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) const {
+void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack, size_t wanted) const {
   Gil gil;
   const Protocol& py = protocol(module_);
   PyObject *begin_fn = py.begin, *end_fn = py.end;
@@ -432,7 +434,7 @@ void Replayer::call(const c10::OperatorHandle& op, torch::jit::Stack& stack) con
     op.callBoxed(stack);
     return;
   }
-  run(*plan, stack, gate.p);
+  run(*plan, stack, gate.p, wanted);
 }
 
 }  // namespace fused_resnet

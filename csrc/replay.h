@@ -6,6 +6,7 @@
 #include <ATen/core/boxing/impl/boxing.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -22,8 +23,9 @@ namespace fused_resnet {
 class Replayer {
  public:
   explicit Replayer(std::string module) : module_(std::move(module)) {}
-  // `stack` holds the operator's arguments; it holds its results afterwards, as callBoxed leaves it.
-  void call(const c10::OperatorHandle& op, torch::jit::Stack& stack) const;
+  // `stack` holds the operator's arguments; it holds its results afterwards, as callBoxed leaves it -- a
+  // replayed call only the first `wanted` of them (the caller reads no more: no tensor made for the rest).
+  void call(const c10::OperatorHandle& op, torch::jit::Stack& stack, size_t wanted = SIZE_MAX) const;
 
  private:
   std::string module_;  // the Python module with gate(), begin() and end()
@@ -67,6 +69,13 @@ struct Prim<Ret(A...)> {
     torch::jit::Stack stack = c10::impl::boxArgs<A...>(args...);
     replay->call(handle, stack);
     return Unstack<Ret>::get(stack);
+  }
+  // The first result only (a replayed call makes none of the others).
+  at::Tensor first(A... args) const {
+    if (replay == nullptr) return std::get<0>(handle.call(args...));
+    torch::jit::Stack stack = c10::impl::boxArgs<A...>(args...);
+    replay->call(handle, stack, 1);
+    return std::move(stack[0]).toTensor();
   }
 };
 

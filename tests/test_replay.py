@@ -325,3 +325,35 @@ def test_replays_call_the_c_launch_only_where_its_argument_order_is_known(monkey
     monkeypatch.setattr(replay, "c_launch_release", lambda: (3, 6))
     monkeypatch.setattr(replay, "C_LAUNCH", False)
     assert replay._callee(run) == (run, (), (), False)
+
+
+def test_inference_convolutions_take_the_out_only_operator(monkeypatch):
+    """Eager inference asks the convolution for its result alone (``replayed_triton_conv_out``: no tensor
+    made or wrapped for the six empty fields); training's Python path, which needs the statistics, the
+    full operator. Both give the same result (the interpreter runs them here)."""
+    from fused_resnet.backends import get_backend
+    be = get_backend("triton")
+    calls = {"out": 0, "full": 0}
+    out_op, full_op = be._replayed_conv_out, be._replayed_conv
+    if out_op is None:
+        pytest.skip("replaying is off (FUSED_RESNET_TRITON_REPLAY=0)")
+
+    def counted(name, op):
+        def call(*args):
+            calls[name] += 1
+            return op(*args)
+        return call
+
+    monkeypatch.setattr(be, "_replayed_conv_out", counted("out", out_op))
+    monkeypatch.setattr(be, "_replayed_conv", counted("full", full_op))
+    seed = randomize_(reference.Residual(4, 8, use_1x1conv=True, stride=2)).eval()
+    fused = fused_resnet.convert(copy.deepcopy(seed), backend="triton").eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        y = fused(x)
+        assert calls == {"out": 2, "full": 0}
+        args = (x, seed.conv1.weight, seed.conv1.bias, 2, 1, None, None, None, None, 0.0, None, None, None, None,
+                None, None, None, 1, False, True, False, torch.float32, False)
+        alone, first = out_op(*args), full_op(*args)[0]
+    assert isinstance(alone, torch.Tensor) and torch.equal(alone, first)
+    torch.testing.assert_close(y, seed(x), rtol=1e-4, atol=1e-5)

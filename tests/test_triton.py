@@ -190,8 +190,9 @@ def test_triton_operators_pass_opcheck(variant, fmt):
     device = "cuda" if HAS_CUDA else "cpu"
     args = _conv_args(device, torch.float32, FMT[fmt], **CONV_VARIANTS[variant])
     opcheck_primitives(ops.PREFIX, args)
-    if ops.replayed_conv_fused_op is not None:  # the convolution as eager inference calls it (replay.py)
+    if ops.replayed_conv_fused_op is not None:  # the convolution as eager calls it (replay.py)
         torch.library.opcheck(ops.replayed_conv_fused_op, args)
+        torch.library.opcheck(ops.replayed_conv_out_op, args)  # its first result alone: eager inference's
 
 
 def test_tuned_entries_key_the_training_variant_apart(monkeypatch):

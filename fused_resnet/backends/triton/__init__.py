@@ -31,8 +31,10 @@ class TritonBackend(Backend):
     def __init__(self) -> None:
         from ..extension import has_kernel
         self._block_node = has_kernel("block_train", "CompositeImplicitAutograd")
-        # fused_resnet::replayed_triton_conv_fused where the extension has it (conv_fused below)
+        # fused_resnet::replayed_triton_conv_fused / _out where the extension has them (conv_fused below)
         self._replayed_conv = ops.replayed_conv_fused_op if replay.ENABLED else None
+        self._replayed_conv_out = ops.replayed_conv_out_op if replay.ENABLED else None
+        self._no_output: dict[int, Tensor] = {}  # per device index (CPU: -1): an out-only call's empty fields
 
     # Training composed in C++ over this backend's operators (ops.py) where the extension is built: the
     # Python autograd Functions cost more host time than the kernels take at small shapes. Not in a dry run
@@ -85,7 +87,14 @@ class TritonBackend(Backend):
         if compiling:
             return ConvOut(*ops.conv_fused_op(*args))
         if replayed:
-            return ConvOut(*self._replayed_conv(*args))
+            if stats or sc_stats or (sc_weight is not None and sc_separate) or self._replayed_conv_out is None:
+                return ConvOut(*self._replayed_conv(*args))
+            # Only `out` is asked for (inference): the other fields one shared empty tensor, as launch_conv
+            # gives eager callers.
+            none = self._no_output.get(x.get_device())
+            if none is None:
+                none = self._no_output[x.get_device()] = torch.empty(0, device=x.device, dtype=torch.float32)
+            return ConvOut(self._replayed_conv_out(*args), none, none, none, none, none, none)
         return ConvOut(*conv_kernels.launch_conv(*args, distinct_placeholders=False))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,

@@ -343,7 +343,7 @@ def _dataflow(launches: list[Launch], fixed: set[int]) -> list[tuple]:
 
 def check_replayed_calls(arch: int = 90) -> list[str]:
     """Every launch of a block's training step composed in C++ (``block_train``) and of its inference call
-    (``replayed_triton_conv_fused``), taken through the Python launchers and replayed from C++
+    (``replayed_triton_conv_out``), taken through the Python launchers and replayed from C++
     (replay.py): the same variants, grids and arguments, each pointer argument the same input or the same
     tensor of the call's data flow. Returns the mismatches; empty when they agree and the replayed calls
     ran no Python launcher -- nor, where replay.py calls Triton's C ``launch`` directly (3.6, 3.8), the

@@ -95,6 +95,20 @@ if has_kernel("replayed_triton_conv_fused", "CompositeExplicitAutograd"):
     replayed_conv_fused_op = torch.ops.fused_resnet.replayed_triton_conv_fused.default
     torch.library.register_fake(replayed_conv_fused_op)(_conv_fused_fake)
 
+# fused_resnet::replayed_triton_conv_out: its first result (out) alone, for calls that want no other
+# (inference): a replayed call makes no tensor for the six empty ones, and Python wraps one result.
+replayed_conv_out_op = None
+if has_kernel("replayed_triton_conv_out", "CompositeExplicitAutograd"):
+    replayed_conv_out_op = torch.ops.fused_resnet.replayed_triton_conv_out.default
+
+    @torch.library.register_fake(replayed_conv_out_op)
+    def _conv_out_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale,
+                       in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype,
+                       sc_stats=False):
+        return _conv_fused_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean,
+                                in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu,
+                                stats, out_dtype, sc_stats)[0]
+
 
 @torch.library.register_fake(bn_finalize_op)
 def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):

@@ -2,7 +2,8 @@
 
 The training block composed in C++ (csrc/block_train.cpp, ``primitives="triton_"``) calls the Triton
 backend's operators (ops.py) a dozen times per step, eager inference its convolution operator twice per
-block (``fused_resnet::replayed_triton_conv_fused``). Each call's Python -- the launcher's plan, its
+block (``fused_resnet::replayed_triton_conv_out``: its first result alone; ``replayed_triton_conv_fused``
+where a call wants the statistics too). Each call's Python -- the launcher's plan, its
 allocations, the direct-launch key, the dispatcher's boxing into Python -- cost more host time than the
 kernels take at small shapes. So csrc/replay.cpp keys each call on everything the launcher's decisions
 read from its arguments (every tensor's dtype, device, sizes, strides and address modulo 16, which
