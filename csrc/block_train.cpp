@@ -30,6 +30,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
@@ -520,36 +521,32 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
   return Output::apply(at::TensorList(out.inputs), a);
 }
 
-T7 replayed_triton_conv_fused(const Tensor& x, const Tensor& weight, const Opt& bias, int64_t stride, int64_t padding,
-                              const Opt& bn_mean, const Opt& bn_var, const Opt& bn_gamma, const Opt& bn_beta,
-                              double bn_eps, const Opt& in_mean, const Opt& in_scale, const Opt& in_shift,
-                              const Opt& residual, const Opt& sc_x, const Opt& sc_weight, const Opt& sc_bias,
-                              int64_t sc_stride, bool sc_separate, bool relu, bool stats, at::ScalarType out_dtype,
-                              bool sc_stats) {
-  return ops("triton_").conv_fused.call(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps,
-                                        in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
-                                        sc_separate, relu, stats, out_dtype, sc_stats);
-}
-
-// replayed_triton_conv_fused's first result alone: a replayed call makes no tensor for the six others (at
-// inference all empty), and the caller wraps one result for Python, not seven.
-Tensor replayed_triton_conv_out(const Tensor& x, const Tensor& weight, const Opt& bias, int64_t stride, int64_t padding,
-                                const Opt& bn_mean, const Opt& bn_var, const Opt& bn_gamma, const Opt& bn_beta,
-                                double bn_eps, const Opt& in_mean, const Opt& in_scale, const Opt& in_shift,
-                                const Opt& residual, const Opt& sc_x, const Opt& sc_weight, const Opt& sc_bias,
-                                int64_t sc_stride, bool sc_separate, bool relu, bool stats, at::ScalarType out_dtype,
-                                bool sc_stats) {
-  return ops("triton_").conv_fused.first(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps,
-                                         in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
-                                         sc_separate, relu, stats, out_dtype, sc_stats);
+// fused_resnet::triton_conv_fused through its Replayer (replay.h): all seven results
+// (replayed_triton_conv_fused), or the first alone (replayed_triton_conv_out: a replayed call then makes no
+// tensor for the six others -- at inference all empty -- and the caller wraps one result for Python, not seven).
+template <bool kFirstOnly>
+std::conditional_t<kFirstOnly, Tensor, T7> replayed_triton_conv(
+    const Tensor& x, const Tensor& weight, const Opt& bias, int64_t stride, int64_t padding, const Opt& bn_mean,
+    const Opt& bn_var, const Opt& bn_gamma, const Opt& bn_beta, double bn_eps, const Opt& in_mean,
+    const Opt& in_scale, const Opt& in_shift, const Opt& residual, const Opt& sc_x, const Opt& sc_weight,
+    const Opt& sc_bias, int64_t sc_stride, bool sc_separate, bool relu, bool stats, at::ScalarType out_dtype,
+    bool sc_stats) {
+  const auto& conv = ops("triton_").conv_fused;
+  const auto args = std::forward_as_tuple(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps,
+                                          in_mean, in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride,
+                                          sc_separate, relu, stats, out_dtype, sc_stats);
+  if constexpr (kFirstOnly)
+    return std::apply([&](const auto&... a) { return conv.first(a...); }, args);
+  else
+    return std::apply([&](const auto&... a) { return conv.call(a...); }, args);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_resnet, CompositeImplicitAutograd, m) { m.impl("block_train", &block_train); }
 TORCH_LIBRARY_IMPL(fused_resnet, CompositeExplicitAutograd, m) {
-  m.impl("replayed_triton_conv_fused", &replayed_triton_conv_fused);
-  m.impl("replayed_triton_conv_out", &replayed_triton_conv_out);
+  m.impl("replayed_triton_conv_fused", &replayed_triton_conv<false>);
+  m.impl("replayed_triton_conv_out", &replayed_triton_conv<true>);
 }
 
 }  // namespace fused_resnet

@@ -102,12 +102,8 @@ if has_kernel("replayed_triton_conv_out", "CompositeExplicitAutograd"):
     replayed_conv_out_op = torch.ops.fused_resnet.replayed_triton_conv_out.default
 
     @torch.library.register_fake(replayed_conv_out_op)
-    def _conv_out_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean, in_scale,
-                       in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype,
-                       sc_stats=False):
-        return _conv_fused_fake(x, weight, bias, stride, padding, bn_mean, bn_var, bn_gamma, bn_beta, bn_eps, in_mean,
-                                in_scale, in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu,
-                                stats, out_dtype, sc_stats)[0]
+    def _conv_out_fake(*args, **kwargs):
+        return _conv_fused_fake(*args, **kwargs)[0]
 
 
 @torch.library.register_fake(bn_finalize_op)
