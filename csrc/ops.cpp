@@ -35,9 +35,10 @@ TORCH_LIBRARY(fused_resnet, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
   m.def(("conv_fused" + conv_fused_schema).c_str());
   // fused_resnet::triton_conv_fused (the Triton backend's operator), its calls replayed from C++ after a key's
-  // first (csrc/replay.h): the Triton backend's eager inference calls it. Not differentiable.
+  // first (csrc/replay.h): what the Triton backend's eager calls that want the statistics call. Not
+  // differentiable.
   m.def(("replayed_triton_conv_fused" + conv_fused_schema).c_str());
-  // Its first result (out) alone: for calls that want no other (inference).
+  // Its first result (out) alone: what eager inference calls (no tensor made for the six empty results).
   const std::string conv_out_schema = conv_fused_schema.substr(0, conv_fused_schema.rfind("->")) + "-> Tensor";
   m.def(("replayed_triton_conv_out" + conv_out_schema).c_str());
   // The CUDA conv_fused's launch configuration, for reading its kernels without a GPU (kernel_report.py:
