@@ -52,15 +52,18 @@ Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 // The primitives of one family: the extension's own kernels (fused_resnet::conv_fused, ...; ops.cpp declares
 // them) or another backend's operators with the same schemas under a prefix (fused_resnet::triton_conv_fused,
 // ...: fused_resnet/backends/triton/ops.py). Looked up once per family.
+// bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum,
+// num_batches_tracked)
+using FinalizeSig = T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const Opt&,
+                       const Opt&, double, const Opt&);
+
 struct Ops {
   std::string prefix;  // what block_train's `primitives` named: the nodes save it for their backward
   Prim<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&,
                               const Opt&, const Opt&, double, const Opt&, const Opt&, const Opt&, const Opt&,
                               const Opt&, const Opt&, const Opt&, int64_t, bool, bool, bool, at::ScalarType, bool)>
       conv_fused;
-  Prim<T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                              const Opt&, const Opt&, double)>
-      bn_finalize;
+  Prim<FinalizeSig> bn_finalize;
   Prim<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, bool,
                                   at::ScalarType, const Opt&, const Opt&, const Opt&)>
       bn_act;
@@ -96,8 +99,7 @@ const Ops& ops(const std::string& prefix) {
           op<T7(const Tensor&, const Tensor&, const Opt&, int64_t, int64_t, const Opt&, const Opt&, const Opt&,
                 const Opt&, double, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&,
                 int64_t, bool, bool, bool, at::ScalarType, bool)>(prefix, "conv_fused"),
-          op<T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const Opt&,
-                const Opt&, double)>(prefix, "bn_finalize"),
+          op<FinalizeSig>(prefix, "bn_finalize"),
           op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, bool, at::ScalarType,
                     const Opt&, const Opt&, const Opt&)>(prefix, "bn_act"),
           op<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(prefix,
@@ -113,13 +115,18 @@ const Ops& ops(const std::string& prefix) {
 //   config: L, kind, (stride_i, padding_i) per chain conv, shortcut stride, batch_stats per chain BN, the
 //           shortcut BN's batch_stats
 //   eps_factors: (eps_i, factor_i) per chain BN, then the shortcut BN's; factor < 0: no running-stat update
+// A BN's buffers: running mean and variance, and num_batches_tracked (undefined where absent).
+struct Running {
+  Opt mean, var, count;
+};
+
 struct Plan {
   int64_t L = 0, kind = 0, sc_stride = 1;
   std::array<int64_t, 3> stride{}, padding{};
   std::array<bool, 4> batch_stats{};  // chain BNs, then the shortcut's
   std::array<double, 4> eps{}, factor{};
   std::vector<Tensor> kernel_weights;  // the weights as the kernels read them (chain, then shortcut)
-  std::vector<Opt> running_mean, running_var;
+  std::vector<Running> running;  // chain BNs, then the shortcut's
 
   static int64_t size_for(int64_t L) { return 2 + 2 * L + 1 + L + 1; }
 };
@@ -135,20 +142,21 @@ struct Fold {  // bn_finalize's (scale, shift, mean, invstd)
   Tensor scale, shift, mean, invstd;
 };
 
-// A BN's normalizer: from the tiles' statistics (updating the running statistics when factor >= 0, their
-// version counters bumped as an in-place PyTorch op would), or from the running statistics.
+// A BN's normalizer: from the tiles' statistics (updating the running statistics when factor >= 0 and
+// counting the batch in r.count when given, their version counters bumped as an in-place PyTorch op would), or
+// from the running statistics.
 Fold normalize(const Ops& o, const Tensor& pm, const Tensor& pm2, const Tensor& pc, bool batch_stats,
-               const Tensor& gamma, const Tensor& beta, double eps, const Opt& rm, const Opt& rv, double factor) {
+               const Tensor& gamma, const Tensor& beta, double eps, const Running& r, double factor) {
   if (!batch_stats) {  // functional.bn_fold's arithmetic
-    const Tensor invstd = at::rsqrt(rv->to(at::kFloat) + eps);
-    return {gamma.to(at::kFloat) * invstd, beta.to(at::kFloat), rm->to(at::kFloat), invstd};
+    const Tensor invstd = at::rsqrt(r.var->to(at::kFloat) + eps);
+    return {gamma.to(at::kFloat) * invstd, beta.to(at::kFloat), r.mean->to(at::kFloat), invstd};
   }
   const bool update = factor >= 0;
-  auto [scale, shift, mean, invstd] = o.bn_finalize.call(pm, pm2, pc, gamma, beta, eps, update ? rm : Opt(),
-                                                         update ? rv : Opt(), factor);
+  auto [scale, shift, mean, invstd] = o.bn_finalize.call(pm, pm2, pc, gamma, beta, eps, update ? r.mean : Opt(),
+                                                         update ? r.var : Opt(), factor, update ? r.count : Opt());
   if (update)
-    for (const Tensor& t : {*rm, *rv})
-      if (!t.is_inference()) torch::autograd::impl::bump_version(t);
+    for (const Opt* t : {&r.mean, &r.var, &r.count})
+      if (t->has_value() && !(*t)->is_inference()) torch::autograd::impl::bump_version(**t);
   return {scale, shift, mean, invstd};
 }
 
@@ -289,7 +297,7 @@ struct BnReluConvArgs {
   const Ops& o;  // the primitives
   std::vector<int64_t> pos;
   Tensor part_mean, part_m2, part_count, kernel_weight, sc_kernel_weight;
-  Opt running_mean, running_var;
+  Running running;
   int64_t stride, padding, sc_stride;
   bool bs_prev, bs_next, sc_stats;
   double eps, factor;
@@ -307,8 +315,7 @@ class BnReluConv : public torch::autograd::Function<BnReluConv> {
     Fold f;
     {
       RECORD_USER_SCOPE("fused_resnet::F bn_finalize");
-      f = normalize(o, a.part_mean, a.part_m2, a.part_count, a.bs_prev, gamma, beta, a.eps, a.running_mean,
-                    a.running_var, a.factor);
+      f = normalize(o, a.part_mean, a.part_m2, a.part_count, a.bs_prev, gamma, beta, a.eps, a.running, a.factor);
     }
     RECORD_USER_SCOPE(with_sc ? "fused_resnet::K bn+relu>conv+stats+conv1x1" : "fused_resnet::K bn+relu>conv+stats");
     auto [z, s, pm, pm2, pc, sc_pm, sc_pm2] = o.conv_fused.call(
@@ -362,7 +369,7 @@ struct OutputArgs {
   const Ops& o;  // the primitives
   std::vector<int64_t> pos;
   Tensor part_mean, part_m2, part_count, sc_part_mean, sc_part_m2;
-  Opt running_mean, running_var, sc_running_mean, sc_running_var;
+  Running running, sc_running;
   int64_t kind;
   bool bs, sc_bs;
   double eps, factor, sc_eps, sc_factor;
@@ -378,14 +385,13 @@ class Output : public torch::autograd::Function<Output> {
     Fold f, fs;
     {
       RECORD_USER_SCOPE("fused_resnet::F bn_finalize");
-      f = normalize(o, a.part_mean, a.part_m2, a.part_count, a.bs, gamma, beta, a.eps, a.running_mean, a.running_var,
-                    a.factor);
+      f = normalize(o, a.part_mean, a.part_m2, a.part_count, a.bs, gamma, beta, a.eps, a.running, a.factor);
     }
     const bool sc_bn = a.kind == 2;
     if (sc_bn) {
       RECORD_USER_SCOPE("fused_resnet::F shortcut bn_finalize");
       fs = normalize(o, a.sc_part_mean, a.sc_part_m2, a.part_count, a.sc_bs, sc_gamma, sc_beta, a.sc_eps,
-                     a.sc_running_mean, a.sc_running_var, a.sc_factor);
+                     a.sc_running, a.sc_factor);
     }
     const at::ScalarType out_dtype = c10::promoteTypes(z.scalar_type(), s.scalar_type());
     Tensor out;
@@ -435,16 +441,9 @@ class Output : public torch::autograd::Function<Output> {
   }
 };
 
-std::vector<Opt> optionals(const c10::List<Opt>& list) {
-  std::vector<Opt> out;
-  out.reserve(list.size());
-  for (const Opt& t : list) out.push_back(t);
-  return out;
-}
-
 Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights, const c10::List<Opt>& running_means,
-                   const c10::List<Opt>& running_vars, at::IntArrayRef config, at::ArrayRef<double> eps_factors,
-                   c10::string_view primitives) {
+                   const c10::List<Opt>& running_vars, const c10::List<Opt>& batch_counts, at::IntArrayRef config,
+                   at::ArrayRef<double> eps_factors, c10::string_view primitives) {
   const char* name = "block_train";
   TORCH_CHECK(config.size() >= 2 && (config[0] == 2 || config[0] == 3) && config[1] >= 0 && config[1] <= 2, name,
               ": config must start with the chain length (2 or 3) and the shortcut kind (0, 1 or 2)");
@@ -459,8 +458,9 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
               " entries for a chain of ", L, ", got ", tensors.size());
   TORCH_CHECK(static_cast<int64_t>(kernel_weights.size()) == L + (p.kind != 0), name, ": kernel_weights must have ",
               L + (p.kind != 0), " entries, got ", kernel_weights.size());
-  TORCH_CHECK(static_cast<int64_t>(running_means.size()) == L + 1 && static_cast<int64_t>(running_vars.size()) == L + 1,
-              name, ": running_means and running_vars must have ", L + 1, " entries");
+  TORCH_CHECK(static_cast<int64_t>(running_means.size()) == L + 1 && static_cast<int64_t>(running_vars.size()) == L + 1 &&
+                  static_cast<int64_t>(batch_counts.size()) == L + 1,
+              name, ": running_means, running_vars and batch_counts must have ", L + 1, " entries");
   for (int64_t i = 0; i < L; ++i) p.stride[i] = config[2 + 2 * i], p.padding[i] = config[3 + 2 * i];
   p.sc_stride = config[2 + 2 * L];
   for (int64_t i = 0; i < L; ++i) p.batch_stats[i] = config[3 + 2 * L + i] != 0;
@@ -470,8 +470,8 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
     p.eps[at] = eps_factors[2 * i], p.factor[at] = eps_factors[2 * i + 1];
   }
   p.kernel_weights = kernel_weights.vec();
-  p.running_mean = optionals(running_means);
-  p.running_var = optionals(running_vars);
+  p.running.reserve(L + 1);
+  for (int64_t i = 0; i <= L; ++i) p.running.push_back({running_means.get(i), running_vars.get(i), batch_counts.get(i)});
   std::vector<Tensor> v;
   v.reserve(tensors.size());
   for (const Opt& t : tensors) v.push_back(t.has_value() ? *t : Tensor());
@@ -481,12 +481,12 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
     const int b = w_at(static_cast<int>(i));
     TORCH_CHECK(v[b].defined() && v[b + 2].defined() && v[b + 3].defined(), name, ": chain conv ", i,
                 " needs its weight and its BN's gamma and beta");
-    TORCH_CHECK(p.batch_stats[i] || (p.running_mean[i].has_value() && p.running_var[i].has_value()), name, ": BN ", i,
+    TORCH_CHECK(p.batch_stats[i] || (p.running[i].mean.has_value() && p.running[i].var.has_value()), name, ": BN ", i,
                 " without batch statistics needs running statistics");
   }
   TORCH_CHECK(p.kind == 0 || v[sc].defined(), name, ": the shortcut convolution needs its weight");
   TORCH_CHECK(p.kind != 2 || (v[sc + 2].defined() && v[sc + 3].defined() &&
-                              (p.batch_stats[3] || (p.running_mean[L].has_value() && p.running_var[L].has_value()))),
+                              (p.batch_stats[3] || (p.running[L].mean.has_value() && p.running[L].var.has_value()))),
               name, ": the shortcut's BN needs gamma, beta and (without batch statistics) running statistics");
 
   const Ops& prims = ops(std::string(primitives));  // an unknown family fails here, before anything runs
@@ -505,7 +505,7 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
     Slots slots{k[0], v[prev + 2], v[prev + 3], v[cur], v[cur + 1], with_sc ? x : Tensor(), with_sc ? v[sc] : Tensor(),
                 with_sc ? v[sc + 1] : Tensor()};
     BnReluConvArgs a{prims, slots.pos, k[1], k[2], k[3], p.kernel_weights[i], with_sc ? p.kernel_weights[L] : Tensor(),
-                     p.running_mean[i - 1], p.running_var[i - 1], p.stride[i], p.padding[i], with_sc ? p.sc_stride : 1,
+                     p.running[i - 1], p.stride[i], p.padding[i], with_sc ? p.sc_stride : 1,
                      p.batch_stats[i - 1], p.batch_stats[i], with_sc && p.kind == 2 && p.batch_stats[3], p.eps[i - 1],
                      p.factor[i - 1]};
     k = BnReluConv::apply(at::TensorList(slots.inputs), a);
@@ -515,9 +515,8 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
   const bool sc_bn = p.kind == 2;
   Slots out{k[0], v[last + 2], v[last + 3], p.kind == 0 ? v[kXRes] : s, sc_bn ? v[sc + 2] : Tensor(),
             sc_bn ? v[sc + 3] : Tensor()};
-  OutputArgs a{prims, out.pos, k[1], k[2], k[3], sc_pm, sc_pm2, p.running_mean[L - 1], p.running_var[L - 1],
-               sc_bn ? p.running_mean[L] : Opt(), sc_bn ? p.running_var[L] : Opt(), p.kind, p.batch_stats[L - 1],
-               p.batch_stats[3], p.eps[L - 1], p.factor[L - 1], p.eps[3], p.factor[3]};
+  OutputArgs a{prims, out.pos, k[1], k[2], k[3], sc_pm, sc_pm2, p.running[L - 1], sc_bn ? p.running[L] : Running{},
+               p.kind, p.batch_stats[L - 1], p.batch_stats[3], p.eps[L - 1], p.factor[L - 1], p.eps[3], p.factor[3]};
   return Output::apply(at::TensorList(out.inputs), a);
 }
 

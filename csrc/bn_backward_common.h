@@ -45,13 +45,15 @@ inline void check_bn_apply_vectors(const char* op, const at::Tensor& z, const at
   TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
 }
 
-// bn_finalize's arguments: (tiles, C) float32 partials on one device, per-channel gamma/beta and optional
-// running statistics (contiguous, one dtype). Returns (T, C).
+// bn_finalize's arguments: (tiles, C) float32 partials on one device, per-channel gamma/beta, optional
+// running statistics (contiguous, one dtype) and an optional batch count (one int64 element, BatchNorm2d's
+// num_batches_tracked). Returns (T, C).
 inline std::pair<int64_t, int64_t> check_bn_finalize(const at::Tensor& part_mean, const at::Tensor& part_m2,
                                                      const at::Tensor& part_count, const at::Tensor& gamma,
                                                      const at::Tensor& beta,
                                                      const c10::optional<at::Tensor>& running_mean,
                                                      const c10::optional<at::Tensor>& running_var,
+                                                     const c10::optional<at::Tensor>& num_batches_tracked,
                                                      c10::DeviceType device) {
   const char* op = "bn_finalize";
   TORCH_CHECK(part_mean.dim() == 2 && part_m2.sizes() == part_mean.sizes(), op,
@@ -74,6 +76,13 @@ inline std::pair<int64_t, int64_t> check_bn_finalize(const at::Tensor& part_mean
     TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous() &&
                     running_mean->scalar_type() == running_var->scalar_type(),
                 op, ": running_mean and running_var must be contiguous and of one dtype");
+  }
+  if (num_batches_tracked.has_value()) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1 &&
+                    num_batches_tracked->device() == part_mean.device(),
+                op, ": num_batches_tracked must be one int64 element on ", part_mean.device(), ", got ",
+                num_batches_tracked->scalar_type(), " of shape ", num_batches_tracked->sizes(), " on ",
+                num_batches_tracked->device());
   }
   return {T, C};
 }

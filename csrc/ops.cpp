@@ -50,9 +50,11 @@ TORCH_LIBRARY(fused_resnet, m) {
   // s (F.unfold's order), zeros in the padding. For tests and for inspecting the addressing.
   m.def("im2col(Tensor x, int kernel, int stride, int padding) -> Tensor");
   // Merge per-tile statistics into (scale, shift, mean, invstd) per channel, y = (z - mean) * scale + shift;
-  // updates the running statistics in place (unbiased variance) when they are given.
+  // updates the running statistics in place (unbiased variance) when they are given, and counts the batch in
+  // num_batches_tracked (one int64 element) when it is given: BatchNorm2d's add_(1) without a launch of its own.
   m.def("bn_finalize(Tensor part_mean, Tensor part_m2, Tensor part_count, Tensor gamma, Tensor beta, float eps, "
-        "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, Tensor(c!)? num_batches_tracked=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // Per-channel sum(gm) and sum(gm * xhat), gm = where(mask_src <= 0, 0, grad) (ReLU's backward, as aten's
   // threshold_backward: a NaN mask_src passes its gradient), xhat = (z - mean) * invstd.
   m.def("bn_backward_reduce(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd) -> (Tensor, Tensor)");
@@ -63,7 +65,9 @@ TORCH_LIBRARY(fused_resnet, m) {
   // above or, with primitives="triton_", the Triton backend's operators of the same schemas
   // (fused_resnet::triton_conv_fused, ...). tensors: x, x_res, then (weight, bias, gamma, beta) per chain conv
   // and BN, then the shortcut's; config and eps_factors as that file's Plan says. Updates the running
-  // statistics of BNs with factor >= 0.
+  // statistics of BNs with factor >= 0 and counts the batch in their batch_counts entries (num_batches_tracked)
+  // given.
   m.def("block_train(Tensor?[] tensors, Tensor[] kernel_weights, Tensor(a!)?[] running_means, "
-        "Tensor(b!)?[] running_vars, int[] config, float[] eps_factors, str primitives=\"\") -> Tensor");
+        "Tensor(b!)?[] running_vars, Tensor(c!)?[] batch_counts, int[] config, float[] eps_factors, "
+        "str primitives=\"\") -> Tensor");
 }

@@ -143,29 +143,31 @@ def _uses_batch_stats(bn: Optional[nn.Module]) -> bool:
     return bn is not None and (bn.training or bn._buffers.get("running_mean") is None)
 
 
-def _bn_update_factor(bn: Optional[nn.Module]) -> float:
-    """Count the batch and return the running-stat factor exactly as ``BatchNorm2d.forward`` does; -1 when
-    nothing is updated (eval mode, or no running statistics)."""
+def _bn_update(bn: Optional[nn.Module]) -> tuple[float, Optional[Tensor]]:
+    """The running-stat factor exactly as ``BatchNorm2d.forward`` computes it (-1 when nothing is updated:
+    eval mode, or no running statistics) and the batch counter ``bn_finalize`` increments in its kernel
+    (``num_batches_tracked``; no launch of its own). With ``momentum=None`` the factor is 1 / count, so the
+    batch is counted here, on the host, and no counter is passed."""
     if bn is None or not bn.training:
-        return -1.0
+        return -1.0, None
     buffers = bn._buffers
     if buffers.get("running_mean") is None:
-        return -1.0
+        return -1.0, None
     tracked = buffers.get("num_batches_tracked")
-    if tracked is not None:
-        tracked.add_(1)
     if bn.momentum is None:
-        return 1.0 / float(tracked)
-    return bn.momentum
+        tracked.add_(1)
+        return 1.0 / float(tracked), None
+    return bn.momentum, tracked
 
 
 def _normalizer(be: Backend, part: tuple, batch_stats: bool, gamma: Tensor, beta: Tensor, eps: float,
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
-                group=None) -> tuple[BNFold, Optional[Tensor]]:
+                tracked: Optional[Tensor], group=None) -> tuple[BNFold, Optional[Tensor]]:
     """A BN's (scale, shift, mean, invstd): from the per-tile statistics ``part`` (updating the running
-    statistics when ``factor >= 0``), or from the running statistics. Synchronized over ``group``: this
-    process's tiles merged into one row, every rank's row gathered and merged in rank order; then also
-    the global count (a device tensor, for the backward), else None."""
+    statistics when ``factor >= 0``, and counting the batch in ``tracked`` when given), or from the running
+    statistics. Synchronized over ``group``: this process's tiles merged into one row, every rank's row
+    gathered and merged in rank order; then also the global count (a device tensor, for the backward), else
+    None."""
     if not batch_stats:
         return bn_fold(running_mean, running_var, gamma, beta, eps), None
     count = None
@@ -173,10 +175,11 @@ def _normalizer(be: Backend, part: tuple, batch_stats: bool, gamma: Tensor, beta
         part = sync.gather_partials(*be.bn_merge(*part), group)
         count = part[2].sum()
     update = factor >= 0
+    tracked = tracked if update else None
     fold = be.bn_finalize(*part, gamma, beta, eps, running_mean if update else None,
-                          running_var if update else None, factor)
+                          running_var if update else None, factor, tracked)
     if update and not torch.compiler.is_compiling():
-        _updated(running_mean, running_var)
+        _updated(running_mean, running_var, *(() if tracked is None else (tracked,)))
     return fold, count
 
 
@@ -279,13 +282,13 @@ class _BnReluConv(torch.autograd.Function):
                 factor: float, group, z: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor,
                 gamma: Tensor, beta: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 w: Tensor, b: Optional[Tensor], sc_x: Optional[Tensor], sc_w: Optional[Tensor],
-                sc_b: Optional[Tensor]):
+                sc_b: Optional[Tensor], tracked: Optional[Tensor]):
         be: Backend = get_backend(backend_name)
         stride, padding, sc_stride = geometry
         bs_prev, bs_next, sc_bs = flags
         with stage("F bn_finalize"):
             f, ctx.global_count = _normalizer(be, (part_mean, part_m2, part_count), bs_prev, gamma, beta, eps,
-                                              running_mean, running_var, factor, group)
+                                              running_mean, running_var, factor, tracked, group)
         ctx.group = group
         with stage("K bn+relu>conv+stats" + ("+conv1x1" if sc_w is not None else "")):
             k = be.conv_fused(z, w, b, stride=stride, padding=padding, in_mean=f.mean, in_scale=f.scale,
@@ -324,7 +327,7 @@ class _BnReluConv(torch.autograd.Function):
         pd = ctx.param_dtype
         return (None, None, None, None, None, None, dz_prev, None, None, None,
                 _as(sgx, pd) if needs[10] else None, _as(sg, pd) if needs[11] else None, None, None,
-                dw, db, dx, dsw, dsb)
+                dw, db, dx, dsw, dsb, None)
 
 
 class _Output(torch.autograd.Function):
@@ -337,18 +340,19 @@ class _Output(torch.autograd.Function):
                 sc_factor: float, groups: tuple, z: Tensor, part_mean: Tensor, part_m2: Tensor, part_count: Tensor,
                 gamma: Tensor, beta: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], s: Tensor,
                 sc_part_mean: Optional[Tensor], sc_part_m2: Optional[Tensor], sc_gamma: Optional[Tensor],
-                sc_beta: Optional[Tensor], sc_running_mean: Optional[Tensor], sc_running_var: Optional[Tensor]):
+                sc_beta: Optional[Tensor], sc_running_mean: Optional[Tensor], sc_running_var: Optional[Tensor],
+                tracked: Optional[Tensor], sc_tracked: Optional[Tensor]):
         be: Backend = get_backend(backend_name)
         bs, sc_bs = flags
         with stage("F bn_finalize"):
             f, ctx.global_count = _normalizer(be, (part_mean, part_m2, part_count), bs, gamma, beta, eps,
-                                              running_mean, running_var, factor, groups[0])
+                                              running_mean, running_var, factor, tracked, groups[0])
         res_bn, fs, ctx.sc_global_count = None, None, None
         if kind == "conv+bn":
             with stage("F shortcut bn_finalize"):
                 fs, ctx.sc_global_count = _normalizer(be, (sc_part_mean, sc_part_m2, part_count), sc_bs, sc_gamma,
                                                       sc_beta, sc_eps, sc_running_mean, sc_running_var, sc_factor,
-                                                      groups[1])
+                                                      sc_tracked, groups[1])
             res_bn = (fs.mean, fs.scale, fs.shift)
         ctx.groups = groups
         out_dtype = torch.promote_types(z.dtype, s.dtype)
@@ -384,7 +388,7 @@ class _Output(torch.autograd.Function):
             ds = gm if gm.dtype == ctx.s_dtype else gm.to(ctx.s_dtype)
         return (None, None, None, None, None, None, None, None, dz, None, None, None,
                 _as(sgx, pd) if needs[12] else None, _as(sg, pd) if needs[13] else None, None, None,
-                ds, None, None, dsg, dsb, None, None)
+                ds, None, None, dsg, dsb, None, None, None, None)
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
@@ -468,20 +472,22 @@ def _training(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weig
         conv, _ = chain[i]
         last = i == len(chain) - 1
         with_sc = last and sc_conv is not None
+        factor, tracked = _bn_update(prev_bn)
         z, pm, pm2, pc, s, sc_pm, sc_pm2 = _BnReluConv.apply(
             be.name, (conv.stride[0], conv.padding[0], sc_conv.stride[0] if with_sc else 1),
-            (bs[i - 1], bs[i], with_sc and sc_bn is not None and sc_bs), prev_bn.eps, _bn_update_factor(prev_bn),
+            (bs[i - 1], bs[i], with_sc and sc_bn is not None and sc_bs), prev_bn.eps, factor,
             groups[i - 1], z, pm, pm2, pc, *_bn_params(prev_bn), weights[i], conv.bias,
-            x if with_sc else None, sc_weight if with_sc else None, sc_conv.bias if with_sc else None)
+            x if with_sc else None, sc_weight if with_sc else None, sc_conv.bias if with_sc else None, tracked)
     last_bn = chain[-1][1]
     kind = "identity" if sc_conv is None else "conv" if sc_bn is None else "conv+bn"
-    factor = _bn_update_factor(last_bn)
-    sc_factor = _bn_update_factor(sc_bn)
+    factor, tracked = _bn_update(last_bn)
+    sc_factor, sc_tracked = _bn_update(sc_bn)
     return _Output.apply(
         be.name, kind, (bs[-1], sc_bs), last_bn.eps, sc_bn.eps if sc_bn is not None else 0.0, factor, sc_factor,
         (groups[len(chain) - 1], groups[len(chain)] if sc_bn is not None else None),
         z, pm, pm2, pc, *_bn_params(last_bn), x_res if kind == "identity" else s,
-        sc_pm if kind == "conv+bn" else None, sc_pm2 if kind == "conv+bn" else None, *_bn_params(sc_bn))
+        sc_pm if kind == "conv+bn" else None, sc_pm2 if kind == "conv+bn" else None, *_bn_params(sc_bn), tracked,
+        sc_tracked)
 
 
 def _training_node(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,
@@ -491,7 +497,7 @@ def _training_node(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor,
     sc_conv, sc_bn = shortcut if shortcut is not None else (None, None)
     kind = 0 if sc_conv is None else 1 if sc_bn is None else 2
     tensors = [x, x_res if kind == 0 else None]
-    kernel_weights, means, variances = [], [], []
+    kernel_weights, means, variances, counts = [], [], [], []
     geometry, stats, eps_factors = [], [], []
     for (conv, bn), w in zip(chain, weights):
         p, b = bn._parameters, bn._buffers
@@ -501,7 +507,9 @@ def _training_node(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor,
         stats.append(_uses_batch_stats(bn))
         means.append(b.get("running_mean"))
         variances.append(b.get("running_var"))
-        eps_factors += (bn.eps, _bn_update_factor(bn))
+        factor, tracked = _bn_update(bn)
+        counts.append(tracked)
+        eps_factors += (bn.eps, factor)
     if sc_conv is None:
         tensors += (None, None, None, None)
         geometry.append(1)
@@ -514,6 +522,7 @@ def _training_node(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor,
             tensors += (None, None)
         means.append(None)
         variances.append(None)
+        counts.append(None)
         stats.append(False)
         eps_factors += (0.0, -1.0)
     else:
@@ -522,8 +531,10 @@ def _training_node(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor,
         means.append(b.get("running_mean"))
         variances.append(b.get("running_var"))
         stats.append(_uses_batch_stats(sc_bn))
-        eps_factors += (sc_bn.eps, _bn_update_factor(sc_bn))
-    return torch.ops.fused_resnet.block_train.default(tensors, kernel_weights, means, variances,
+        factor, tracked = _bn_update(sc_bn)
+        counts.append(tracked)
+        eps_factors += (sc_bn.eps, factor)
+    return torch.ops.fused_resnet.block_train.default(tensors, kernel_weights, means, variances, counts,
                                                       [len(chain), kind, *geometry, *stats], eps_factors,
                                                       be.primitives)
 

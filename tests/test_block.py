@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_resnet
 from fused_resnet import reference
@@ -73,6 +74,41 @@ def test_running_statistics_after_several_steps(device, dtype, backend, momentum
     stats = {c.name for c in checks}
     assert {"bn1.running_mean", "bn2.running_var", "bn2.num_batches_tracked"} <= stats
     assert not failures(checks), "\n".join(failures(checks))
+
+
+class _CounterAdds(TorchDispatchMode):
+    """Counts in-place additions to int64 tensors (what BatchNorm2d's num_batches_tracked.add_(1) is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._overloadpacket is torch.ops.aten.add_ and args[0].dtype == torch.int64:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("device,dtype,backend", [p for p in _params(True) if p.values[2] != "torch"])
+def test_batches_are_counted_in_the_finalize_kernel(device, dtype, backend, momentum):
+    """num_batches_tracked counts each training batch of every BN (as eager's) with no operator of its own:
+    bn_finalize's kernel counts it; with momentum=None (the factor is 1 / count) the host counts it, one
+    add_ per BN and batch. Its version counter moves as an in-place operator's would."""
+    case = next(c for c in SMALL_BLOCK_CASES if c.use_1x1conv)
+    fused, _ = _pair(case, backend)
+    fused = fused.to(device, dtype).train()
+    bns = [m for m in fused.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.momentum = momentum
+    versions = [bn.num_batches_tracked._version for bn in bns]
+    x = torch.randn(case.input_shape, device=device, dtype=dtype, requires_grad=True)
+    with _CounterAdds() as adds:
+        for _ in range(3):
+            fused(x).sum().backward()
+    assert [int(bn.num_batches_tracked) for bn in bns] == [3] * len(bns)
+    assert adds.calls == (0 if momentum is not None else 3 * len(bns))
+    assert all(bn.num_batches_tracked._version >= v + 3 for bn, v in zip(bns, versions))
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

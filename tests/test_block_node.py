@@ -218,8 +218,10 @@ def _op_args(requires_grad: bool):
     w1, w2, sw = t(5, 3, 3, 3), t(5, 5, 3, 3), t(5, 3, 1, 1)
     tensors = [x, None, w1, t(5), 1 + t(5).detach(), t(5), w2, t(5), 1 + t(5).detach(), t(5), sw, t(5), None, None]
     means, variances = [torch.zeros(5), torch.zeros(5), None], [torch.ones(5), torch.ones(5), None]
+    counts = [torch.tensor(3), torch.tensor(3), None]  # num_batches_tracked of the chain BNs
     config = [2, 1, 2, 1, 1, 1, 2, 1, 1, 0]  # L, kind, (stride, padding) x 2, shortcut stride, batch stats x 3
-    return tensors, [w1.detach(), w2.detach(), sw.detach()], means, variances, config, [1e-5, 0.1, 1e-5, 0.1, 0.0, -1.0]
+    return (tensors, [w1.detach(), w2.detach(), sw.detach()], means, variances, counts, config,
+            [1e-5, 0.1, 1e-5, 0.1, 0.0, -1.0])
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
@@ -229,20 +231,24 @@ def test_block_train_passes_opcheck(requires_grad):
 
 def test_block_train_rejects_bad_arguments():
     op = torch.ops.fused_resnet.block_train.default
-    tensors, kw, means, variances, config, ef = _op_args(False)
+    tensors, kw, means, variances, counts, config, ef = _op_args(False)
     with pytest.raises(RuntimeError, match="chain length"):
-        op(tensors, kw, means, variances, [4] + config[1:], ef)
+        op(tensors, kw, means, variances, counts, [4] + config[1:], ef)
     with pytest.raises(RuntimeError, match="config must have 10 entries"):
-        op(tensors, kw, means, variances, config[:-1], ef)
+        op(tensors, kw, means, variances, counts, config[:-1], ef)
     with pytest.raises(RuntimeError, match="tensors must have 14 entries"):
-        op(tensors[:-1], kw, means, variances, config, ef)
+        op(tensors[:-1], kw, means, variances, counts, config, ef)
     with pytest.raises(RuntimeError, match="kernel_weights must have 3 entries"):
-        op(tensors, kw[:2], means, variances, config, ef)
+        op(tensors, kw[:2], means, variances, counts, config, ef)
+    with pytest.raises(RuntimeError, match="batch_counts must have 3 entries"):
+        op(tensors, kw, means, variances, counts[:2], config, ef)
     with pytest.raises(RuntimeError, match="needs its weight"):
-        op(tensors[:2] + [None] + tensors[3:], kw, means, variances, config, ef)
+        op(tensors[:2] + [None] + tensors[3:], kw, means, variances, counts, config, ef)
     no_stats = config[:7] + [0, 1, 0]  # the first BN without batch statistics, and no running statistics
     with pytest.raises(RuntimeError, match="BN 0 without batch statistics needs running statistics"):
-        op(tensors, kw, [None] * 3, [None] * 3, no_stats, ef)
+        op(tensors, kw, [None] * 3, [None] * 3, [None] * 3, no_stats, ef)
+    with pytest.raises(RuntimeError, match="num_batches_tracked must be one int64 element"):
+        op(tensors, kw, means, variances, [torch.tensor(3.0)] + counts[1:], config, ef)
 
 
 def _needed(path) -> list[str]:

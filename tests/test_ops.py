@@ -156,6 +156,7 @@ def opcheck_primitives(prefix: str, conv_args: tuple) -> None:
         fin = (pm, pq, pc, torch.ones(k, device=device), torch.zeros(k, device=device), 1e-5, rm, rv, 0.1)
         torch.library.opcheck(op("bn_finalize"), fin)
         torch.library.opcheck(op("bn_finalize"), fin[:6] + (None, None, 0.1))
+        torch.library.opcheck(op("bn_finalize"), fin + (torch.tensor(5, device=device),))
     z = out
     c = z.shape[1]
     mean, invstd = torch.randn(c, device=device), 0.5 + torch.rand(c, device=device)
@@ -220,6 +221,10 @@ def test_conv_fused_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="part_count must be"):
         torch.ops.fused_resnet.bn_finalize(torch.zeros(3, 4), torch.zeros(3, 4), torch.ones(2), torch.ones(4),
                                            torch.zeros(4), 1e-5, None, None, 0.1)
+    for bad in (torch.tensor(3.0), torch.tensor([3, 4]), torch.tensor(3, dtype=torch.int32)):
+        with pytest.raises(RuntimeError, match="num_batches_tracked must be one int64 element"):
+            torch.ops.fused_resnet.bn_finalize(torch.zeros(3, 4), torch.ones(3, 4), torch.ones(3), torch.ones(4),
+                                               torch.zeros(4), 1e-5, None, None, 0.1, bad)
     with pytest.raises(RuntimeError, match="grad must have z's shape"):
         z = torch.randn(2, 3, 4, 4)
         torch.ops.fused_resnet.bn_backward_reduce(torch.randn(2, 3, 4, 5), z, z, torch.zeros(3), torch.ones(3))

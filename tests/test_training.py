@@ -30,12 +30,15 @@ def test_bn_finalize_matches_torch(backend, update):
     gamma, beta = 1 + 0.2 * torch.randn(c, device=DEVICE), 0.2 * torch.randn(c, device=DEVICE)
     rm, rv = torch.randn(c, device=DEVICE), 0.5 + torch.rand(c, device=DEVICE)
     rm2, rv2 = rm.clone(), rv.clone()
-    got = be.bn_finalize(*part, gamma, beta, 1e-5, rm if update else None, rv if update else None, 0.3)
+    tracked = torch.tensor(41, device=DEVICE)  # num_batches_tracked: counted in the kernel when given
+    got = be.bn_finalize(*part, gamma, beta, 1e-5, rm if update else None, rv if update else None, 0.3,
+                         tracked if update else None)
     want = REF.bn_finalize(*part, gamma, beta, 1e-5, rm2 if update else None, rv2 if update else None, 0.3)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-6
     torch.testing.assert_close(rm, rm2, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rv, rv2, rtol=1e-6, atol=1e-6)
+    assert tracked.item() == (42 if update else 41)
 
 
 @pytest.mark.parametrize("backend", [b for b in TRAIN_BACKENDS if b != "torch"])

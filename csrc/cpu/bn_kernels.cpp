@@ -22,9 +22,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
     const at::Tensor& part_mean, const at::Tensor& part_m2, const at::Tensor& part_count, const at::Tensor& gamma,
     const at::Tensor& beta, double eps, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, double momentum) {
+    const c10::optional<at::Tensor>& running_var, double momentum,
+    const c10::optional<at::Tensor>& num_batches_tracked) {
   const auto [T, C] = check_bn_finalize(part_mean, part_m2, part_count, gamma, beta, running_mean, running_var,
-                                        c10::DeviceType::CPU);
+                                        num_batches_tracked, c10::DeviceType::CPU);
   const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
   at::Tensor keep_g, keep_b;  // gamma and beta in their own dtype, as the CUDA kernel reads them
   const ParamVec g = param_vec(gamma, keep_g), b = param_vec(beta, keep_b);
@@ -59,6 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
       }
     });
   }
+  if (num_batches_tracked.has_value()) ++*num_batches_tracked->mutable_data_ptr<int64_t>();
   return {scale, shift, mean, invstd};
 }
 

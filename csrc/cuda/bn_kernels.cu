@@ -42,8 +42,8 @@ template <typename stat_t>
 __global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float* __restrict__ pm2,
                                    const float* __restrict__ pcount, ParamVec gamma, ParamVec beta,
                                    stat_t* running_mean, stat_t* running_var,
-                                   float* scale, float* shift, float* mean, float* invstd, int64_t T, int64_t C,
-                                   float eps, float momentum) {
+                                   int64_t* num_batches_tracked, float* scale, float* shift, float* mean,
+                                   float* invstd, int64_t T, int64_t C, float eps, float momentum) {
   __shared__ float part[3][kFinalizeLanes][kFinalizeChannels];  // a Moments per (lane, channel)
   auto put = [&](int lane, Moments m) {
     part[0][lane][threadIdx.x] = m.n, part[1][lane][threadIdx.x] = m.mean, part[2][lane][threadIdx.x] = m.m2;
@@ -51,6 +51,8 @@ __global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float*
   auto get = [&](int lane) {
     return Moments{part[0][lane][threadIdx.x], part[1][lane][threadIdx.x], part[2][lane][threadIdx.x]};
   };
+  if (num_batches_tracked != nullptr && blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0)
+    ++*num_batches_tracked;  // BatchNorm2d's num_batches_tracked.add_(1), once per call
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeChannels + threadIdx.x;
   const float base = c < C ? pmean[c] : 0.f;
   Moments acc;
@@ -180,10 +182,11 @@ __global__ void bn_backward_apply_kernel(const g_t* __restrict__ g, const m_t* _
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
     const at::Tensor& part_mean, const at::Tensor& part_m2, const at::Tensor& part_count, const at::Tensor& gamma,
     const at::Tensor& beta, double eps, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, double momentum) {
+    const c10::optional<at::Tensor>& running_var, double momentum,
+    const c10::optional<at::Tensor>& num_batches_tracked) {
   const c10::cuda::CUDAGuard guard(part_mean.device());
   const auto [T, C] = check_bn_finalize(part_mean, part_m2, part_count, gamma, beta, running_mean, running_var,
-                                        c10::DeviceType::CUDA);
+                                        num_batches_tracked, c10::DeviceType::CUDA);
   const at::Tensor pm = part_mean.contiguous(), pq = part_m2.contiguous(), pc = part_count.contiguous();
   at::Tensor keep_g, keep_b;  // gamma and beta in their own dtype (ParamVec): no conversion kernels
   const ParamVec g = param_vec(gamma, keep_g), b = param_vec(beta, keep_b);
@@ -198,9 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
     bn_finalize_kernel<scalar_t><<<blocks, block, 0, stream>>>(
         pm.const_data_ptr<float>(), pq.const_data_ptr<float>(), pc.const_data_ptr<float>(), g, b,
         running_mean.has_value() ? running_mean->mutable_data_ptr<scalar_t>() : nullptr,
-        running_var.has_value() ? running_var->mutable_data_ptr<scalar_t>() : nullptr, scale.mutable_data_ptr<float>(),
-        shift.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(), invstd.mutable_data_ptr<float>(), T, C,
-        static_cast<float>(eps), static_cast<float>(momentum));
+        running_var.has_value() ? running_var->mutable_data_ptr<scalar_t>() : nullptr,
+        num_batches_tracked.has_value() ? num_batches_tracked->mutable_data_ptr<int64_t>() : nullptr,
+        scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(),
+        invstd.mutable_data_ptr<float>(), T, C, static_cast<float>(eps), static_cast<float>(momentum));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {scale, shift, mean, invstd};

@@ -123,9 +123,11 @@ class Backend:
 
     def bn_finalize(self, part_mean: Tensor, part_m2: Tensor, part_count: Tensor, gamma: Tensor,
                     beta: Tensor, eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                    momentum: float) -> BNFold:
+                    momentum: float, num_batches_tracked: Optional[Tensor] = None) -> BNFold:
         """Merge per-tile statistics (Chan et al.) into batch mean/variance, fold them with gamma/beta and,
-        when running stats are given, update them in place as ``BatchNorm2d`` does (unbiased variance)."""
+        when running stats are given, update them in place as ``BatchNorm2d`` does (unbiased variance);
+        count the batch in ``num_batches_tracked`` (one int64 element) when it is given, in the same
+        kernel (no launch of its own)."""
         raise NotImplementedError
 
     def bn_merge(self, part_mean: Tensor, part_m2: Tensor, part_count: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -120,7 +120,8 @@ if has_ops():
                 part(sc_stats, tiles, k))
 
     @torch.library.register_fake("fused_resnet::bn_finalize")
-    def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):
+    def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum,
+                          num_batches_tracked=None):
         c = part_mean.shape[1]
         torch._check(gamma.shape == (c,), lambda: "bn_finalize: gamma must have one entry per channel")
         return tuple(part_mean.new_empty((c,)) for _ in range(4))
@@ -219,12 +220,13 @@ class _ExtensionBackend(TorchBackend):
             residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype, sc_stats))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
-                    momentum) -> BNFold:
+                    momentum, num_batches_tracked=None) -> BNFold:
         if "bn_finalize" not in self.native:
             return super().bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
-                                       momentum)
+                                       momentum, num_batches_tracked)
         return BNFold(*torch.ops.fused_resnet.bn_finalize.default(
-            part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var, float(momentum)))
+            part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var, float(momentum),
+            num_batches_tracked))
 
     def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
         if "bn_backward_reduce" not in self.native:

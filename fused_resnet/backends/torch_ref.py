@@ -97,14 +97,16 @@ class TorchBackend(Backend):
         return ConvOut(z.to(out_dtype), sc_out, *part, *sc_part)
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
-                    momentum) -> BNFold:
+                    momentum, num_batches_tracked=None) -> BNFold:
         mean, m2, n = merge_stats(part_mean, part_m2, part_count)
         fold = bn_fold(mean, m2 / n, gamma, beta, eps)
-        if running_mean is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if running_mean is not None:
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 unbiased = (m2 / (n - 1)).to(running_var.dtype)
                 running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
         return fold
 
     def bn_act(self, z, mean, scale, shift, residual=None, relu=True, out_dtype=None, res_bn=None) -> Tensor:

@@ -98,10 +98,10 @@ class TritonBackend(Backend):
         return ConvOut(*conv_kernels.launch_conv(*args, distinct_placeholders=False))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
-                    momentum) -> BNFold:
+                    momentum, num_batches_tracked=None) -> BNFold:
         fn = ops.bn_finalize_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_finalize
         return BNFold(*fn(part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var,
-                          float(momentum)))
+                          float(momentum), num_batches_tracked))
 
     def bn_merge(self, part_mean, part_m2, part_count):
         if torch.compiler.is_compiling():

@@ -63,11 +63,14 @@ def bn_merge_kernel(pmean_ptr, pm2_ptr, pcount_ptr, omean_ptr, om2_ptr, ocount_p
 
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def bn_finalize_kernel(
-    pmean_ptr, pm2_ptr, pcount_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr,
+    pmean_ptr, pm2_ptr, pcount_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, tracked_ptr,
     scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
     T, C, eps, momentum,
-    UPDATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPDATE: tl.constexpr, COUNT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    if COUNT:  # BatchNorm2d's num_batches_tracked.add_(1), once per call (a scalar store: one thread writes)
+        if tl.program_id(0) == 0:
+            tl.store(tracked_ptr, tl.load(tracked_ptr) + 1)
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n_acc, mean_acc, m2_acc = _merge_rows(pmean_ptr, pm2_ptr, pcount_ptr, 0, T, cols, col_ok, C, BLOCK_T)
@@ -259,7 +262,8 @@ def launch_bn_merge(part_mean, part_m2, part_count):
     return mean.view(c), m2.view(c), count
 
 
-def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):
+def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum,
+                       num_batches_tracked=None):
     t, c = part_mean.shape
     dev = part_mean.device
     block_c = FINALIZE_BLOCK_C
@@ -273,13 +277,22 @@ def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running
         part_mean, part_m2, part_count = merged
         t = chunks
     outs = [new_output((c,), torch.float32, dev) for _ in range(4)]
-    update = running_mean is not None
+    update, count = running_mean is not None, num_batches_tracked is not None
+    if count:
+        _check_batch_count(num_batches_tracked, dev)
     launch(bn_finalize_kernel, (cdiv(c, block_c),),
            (part_mean, part_m2, part_count, gamma, beta,
-            running_mean if update else None, running_var if update else None, *outs,
-            t, c, float(eps), float(momentum)),
-           dict(UPDATE=update, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
+            running_mean if update else None, running_var if update else None,
+            num_batches_tracked if count else None, *outs, t, c, float(eps), float(momentum)),
+           dict(UPDATE=update, COUNT=count, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
     return tuple(outs)
+
+
+def _check_batch_count(tracked, device) -> None:
+    """bn_finalize's num_batches_tracked, as the extension's check_bn_finalize has it."""
+    if tracked.dtype != torch.int64 or tracked.numel() != 1 or tracked.device != device:
+        raise RuntimeError(f"bn_finalize: num_batches_tracked must be one int64 element on {device}, got "
+                           f"{tracked.dtype} of shape {tuple(tracked.shape)} on {tracked.device}")
 
 
 def launch_bn_add_relu(z, mean, scale, shift, residual, relu, out_dtype, res_mean=None, res_scale=None,

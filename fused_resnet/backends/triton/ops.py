@@ -30,8 +30,8 @@ SCHEMAS = {
                   "Tensor? sc_bias, int sc_stride, bool sc_separate, bool relu, bool stats, ScalarType out_dtype, "
                   "bool sc_stats=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "bn_finalize": "(Tensor part_mean, Tensor part_m2, Tensor part_count, Tensor gamma, Tensor beta, float eps, "
-                   "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) "
-                   "-> (Tensor, Tensor, Tensor, Tensor)",
+                   "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+                   "Tensor(c!)? num_batches_tracked=None) -> (Tensor, Tensor, Tensor, Tensor)",
     "bn_act": "(Tensor z, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, bool relu, ScalarType out_dtype, "
               "Tensor? res_mean=None, Tensor? res_scale=None, Tensor? res_shift=None) -> Tensor",
     "bn_backward_reduce": "(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd) -> (Tensor, Tensor)",
@@ -107,7 +107,8 @@ if has_kernel("replayed_triton_conv_out", "CompositeExplicitAutograd"):
 
 
 @torch.library.register_fake(bn_finalize_op)
-def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum):
+def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var, momentum,
+                      num_batches_tracked=None):
     c = part_mean.shape[1]
     torch._check(gamma.shape == (c,), lambda: "bn_finalize: gamma must have one entry per channel")
     return tuple(part_mean.new_empty((c,)) for _ in range(4))
