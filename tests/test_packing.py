@@ -27,6 +27,13 @@ def test_packed_copy_is_cached_and_never_stale():
     w.data = torch.randn(8, 4, 3, 3)          # new storage, same tensor object
     r = packing.channels_dense_weight(w)
     assert torch.equal(r, w.detach())
+    w.data = w.data.transpose(2, 3)           # a view of the same storage: address, shape, version alike
+    assert torch.equal(packing.channels_dense_weight(w), w.detach())
+    t = torch.randn(8, 4, 3, 3)
+    packing.channels_dense_weight(t)
+    t.data = t.data.view(torch.int32)         # reinterpreted: only the dtype moves
+    assert packing.channels_dense_weight(t).dtype == torch.int32
+    del t
     other = torch.randn(8, 4, 3, 3)
     assert torch.equal(packing.channels_dense_weight(other), other)
     assert torch.equal(packing.channels_dense_weight(w), w.detach())

@@ -3,8 +3,9 @@
 is one contiguous run per output channel rather than a gather with a stride of R*S.
 
 A model converted to channels_last already has such weights and they are used as they are. Otherwise
-the repacked copy is cached per weight tensor and keyed on its storage and version counter: an
-optimizer step, ``load_state_dict`` or any in-place change bumps the version and the next call
+the repacked copy is cached per weight tensor and keyed on its address, version counter, dtype, shape and
+strides: an optimizer step, ``load_state_dict`` or any in-place change bumps the version, a ``.data``
+assignment changes the rest (even a view of the same storage: another layout), and the next call
 repacks, so a cached copy is never stale.
 """
 
@@ -15,7 +16,7 @@ import weakref
 import torch
 from torch import Tensor
 
-# id(weight) -> (weak reference to it, its storage/version key, the packed copy). A plain dict keyed by
+# id(weight) -> (weak reference to it, its address/version/layout key, the packed copy). A plain dict keyed by
 # id, the entry dropped when the weight dies: a lookup is one dict probe (a WeakIdKeyDictionary builds a
 # weak reference per lookup, microseconds on every launch).
 _PACKED: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
@@ -27,16 +28,23 @@ def _forget(ident: int, ref: weakref.ref) -> None:
         del _PACKED[ident]
 
 
+_CHANNELS_LAST = torch.channels_last
+
+
 def is_channels_dense(w: Tensor) -> bool:
-    return w.dim() == 4 and (w.stride(1) == 1 or w.shape[1] == 1) and w.is_contiguous(
-        memory_format=torch.channels_last)
+    """A 4-D tensor whose channels are contiguous: channels_last-contiguous, which already has stride(1) == 1
+    wherever C > 1 (the check walks C first, skipping only dimensions of size 1). Runs per weight per call:
+    two tensor calls (0.17 us; with a separate stride(1) test 0.36)."""
+    return w.dim() == 4 and w.is_contiguous(memory_format=_CHANNELS_LAST)
 
 
 def channels_dense_weight(w: Tensor) -> Tensor:
     """``w`` itself when its channels are contiguous, else its cached channels_last copy."""
-    if is_channels_dense(w):
+    if w.dim() == 4 and w.is_contiguous(memory_format=_CHANNELS_LAST):  # is_channels_dense, inlined
         return w
-    key = (w.data_ptr(), w._version, w.dtype, w.shape)
+    # What an in-place change (the version) or a `.data =` (address, dtype, shape, strides: a view of the same
+    # storage, e.g. the kernel transposed, keeps the address and the version) can change.
+    key = (w.data_ptr(), w._version, w.dtype, w.shape, w.stride())
     ident = id(w)
     entry = _PACKED.get(ident)
     if entry is not None and entry[0]() is w and entry[1] == key:
