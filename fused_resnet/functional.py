@@ -155,7 +155,8 @@ def _bn_update(bn: Optional[nn.Module]) -> tuple[float, Optional[Tensor]]:
         return -1.0, None
     tracked = buffers.get("num_batches_tracked")
     if bn.momentum is None:
-        tracked.add_(1)
+        if tracked is not None:
+            tracked.add_(1)
         return 1.0 / float(tracked), None
     return bn.momentum, tracked
 
