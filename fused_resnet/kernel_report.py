@@ -154,10 +154,10 @@ def _standin(arg: list):
     return 1.5
 
 
-def compile_variant(spec: dict, arch: int) -> dict:
+def compile_spec(spec: dict, arch: int):
     """Compile one recorded variant for sm_<arch> as the JIT would (its binder decides the signature,
-    the constants and the divisibility attributes) and read its machine code. Runs with the Triton
-    interpreter off. Returns the metrics, or {"error": ...}."""
+    the constants and the divisibility attributes): Triton's compiled kernel (``.asm["ptx"]``,
+    ``["cubin"]``, ``.metadata``). Runs with the Triton interpreter off."""
     import importlib
 
     import triton
@@ -166,19 +166,25 @@ def compile_variant(spec: dict, arch: int) -> dict:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    module, qualname = spec["kernel"].split(":")
+    fn = getattr(importlib.import_module(module), qualname)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = dict(spec["constexprs"], num_warps=spec["num_warps"], num_stages=spec["num_stages"])
+    kwargs["debug"] = fn.debug or knobs.runtime.debug  # as JITFunction.run adds them
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*[_standin(a) for a in spec["args"]], **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def compile_variant(spec: dict, arch: int) -> dict:
+    """``compile_spec``, its machine code read: the metrics, or {"error": ...}."""
+    import triton
+
     try:
-        module, qualname = spec["kernel"].split(":")
-        fn = getattr(importlib.import_module(module), qualname)
-        target = GPUTarget("cuda", arch, 32)
-        backend = make_backend(target)
-        kwargs = dict(spec["constexprs"], num_warps=spec["num_warps"], num_stages=spec["num_stages"])
-        kwargs["debug"] = fn.debug or knobs.runtime.debug  # as JITFunction.run adds them
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
-        bound, specialization, options = binder(*[_standin(a) for a in spec["args"]], **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
+        compiled = compile_spec(spec, arch)
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(compiled.asm["cubin"])
             path = f.name
@@ -198,18 +204,24 @@ def _compile_worker(item: tuple[dict, int]) -> dict:
     return compile_variant(*item)
 
 
-def compile_all(specs: list[dict], arch: int, jobs: int) -> list[dict]:
-    """Compile ``specs`` in ``jobs`` processes with the interpreter off."""
+def _ptx_worker(item: tuple[dict, int]) -> str:
+    return compile_spec(*item).asm["ptx"]
+
+
+def compile_all(specs: list[dict], arch: int, jobs: int, ptx: bool = False) -> list:
+    """Compile ``specs`` in ``jobs`` processes with the interpreter off: each one's metrics
+    (``compile_variant``), or with ``ptx`` its PTX text."""
     import multiprocessing
 
+    worker = _ptx_worker if ptx else _compile_worker
     if jobs <= 1 and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return [compile_variant(s, arch) for s in specs]
+        return [worker((s, arch)) for s in specs]
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # inherited by the workers: compile, do not interpret
     try:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
-            return list(pool.map(_compile_worker, [(s, arch) for s in specs]))
+            return list(pool.map(worker, [(s, arch) for s in specs]))
     finally:  # this process may be interpreting (tests): leave it so
         if before is None:
             os.environ.pop("TRITON_INTERPRET", None)

@@ -7,6 +7,7 @@ the architecture's limit, 64-bit division inside a main loop."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -68,6 +69,23 @@ def test_shared_memory_fits_the_architecture(compiled):
     for launch, m in variants:
         assert m["shared"] <= CTA_SHARED[arch], f"{_label(launch)}: {m['shared']} B of shared memory"
         assert m["ctas_per_sm"] >= 1, f"{_label(launch)}: does not fit an SM"
+
+
+def test_the_batch_counter_is_stored_by_one_thread(compiled):
+    """bn_finalize counts num_batches_tracked with a scalar load and store (triton/bn.py): one 64-bit
+    store, predicated on thread 0 (Triton masks a scalar's redundant threads). Stored by every thread, a
+    warp that loaded the count after another warp's store would count the batch twice."""
+    arch, variants = compiled
+    counting = [l for l, _ in variants
+                if l.kernel == "bn_finalize_kernel" and dict(l.spec["constexprs"])["COUNT"]]
+    assert counting, "no training case launched bn_finalize with a batch counter"
+    ptx, = compile_all([counting[0].spec], arch, jobs=1, ptx=True)
+    stores = re.findall(r"^\s*(@%p\d+)?\s*st\.global\.b64\b", ptx, re.M)
+    assert len(stores) == 1 and stores[0], f"{_label(counting[0])}: 64-bit stores {stores}"
+    pred = stores[0][1:]
+    cond = re.search(rf"setp\.eq\.[su]?b?32\s+{pred},\s*(%r\d+),\s*0;", ptx)
+    assert cond and re.search(rf"mov\.u32\s+{cond.group(1)},\s*%tid\.x;", ptx), \
+        f"{_label(counting[0])}: the counter's store is not thread 0's alone"
 
 
 @pytest.mark.parametrize("arch", [90, 80], ids=lambda a: f"sm_{a}")
