@@ -56,6 +56,8 @@ Opt opt(const Tensor& t) { return t.defined() ? Opt(t) : Opt(); }
 // num_batches_tracked)
 using FinalizeSig = T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, const Opt&,
                        const Opt&, double, const Opt&);
+// bn_fold(running_mean, running_var, gamma, beta, eps)
+using FoldSig = T4(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double);
 
 struct Ops {
   std::string prefix;  // what block_train's `primitives` named: the nodes save it for their backward
@@ -64,6 +66,7 @@ struct Ops {
                               const Opt&, const Opt&, const Opt&, int64_t, bool, bool, bool, at::ScalarType, bool)>
       conv_fused;
   Prim<FinalizeSig> bn_finalize;
+  Prim<FoldSig> bn_fold;
   Prim<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, bool,
                                   at::ScalarType, const Opt&, const Opt&, const Opt&)>
       bn_act;
@@ -100,6 +103,7 @@ const Ops& ops(const std::string& prefix) {
                 const Opt&, double, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&, const Opt&,
                 int64_t, bool, bool, bool, at::ScalarType, bool)>(prefix, "conv_fused"),
           op<FinalizeSig>(prefix, "bn_finalize"),
+          op<FoldSig>(prefix, "bn_fold"),
           op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Opt&, bool, at::ScalarType,
                     const Opt&, const Opt&, const Opt&)>(prefix, "bn_act"),
           op<T2(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(prefix,
@@ -144,12 +148,12 @@ struct Fold {  // bn_finalize's (scale, shift, mean, invstd)
 
 // A BN's normalizer: from the tiles' statistics (updating the running statistics when factor >= 0 and
 // counting the batch in r.count when given, their version counters bumped as an in-place PyTorch op would), or
-// from the running statistics.
+// from the running statistics (an eval-mode BN: bn_fold, one launch).
 Fold normalize(const Ops& o, const Tensor& pm, const Tensor& pm2, const Tensor& pc, bool batch_stats,
                const Tensor& gamma, const Tensor& beta, double eps, const Running& r, double factor) {
-  if (!batch_stats) {  // functional.bn_fold's arithmetic
-    const Tensor invstd = at::rsqrt(r.var->to(at::kFloat) + eps);
-    return {gamma.to(at::kFloat) * invstd, beta.to(at::kFloat), r.mean->to(at::kFloat), invstd};
+  if (!batch_stats) {
+    auto [scale, shift, mean, invstd] = o.bn_fold.call(*r.mean, *r.var, gamma, beta, eps);
+    return {scale, shift, mean, invstd};
   }
   const bool update = factor >= 0;
   auto [scale, shift, mean, invstd] = o.bn_finalize.call(pm, pm2, pc, gamma, beta, eps, update ? r.mean : Opt(),
@@ -458,9 +462,9 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
               " entries for a chain of ", L, ", got ", tensors.size());
   TORCH_CHECK(static_cast<int64_t>(kernel_weights.size()) == L + (p.kind != 0), name, ": kernel_weights must have ",
               L + (p.kind != 0), " entries, got ", kernel_weights.size());
-  TORCH_CHECK(static_cast<int64_t>(running_means.size()) == L + 1 && static_cast<int64_t>(running_vars.size()) == L + 1 &&
-                  static_cast<int64_t>(batch_counts.size()) == L + 1,
-              name, ": running_means, running_vars and batch_counts must have ", L + 1, " entries");
+  for (size_t size : {running_means.size(), running_vars.size(), batch_counts.size()})
+    TORCH_CHECK(static_cast<int64_t>(size) == L + 1, name, ": running_means, running_vars and batch_counts must have ",
+                L + 1, " entries");
   for (int64_t i = 0; i < L; ++i) p.stride[i] = config[2 + 2 * i], p.padding[i] = config[3 + 2 * i];
   p.sc_stride = config[2 + 2 * L];
   for (int64_t i = 0; i < L; ++i) p.batch_stats[i] = config[3 + 2 * L + i] != 0;
@@ -471,7 +475,8 @@ Tensor block_train(const c10::List<Opt>& tensors, at::TensorList kernel_weights,
   }
   p.kernel_weights = kernel_weights.vec();
   p.running.reserve(L + 1);
-  for (int64_t i = 0; i <= L; ++i) p.running.push_back({running_means.get(i), running_vars.get(i), batch_counts.get(i)});
+  for (int64_t i = 0; i <= L; ++i)
+    p.running.push_back({running_means.get(i), running_vars.get(i), batch_counts.get(i)});
   std::vector<Tensor> v;
   v.reserve(tensors.size());
   for (const Opt& t : tensors) v.push_back(t.has_value() ? *t : Tensor());

@@ -45,6 +45,23 @@ inline void check_bn_apply_vectors(const char* op, const at::Tensor& z, const at
   TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
 }
 
+// bn_fold's arguments: four per-channel vectors on one device, any floating dtype each. Returns C.
+inline int64_t check_bn_fold(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& gamma,
+                             const at::Tensor& beta, c10::DeviceType device) {
+  const char* op = "bn_fold";
+  TORCH_CHECK(running_mean.dim() == 1, op, ": running_mean must be 1-D (C), got shape ", running_mean.sizes());
+  TORCH_CHECK(running_mean.device().type() == device, op, ": the statistics must be on ", device, ", got ",
+              running_mean.device());
+  const int64_t C = running_mean.size(0);
+  check_channel_vector(running_var, C, op, "running_var", running_mean, false);
+  check_channel_vector(gamma, C, op, "gamma", running_mean, false);
+  check_channel_vector(beta, C, op, "beta", running_mean, false);
+  for (const at::Tensor* t : {&running_mean, &running_var, &gamma, &beta})
+    TORCH_CHECK(t->is_floating_point(), op, ": the statistics and parameters must be floating point, got ",
+                t->scalar_type());
+  return C;
+}
+
 // bn_finalize's arguments: (tiles, C) float32 partials on one device, per-channel gamma/beta, optional
 // running statistics (contiguous, one dtype) and an optional batch count (one int64 element, BatchNorm2d's
 // num_batches_tracked). Returns (T, C).

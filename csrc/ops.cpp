@@ -55,6 +55,12 @@ TORCH_LIBRARY(fused_resnet, m) {
   m.def("bn_finalize(Tensor part_mean, Tensor part_m2, Tensor part_count, Tensor gamma, Tensor beta, float eps, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, Tensor(c!)? num_batches_tracked=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // A BN's fixed statistics folded with gamma and beta in one launch -- what a block in training normalises with
+  // where a BN is in eval mode (frozen statistics): (scale, shift, mean, invstd) per channel, float32, with
+  // invstd = 1 / sqrt(running_var + eps), scale = gamma * invstd, shift = beta, mean = running_mean (bn_finalize's
+  // arithmetic for one tile of count 1). Every input in its own dtype.
+  m.def("bn_fold(Tensor running_mean, Tensor running_var, Tensor gamma, Tensor beta, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // Per-channel sum(gm) and sum(gm * xhat), gm = where(mask_src <= 0, 0, grad) (ReLU's backward, as aten's
   // threshold_backward: a NaN mask_src passes its gradient), xhat = (z - mean) * invstd.
   m.def("bn_backward_reduce(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd) -> (Tensor, Tensor)");

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from .backends import Backend, BNFold, get_backend, resolve_backend
-from .backends.torch_ref import bn_fold
 from . import sync
 from . import profiling
 from .profiling import stage
@@ -170,7 +169,7 @@ def _normalizer(be: Backend, part: tuple, batch_stats: bool, gamma: Tensor, beta
     gathered and merged in rank order; then also the global count (a device tensor, for the backward), else
     None."""
     if not batch_stats:
-        return bn_fold(running_mean, running_var, gamma, beta, eps), None
+        return be.bn_fold(running_mean, running_var, gamma, beta, eps), None
     count = None
     if group is not None:
         part = sync.gather_partials(*be.bn_merge(*part), group)

@@ -193,6 +193,23 @@ def test_a_training_call_is_one_operator_and_three_compiled_nodes(backend):
     assert leaves == 2 + 2 * 4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_batch_norms_fold_in_one_operator_each(backend):
+    """Training through frozen BNs (eval mode, gradients on: fine-tuning, or gradients of an eval-mode model):
+    each BN's running statistics are folded by one bn_fold call -- one launch on a GPU, where three
+    elementwise operators (an add, a rsqrt and a product) each launched their own."""
+    device = DEVICE_OF[backend]
+    seed = randomize_(reference.Residual(4, 8, True, 2)).eval().to(device)
+    fused = fused_resnet.convert(copy.deepcopy(seed), backend=backend)
+    x = torch.randn(2, 4, 6, 6, device=device, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        fused(x).sum().backward()
+    ops = [e.key for e in prof.events()]
+    assert ops.count("fused_resnet::block_train") == 1, ops
+    assert ops.count("fused_resnet::" + get_backend(backend).primitives + "bn_fold") == 2, ops
+    assert "aten::rsqrt" not in ops, ops
+
+
 def test_profiler_ranges_take_the_python_functions(monkeypatch):
     """With profiler ranges on (`python -m fused_resnet profile`) training takes the Python Functions, whose
     stages carry NVTX ranges; the results are the same bits."""

@@ -157,6 +157,8 @@ def opcheck_primitives(prefix: str, conv_args: tuple) -> None:
         torch.library.opcheck(op("bn_finalize"), fin)
         torch.library.opcheck(op("bn_finalize"), fin[:6] + (None, None, 0.1))
         torch.library.opcheck(op("bn_finalize"), fin + (torch.tensor(5, device=device),))
+        gamma = torch.randn(k, device=device, dtype=torch.float16)  # any dtype, read as it is
+        torch.library.opcheck(op("bn_fold"), (rm, rv, gamma, torch.randn(k, device=device), 1e-5))
     z = out
     c = z.shape[1]
     mean, invstd = torch.randn(c, device=device), 0.5 + torch.rand(c, device=device)
@@ -221,6 +223,13 @@ def test_conv_fused_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="part_count must be"):
         torch.ops.fused_resnet.bn_finalize(torch.zeros(3, 4), torch.zeros(3, 4), torch.ones(2), torch.ones(4),
                                            torch.zeros(4), 1e-5, None, None, 0.1)
+    fold = torch.ops.fused_resnet.bn_fold
+    with pytest.raises(RuntimeError, match=r"bn_fold: running_var must have shape \(4\)"):
+        fold(torch.zeros(4), torch.ones(5), torch.ones(4), torch.zeros(4), 1e-5)
+    with pytest.raises(RuntimeError, match="bn_fold: running_mean must be 1-D"):
+        fold(torch.zeros(1, 4), torch.ones(4), torch.ones(4), torch.zeros(4), 1e-5)
+    with pytest.raises(RuntimeError, match="must be floating point"):
+        fold(torch.zeros(4), torch.ones(4), torch.ones(4, dtype=torch.int64), torch.zeros(4), 1e-5)
     for bad in (torch.tensor(3.0), torch.tensor([3, 4]), torch.tensor(3, dtype=torch.int32)):
         with pytest.raises(RuntimeError, match="num_batches_tracked must be one int64 element"):
             torch.ops.fused_resnet.bn_finalize(torch.zeros(3, 4), torch.ones(3, 4), torch.ones(3), torch.ones(4),

@@ -42,12 +42,13 @@ def _offline(code: str, **env_extra) -> str:
 @pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")
 def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
     """Both block kinds, float32 and bfloat16, channels_last, NCHW, a misaligned input, the two-level
-    merge: a replayed training step and inference call launch the same variants, grids and arguments as
-    the Python launchers (each pointer the same input or the same tensor of the call), and no Python
-    launcher runs, nor Triton's ``CudaLauncher.__call__`` (replays call its C ``launch``, here a recorder
-    behind the real ``__call__``). And the check has teeth: a plan with an input's offset moved, two
-    allocations (or inputs) swapped, its last launch dropped or a fixed argument of the C launch missing
-    fails it in every case, and so do replays that call the launcher object instead of its C launch."""
+    merge: a replayed training step (batch norms training, or frozen) and inference call launch the same
+    variants, grids and arguments as the Python launchers (each pointer the same input or the same tensor
+    of the call), and no Python launcher runs, nor Triton's ``CudaLauncher.__call__`` (replays call its C
+    ``launch``, here a recorder behind the real ``__call__``). And the check has teeth: a plan with an
+    input's offset moved, two allocations (or inputs) swapped, its last launch dropped or a fixed argument
+    of the C launch missing fails it in every case, and so do replays that call the launcher object instead
+    of its C launch."""
     out = _offline("""
         from fused_resnet.backends.triton import offline, replay
         assert offline.check_replayed_calls() == [], offline.check_replayed_calls()
@@ -84,7 +85,8 @@ def test_replayed_steps_launch_what_the_python_launchers_launch_offline():
         replay._callee = lambda run: (run, (), (), False)
         print("frame", len(offline.check_replayed_calls()))
     """)
-    assert out.split() == ["offset", "20", "swap", "20", "drop", "20", "c-order", "20", "frame", "20"], out
+    # 10 blocks (both kinds, two dtypes, five layouts) x 3 calls (training, frozen-BN training, inference)
+    assert out.split() == ["offset", "30", "swap", "30", "drop", "30", "c-order", "30", "frame", "30"], out
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="offline launches stand in for a GPU this machine lacks")

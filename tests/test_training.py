@@ -42,6 +42,24 @@ def test_bn_finalize_matches_torch(backend, update):
 
 
 @pytest.mark.parametrize("backend", [b for b in TRAIN_BACKENDS if b != "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bn_fold_matches_torch(backend, dtype):
+    """An eval-mode BN's fold (one launch): running statistics, gamma and beta read in their own dtype,
+    (scale, shift, mean, invstd) in float32 as the torch backend computes them."""
+    be = get_backend(backend)
+    c = 37  # not a multiple of the kernels' channel blocks
+    g = torch.Generator().manual_seed(3)
+    rm, gamma, beta = (torch.randn(c, generator=g).to(DEVICE, dtype) for _ in range(3))
+    rv = (0.05 + torch.rand(c, generator=g)).to(DEVICE, dtype)
+    got = be.bn_fold(rm, rv, gamma, beta, 1e-3)
+    want = REF.bn_fold(rm, rv, gamma, beta, 1e-3)
+    for name, a, b in zip(("scale", "shift", "mean", "invstd"), got, want):
+        assert a.dtype == torch.float32 and a.shape == (c,), name
+        assert rel_err(a, b) <= 1e-6, name
+    assert torch.equal(got[2], rm.float()) and torch.equal(got[1], beta.float())
+
+
+@pytest.mark.parametrize("backend", [b for b in TRAIN_BACKENDS if b != "torch"])
 @pytest.mark.parametrize("fmt", list(FMT))
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_bn_elementwise_and_backward_primitives_match_torch(backend, fmt, device, dtype):

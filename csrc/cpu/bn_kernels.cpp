@@ -64,6 +64,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cpu(
   return {scale, shift, mean, invstd};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_fold_cpu(const at::Tensor& running_mean,
+                                                                       const at::Tensor& running_var,
+                                                                       const at::Tensor& gamma,
+                                                                       const at::Tensor& beta, double eps) {
+  const int64_t C = check_bn_fold(running_mean, running_var, gamma, beta, c10::DeviceType::CPU);
+  at::Tensor keep_m, keep_v, keep_g, keep_b;  // each in its own dtype, as the CUDA kernel reads them
+  const ParamVec m = param_vec(running_mean, keep_m), v = param_vec(running_var, keep_v),
+                 g = param_vec(gamma, keep_g), b = param_vec(beta, keep_b);
+  auto opts = running_mean.options().dtype(at::kFloat);
+  at::Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts), mean = at::empty({C}, opts),
+             invstd = at::empty({C}, opts);
+  float *sp = scale.mutable_data_ptr<float>(), *hp = shift.mutable_data_ptr<float>(),
+        *mp = mean.mutable_data_ptr<float>(), *ip = invstd.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    const BnFold f = fold(Moments{1.f, 0.f, v.load(c)}, m.load(c), g.load(c), b.load(c), static_cast<float>(eps));
+    sp[c] = f.scale, hp[c] = f.shift, mp[c] = f.mean, ip[c] = f.invstd;
+  }
+  return {scale, shift, mean, invstd};
+}
+
 // gm = relu_grad(grad, mask_src) (activation.h), as aten's threshold_backward. The backward ops make
 // grad, mask_src and z dense in z's layout (as the CUDA kernels do), so one offset addresses all of them and the inner loops are
 // unit-stride: over positions of one channel (NCHW) or over the channels of one position (channels_last).
@@ -237,6 +257,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cpu(const at::Tensor& grad_
 
 TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) {
   m.impl("bn_finalize", &bn_finalize_cpu);
+  m.impl("bn_fold", &bn_fold_cpu);
   m.impl("bn_backward_reduce", &bn_backward_reduce_cpu);
   m.impl("bn_backward_apply", &bn_backward_apply_cpu);
 }

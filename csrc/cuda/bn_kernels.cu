@@ -75,6 +75,16 @@ __global__ void bn_finalize_kernel(const float* __restrict__ pmean, const float*
   }
 }
 
+// One thread per channel: bn_finalize's fold of one tile of count 1 (bn_stats.h), every vector in its own dtype.
+__global__ void bn_fold_kernel(ParamVec running_mean, ParamVec running_var, ParamVec gamma, ParamVec beta,
+                               float* scale, float* shift, float* mean, float* invstd, int64_t C, float eps) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const BnFold f =
+      fold(Moments{1.f, 0.f, running_var.load(c)}, running_mean.load(c), gamma.load(c), beta.load(c), eps);
+  scale[c] = f.scale, shift[c] = f.shift, mean[c] = f.mean, invstd[c] = f.invstd;
+}
+
 // NHWC, block (tile, channel group): partial sums of gm and gm * xhat over the tile's rows; threadIdx.x
 // runs along the contiguous channels.
 template <typename g_t, typename m_t, typename z_t>
@@ -210,6 +220,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_cuda(
   return {scale, shift, mean, invstd};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_fold_cuda(const at::Tensor& running_mean,
+                                                                        const at::Tensor& running_var,
+                                                                        const at::Tensor& gamma,
+                                                                        const at::Tensor& beta, double eps) {
+  const c10::cuda::CUDAGuard guard(running_mean.device());
+  const int64_t C = check_bn_fold(running_mean, running_var, gamma, beta, c10::DeviceType::CUDA);
+  at::Tensor keep_m, keep_v, keep_g, keep_b;  // each in its own dtype (ParamVec): no conversion kernels
+  const ParamVec m = param_vec(running_mean, keep_m), v = param_vec(running_var, keep_v),
+                 g = param_vec(gamma, keep_g), b = param_vec(beta, keep_b);
+  auto opts = running_mean.options().dtype(at::kFloat);
+  at::Tensor scale = at::empty({C}, opts), shift = at::empty({C}, opts), mean = at::empty({C}, opts),
+             invstd = at::empty({C}, opts);
+  constexpr int kThreads = 128;
+  if (C > 0) {
+    bn_fold_kernel<<<static_cast<int>((C + kThreads - 1) / kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        m, v, g, b, scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(),
+        invstd.mutable_data_ptr<float>(), C, static_cast<float>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {scale, shift, mean, invstd};
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_backward_reduce_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in,
                                                            const at::Tensor& z_in, const at::Tensor& mean,
                                                            const at::Tensor& invstd) {
@@ -301,6 +333,7 @@ std::tuple<at::Tensor, at::Tensor> bn_backward_apply_cuda(const at::Tensor& grad
 
 TORCH_LIBRARY_IMPL(fused_resnet, CUDA, m) {
   m.impl("bn_finalize", &bn_finalize_cuda);
+  m.impl("bn_fold", &bn_fold_cuda);
   m.impl("bn_backward_reduce", &bn_backward_reduce_cuda);
   m.impl("bn_backward_apply", &bn_backward_apply_cuda);
 }

@@ -130,6 +130,13 @@ class Backend:
         kernel (no launch of its own)."""
         raise NotImplementedError
 
+    def bn_fold(self, running_mean: Tensor, running_var: Tensor, gamma: Tensor, beta: Tensor,
+                eps: float) -> BNFold:
+        """A BN's fixed statistics folded with gamma and beta, in float32 (float64 for float64 inputs): what a
+        block in training normalises with where a BN is in eval mode. One launch in the compiled backends."""
+        from .torch_ref import bn_fold
+        return bn_fold(running_mean, running_var, gamma, beta, eps)
+
     def bn_merge(self, part_mean: Tensor, part_m2: Tensor, part_count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Merge per-tile statistics (Chan et al.) into one row: per-channel mean (C,), M2 (C,) and the
         count (1,) -- what a process contributes to a synchronized batch norm. Deterministic."""

@@ -126,6 +126,12 @@ if has_ops():
         torch._check(gamma.shape == (c,), lambda: "bn_finalize: gamma must have one entry per channel")
         return tuple(part_mean.new_empty((c,)) for _ in range(4))
 
+    @torch.library.register_fake("fused_resnet::bn_fold")
+    def _bn_fold_fake(running_mean, running_var, gamma, beta, eps):
+        c = running_mean.shape[0]
+        torch._check(gamma.shape == (c,), lambda: "bn_fold: gamma must have one entry per channel")
+        return tuple(running_mean.new_empty((c,), dtype=torch.float32) for _ in range(4))
+
     @torch.library.register_fake("fused_resnet::bn_backward_reduce")
     def _bn_backward_reduce_fake(grad, mask_src, z, mean, invstd):
         torch._check(grad.shape == z.shape, lambda: "bn_backward_reduce: grad must have z's shape")
@@ -156,7 +162,7 @@ def im2col(x: Tensor, kernel: int, stride: int = 1, padding: int = 0) -> Tensor:
 
 
 STATS_TILE_ROWS = 64  # csrc/conv_fused_common.h: kStatsTileRows
-OPS = ("bn_act", "conv_fused", "bn_finalize", "bn_backward_reduce", "bn_backward_apply")
+OPS = ("bn_act", "conv_fused", "bn_finalize", "bn_fold", "bn_backward_reduce", "bn_backward_apply")
 
 
 class _ExtensionBackend(TorchBackend):
@@ -227,6 +233,11 @@ class _ExtensionBackend(TorchBackend):
         return BNFold(*torch.ops.fused_resnet.bn_finalize.default(
             part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var, float(momentum),
             num_batches_tracked))
+
+    def bn_fold(self, running_mean, running_var, gamma, beta, eps) -> BNFold:
+        if "bn_fold" not in self.native:
+            return super().bn_fold(running_mean, running_var, gamma, beta, eps)
+        return BNFold(*torch.ops.fused_resnet.bn_fold.default(running_mean, running_var, gamma, beta, float(eps)))
 
     def bn_backward_reduce(self, grad, mask_src, z, mean, invstd):
         if "bn_backward_reduce" not in self.native:

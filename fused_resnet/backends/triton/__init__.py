@@ -103,6 +103,10 @@ class TritonBackend(Backend):
         return BNFold(*fn(part_mean, part_m2, part_count, gamma, beta, float(eps), running_mean, running_var,
                           float(momentum), num_batches_tracked))
 
+    def bn_fold(self, running_mean, running_var, gamma, beta, eps) -> BNFold:
+        fn = ops.bn_fold_op if torch.compiler.is_compiling() else bn_kernels.launch_bn_fold
+        return BNFold(*fn(running_mean, running_var, gamma, beta, float(eps)))
+
     def bn_merge(self, part_mean, part_m2, part_count):
         if torch.compiler.is_compiling():
             return super().bn_merge(part_mean, part_m2, part_count)

@@ -93,6 +93,24 @@ def bn_finalize_kernel(
 
 
 @triton.jit
+def bn_fold_kernel(rmean_ptr, rvar_ptr, gamma_ptr, beta_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, C, eps,
+                   BLOCK_C: tl.constexpr):
+    """A BN's running statistics folded with gamma and beta: bn_finalize_kernel's arithmetic for one tile of
+    count 1 (what a block in training normalises with where a BN is in eval mode)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mean = tl.load(rmean_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    var = tl.load(rvar_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)
+    invstd = tl.rsqrt(var + eps)
+    gamma = tl.load(gamma_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + cols, gamma * invstd, mask=col_ok)
+    tl.store(shift_ptr + cols, beta, mask=col_ok)
+    tl.store(mean_ptr + cols, mean, mask=col_ok)
+    tl.store(invstd_ptr + cols, invstd, mask=col_ok)
+
+
+@triton.jit
 def _tile(rows, pid_c, M, C, HW, BLOCK_C: tl.constexpr):
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < M)[:, None] & (cols < C)[None, :]
@@ -285,6 +303,23 @@ def launch_bn_finalize(part_mean, part_m2, part_count, gamma, beta, eps, running
             running_mean if update else None, running_var if update else None,
             num_batches_tracked if count else None, *outs, t, c, float(eps), float(momentum)),
            dict(UPDATE=update, COUNT=count, BLOCK_T=BLOCK_T, BLOCK_C=block_c), num_warps=4, device=dev)
+    return tuple(outs)
+
+
+FOLD_BLOCK_C = 128
+
+
+def launch_bn_fold(running_mean, running_var, gamma, beta, eps):
+    c = running_mean.shape[0]
+    dev = running_mean.device
+    for name, t in (("running_var", running_var), ("gamma", gamma), ("beta", beta)):
+        if t.shape != (c,) or t.device != dev:
+            raise RuntimeError(f"bn_fold: {name} must have shape ({c},) on {dev}, got {tuple(t.shape)} on {t.device}")
+    vecs = [t if t.is_contiguous() else t.contiguous() for t in (running_mean, running_var, gamma, beta)]
+    outs = [new_output((c,), torch.float32, dev) for _ in range(4)]
+    if c:
+        launch(bn_fold_kernel, (cdiv(c, FOLD_BLOCK_C),), (*vecs, *outs, c, float(eps)), dict(BLOCK_C=FOLD_BLOCK_C),
+               num_warps=4, device=dev)
     return tuple(outs)
 
 

@@ -241,6 +241,13 @@ def _training_step(block: torch.nn.Module, x: torch.Tensor) -> None:
     y.float().square().sum().backward()
 
 
+def _frozen_step(block: torch.nn.Module, x: torch.Tensor) -> None:
+    """A training step through eval-mode batch norms (fine-tuning with frozen statistics): bn_fold's calls."""
+    block.eval()
+    y = block(x.detach().requires_grad_())
+    y.float().square().sum().backward()
+
+
 def _inference_call(block: torch.nn.Module, x: torch.Tensor) -> None:
     block.eval()
     with torch.no_grad():
@@ -248,16 +255,19 @@ def _inference_call(block: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 def _block_steps(dtype: torch.dtype) -> Iterator[str]:
-    """A training step and an inference call of each of ``_block_cases``, then the synchronized batch
-    norm's merge of partial statistics."""
+    """A training step and an inference call of each of ``_block_cases`` (of the first two, a training step
+    through frozen batch norms too), then the synchronized batch norm's merge of partial statistics."""
     from . import bn
 
     gen = torch.Generator().manual_seed(0)
-    for name, block, x in _block_cases(dtype, gen):
+    for i, (name, block, x) in enumerate(_block_cases(dtype, gen)):
         _training_step(block, x)
         yield f"{name} training"
         _inference_call(block, x)
         yield f"{name} inference"
+        if i < 2:
+            _frozen_step(block, x)
+            yield f"{name} training, batch norms frozen"
     parts = torch.rand(300, 8, generator=gen), torch.rand(300, 8, generator=gen), torch.full((300,), 4.0)
     bn.launch_bn_merge(*parts)
     yield "batch-norm statistics merge"
@@ -342,7 +352,8 @@ def _dataflow(launches: list[Launch], fixed: set[int]) -> list[tuple]:
 
 
 def check_replayed_calls(arch: int = 90) -> list[str]:
-    """Every launch of a block's training step composed in C++ (``block_train``) and of its inference call
+    """Every launch of a block's training step composed in C++ (``block_train``; with its batch norms in
+    training mode and in eval mode) and of its inference call
     (``replayed_triton_conv_out``), taken through the Python launchers and replayed from C++
     (replay.py): the same variants, grids and arguments, each pointer argument the same input or the same
     tensor of the call's data flow. Returns the mismatches; empty when they agree and the replayed calls
@@ -371,7 +382,8 @@ def check_replayed_calls(arch: int = 90) -> list[str]:
             for dtype in (torch.float32, torch.bfloat16):
                 for name, block, x in _block_cases(dtype, torch.Generator().manual_seed(0)):
                     fixed = {t.data_ptr() for t in [x, *block.parameters(), *block.buffers()]}
-                    for mode, step in (("training", _training_step), ("inference", _inference_call)):
+                    for mode, step in (("training", _training_step), ("frozen-BN training", _frozen_step),
+                                       ("inference", _inference_call)):
                         calls = []
                         # the Python path; then a key's first call (marks it), its second (records), replayed
                         for replaying in (False, True, True, True):

@@ -17,7 +17,8 @@ each can run under replay.py's capture, which lets block_train replay a call's l
 import torch
 
 from ..extension import has_kernel
-from .bn import launch_bn_add_relu, launch_bn_backward_apply, launch_bn_backward_reduce, launch_bn_finalize
+from .bn import (launch_bn_add_relu, launch_bn_backward_apply, launch_bn_backward_reduce, launch_bn_finalize,
+                 launch_bn_fold)
 from .conv import conv_plan, is_training_variant, launch_conv, output_memory_format
 from .replay import capturing
 
@@ -32,6 +33,8 @@ SCHEMAS = {
     "bn_finalize": "(Tensor part_mean, Tensor part_m2, Tensor part_count, Tensor gamma, Tensor beta, float eps, "
                    "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
                    "Tensor(c!)? num_batches_tracked=None) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bn_fold": "(Tensor running_mean, Tensor running_var, Tensor gamma, Tensor beta, float eps) "
+               "-> (Tensor, Tensor, Tensor, Tensor)",
     "bn_act": "(Tensor z, Tensor mean, Tensor scale, Tensor shift, Tensor? residual, bool relu, ScalarType out_dtype, "
               "Tensor? res_mean=None, Tensor? res_scale=None, Tensor? res_shift=None) -> Tensor",
     "bn_backward_reduce": "(Tensor grad, Tensor mask_src, Tensor z, Tensor mean, Tensor invstd) -> (Tensor, Tensor)",
@@ -41,7 +44,8 @@ SCHEMAS = {
 
 
 # launch_conv's default: distinct placeholders (an operator's outputs must not alias one another)
-KERNELS = {"conv_fused": launch_conv, "bn_finalize": launch_bn_finalize, "bn_act": launch_bn_add_relu,
+KERNELS = {"conv_fused": launch_conv, "bn_finalize": launch_bn_finalize, "bn_fold": launch_bn_fold,
+           "bn_act": launch_bn_add_relu,
            "bn_backward_reduce": launch_bn_backward_reduce, "bn_backward_apply": launch_bn_backward_apply}
 
 _LIB = torch.library.Library("fused_resnet", "FRAGMENT")
@@ -57,6 +61,7 @@ def _op(name: str) -> torch._ops.OpOverload:
 
 conv_fused_op = _op("conv_fused")
 bn_finalize_op = _op("bn_finalize")
+bn_fold_op = _op("bn_fold")
 bn_act_op = _op("bn_act")
 bn_backward_reduce_op = _op("bn_backward_reduce")
 bn_backward_apply_op = _op("bn_backward_apply")
@@ -112,6 +117,13 @@ def _bn_finalize_fake(part_mean, part_m2, part_count, gamma, beta, eps, running_
     c = part_mean.shape[1]
     torch._check(gamma.shape == (c,), lambda: "bn_finalize: gamma must have one entry per channel")
     return tuple(part_mean.new_empty((c,)) for _ in range(4))
+
+
+@torch.library.register_fake(bn_fold_op)
+def _bn_fold_fake(running_mean, running_var, gamma, beta, eps):
+    c = running_mean.shape[0]
+    torch._check(gamma.shape == (c,), lambda: "bn_fold: gamma must have one entry per channel")
+    return tuple(running_mean.new_empty((c,), dtype=torch.float32) for _ in range(4))
 
 
 @torch.library.register_fake(bn_act_op)
