@@ -374,14 +374,15 @@ def short_cuda_name(mangled: str) -> str:
         name = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return mangled
+    name = name.replace("(anonymous namespace)::", "")
     depth, end = 0, len(name)
     for i, ch in enumerate(name):  # drop the parameter list: the "(" outside the template arguments
         depth += (ch == "<") - (ch == ">")
-        if ch == "(" and depth == 0 and ">" in name[:i]:
+        if ch == "(" and depth == 0:
             end = i
             break
     name = re.sub(r"^void ", "", name[:end])
-    name = re.sub(r"[A-Za-z_0-9]+::|\(anonymous namespace\)::", "", name)
+    name = re.sub(r"[A-Za-z_0-9]+::", "", name)
     return name.replace("(Loop)0", "simt").replace("(Loop)1", "tensor-core").replace("(Loop)2", "tensor-core+cp.async")
 
 
