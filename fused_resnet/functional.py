@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import Backend, BNFold, get_backend, resolve_backend
+from .backends.packing import capturing
 from . import sync
 from . import profiling
 from .profiling import stage
@@ -573,7 +574,8 @@ def _shortcut_weights(block: nn.Module, shortcut, weight: Tensor) -> tuple[Tenso
     """The shortcut convolution's (weight, bias) for inference, its batch norm (if any) folded in:
     ``w * gamma / sqrt(var + eps)`` per output channel, bias ``(b - mean) * that + beta``, computed in
     float32 from the parameters and cast to the convolution's dtype. Cached on the block, keyed on every
-    input's storage and version counter: never stale."""
+    input's address, version counter and strides (a ``.data`` view of the same storage keeps the other two):
+    never stale; not cached while a CUDA graph records (``packing.capturing``)."""
     conv, bn = shortcut
     if bn is None:
         return weight, conv.bias
@@ -581,11 +583,12 @@ def _shortcut_weights(block: nn.Module, shortcut, weight: Tensor) -> tuple[Tenso
     if torch.compiler.is_compiling():
         return _fold_shortcut(conv, bn, weight.dtype)
     key = (weight.dtype, weight.device, bn.eps) + tuple(
-        (t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        (t.data_ptr(), t._version, t.stride()) if t is not None else None for t in tensors)
     cached = block.__dict__.get("_folded_shortcut")
     if cached is None or cached[0] != key:
         cached = (key, *_fold_shortcut(conv, bn, weight.dtype))
-        block.__dict__["_folded_shortcut"] = cached
+        if not capturing(weight):
+            block.__dict__["_folded_shortcut"] = cached
     return cached[1], cached[2]
 
 

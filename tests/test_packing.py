@@ -39,6 +39,18 @@ def test_packed_copy_is_cached_and_never_stale():
     assert torch.equal(packing.channels_dense_weight(w), w.detach())
 
 
+def test_nothing_is_cached_while_a_cuda_graph_records(monkeypatch):
+    """A copy made during a CUDA graph's capture holds its values only when the graph replays: it is
+    returned, never cached (an eager call after the capture gets a copy of its own)."""
+    monkeypatch.setattr(packing, "capturing", lambda t: True)
+    w = torch.randn(8, 4, 3, 3)
+    before = len(packing._PACKED)
+    p = packing.channels_dense_weight(w)
+    assert torch.equal(p, w) and len(packing._PACKED) == before
+    monkeypatch.setattr(packing, "capturing", lambda t: False)
+    assert packing.channels_dense_weight(w) is not p and len(packing._PACKED) == before + 1
+
+
 def test_entries_die_with_their_weights():
     before = len(packing._PACKED)
     ws = [torch.randn(4, 4, 3, 3) for _ in range(5)]

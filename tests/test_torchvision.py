@@ -172,6 +172,25 @@ def test_folded_shortcut_follows_its_parameters():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def test_folded_shortcut_follows_a_new_layout_and_is_not_cached_while_a_graph_records(monkeypatch):
+    """A ``.data`` view of the same storage (the shortcut's square 1x1 weight transposed: same address,
+    version and shape) is a new weight to fold; during a CUDA graph's capture the fold is not kept."""
+    from fused_resnet import functional
+    torch.manual_seed(0)
+    ref = randomize_(BasicBlock(8, 8, stride=2, downsample=_downsample(8, 8, 2))).eval()
+    fused = fused_resnet.convert(copy.deepcopy(ref), backend="torch").eval()
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        for m in (ref, fused):
+            m.downsample[0].weight.data = m.downsample[0].weight.data.transpose(0, 1)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(functional, "capturing", lambda t: True)
+        del fused.__dict__["_folded_shortcut"]
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert "_folded_shortcut" not in fused.__dict__
+
+
 @pytest.mark.parametrize("backend", backends_for(DEVICE, training=True))
 def test_eval_after_a_training_step_sees_the_new_running_statistics(backend):
     """A training loop's validation: eval (the shortcut's BN folded and cached), a training step (the kernels

@@ -31,6 +31,13 @@ def _forget(ident: int, ref: weakref.ref) -> None:
 _CHANNELS_LAST = torch.channels_last
 
 
+def capturing(t: Tensor) -> bool:
+    """Whether ``t``'s work is being recorded into a CUDA graph: a copy made now holds its values only once
+    the graph replays, so a cache must not keep it (an eager call after the capture would read memory the
+    graph has not written yet)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def is_channels_dense(w: Tensor) -> bool:
     """A 4-D tensor whose channels are contiguous: channels_last-contiguous, which already has stride(1) == 1
     wherever C > 1 (the check walks C first, skipping only dimensions of size 1). Runs per weight per call:
@@ -50,5 +57,6 @@ def channels_dense_weight(w: Tensor) -> Tensor:
     if entry is not None and entry[0]() is w and entry[1] == key:
         return entry[2]
     packed = w.detach().contiguous(memory_format=torch.channels_last)
-    _PACKED[ident] = (weakref.ref(w, lambda ref, ident=ident: _forget(ident, ref)), key, packed)
+    if not capturing(w):
+        _PACKED[ident] = (weakref.ref(w, lambda ref, ident=ident: _forget(ident, ref)), key, packed)
     return packed
