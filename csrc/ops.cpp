@@ -5,11 +5,14 @@
 
 #include <string>
 
+#include "fast_call.h"
+
 extern "C" {
-// Importing fused_resnet._C loads this library, which runs the registrations below; the module itself
-// is empty (the ops live in torch.ops.fused_resnet).
+// Importing fused_resnet._C loads this library, which runs the registrations below; the ops live in
+// torch.ops.fused_resnet, the module holds resolve() and call() (fast_call.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          fused_resnet::fast_call_methods()};
   return PyModule_Create(&module_def);
 }
 }

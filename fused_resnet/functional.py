@@ -535,9 +535,18 @@ def _training_node(be: Backend, chain: list, shortcut, x: Tensor, x_res: Tensor,
         factor, tracked = _bn_update(sc_bn)
         counts.append(tracked)
         eps_factors += (sc_bn.eps, factor)
-    return torch.ops.fused_resnet.block_train.default(tensors, kernel_weights, means, variances, counts,
-                                                      [len(chain), kind, *geometry, *stats], eps_factors,
-                                                      be.primitives)
+    block_train = _BLOCK_TRAIN[0] if _BLOCK_TRAIN else _block_train()
+    return block_train(tensors, kernel_weights, means, variances, counts, [len(chain), kind, *geometry, *stats],
+                       eps_factors, be.primitives)
+
+
+_BLOCK_TRAIN: list = []  # fused_resnet::block_train through fused_resnet._C.call, made on the first call
+
+
+def _block_train():
+    from .backends.extension import fast_caller
+    _BLOCK_TRAIN.append(fast_caller(torch.ops.fused_resnet.block_train.default))
+    return _BLOCK_TRAIN[0]
 
 
 def _inference(be: Backend, block: nn.Module, chain: list, shortcut, x: Tensor, x_res: Tensor, weights: list,

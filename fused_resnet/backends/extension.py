@@ -8,6 +8,7 @@ backend is available.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -36,6 +37,18 @@ def has_ops() -> bool:
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fused_resnet::op`` has a kernel for ``dispatch_key`` ("CPU", "CUDA") in this build."""
     return has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", dispatch_key)
+
+
+def fast_caller(op: torch._ops.OpOverload):
+    """``op``'s calls through ``fused_resnet._C.call`` (csrc/fast_call.cpp): plain tensors, numbers, dtypes
+    and lists of them converted without torch.ops' argument parsing (its __torch_function__ checks and
+    generic converters: ~30K instructions for a 23-argument call), the operator still called through the
+    dispatcher. Any other call (a tensor subclass, a torch function mode, keywords) goes to ``op`` itself.
+    ``op`` where the extension is not built."""
+    call = getattr(_C, "call", None) if has_ops() else None
+    if call is None or op._overloadname != "default":
+        return op
+    return functools.partial(call, _C.resolve(op._schema.name, op))
 
 
 def _dense_format(t: Tensor) -> torch.memory_format:
@@ -162,6 +175,8 @@ def im2col(x: Tensor, kernel: int, stride: int = 1, padding: int = 0) -> Tensor:
 
 
 STATS_TILE_ROWS = 64  # csrc/conv_fused_common.h: kStatsTileRows
+# conv_fused's eager calls (inference, the Python Functions' path): two per block call
+_conv_fused_fast = fast_caller(torch.ops.fused_resnet.conv_fused.default) if has_ops() else None
 OPS = ("bn_act", "conv_fused", "bn_finalize", "bn_fold", "bn_backward_reduce", "bn_backward_apply")
 
 
@@ -221,9 +236,10 @@ class _ExtensionBackend(TorchBackend):
             in_mean, in_scale, in_shift = as_f32(in_mean), as_f32(in_scale), as_f32(in_shift)
         if residual is not None and residual.dtype != out_dtype:
             residual = residual.to(out_dtype)
-        return ConvOut(*torch.ops.fused_resnet.conv_fused.default(
-            x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale, in_shift,
-            residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats, out_dtype, sc_stats))
+        op = torch.ops.fused_resnet.conv_fused.default if torch.compiler.is_compiling() else _conv_fused_fast
+        return ConvOut(*op(x, weight, bias, stride, padding, mean, var, gamma, beta, float(eps), in_mean, in_scale,
+                           in_shift, residual, sc_x, sc_weight, sc_bias, sc_stride, sc_separate, relu, stats,
+                           out_dtype, sc_stats))
 
     def bn_finalize(self, part_mean, part_m2, part_count, gamma, beta, eps, running_mean, running_var,
                     momentum, num_batches_tracked=None) -> BNFold:

@@ -29,11 +29,13 @@ class TritonBackend(Backend):
     primitives = ops.PREFIX
 
     def __init__(self) -> None:
-        from ..extension import has_kernel
+        from ..extension import fast_caller, has_kernel
         self._block_node = has_kernel("block_train", "CompositeImplicitAutograd")
-        # fused_resnet::replayed_triton_conv_fused / _out where the extension has them (conv_fused below)
-        self._replayed_conv = ops.replayed_conv_fused_op if replay.ENABLED else None
-        self._replayed_conv_out = ops.replayed_conv_out_op if replay.ENABLED else None
+        # fused_resnet::replayed_triton_conv_fused / _out where the extension has them (conv_fused below), called
+        # through fused_resnet._C.call (extension.fast_caller: no torch.ops argument parsing)
+        full, out = ops.replayed_conv_fused_op, ops.replayed_conv_out_op
+        self._replayed_conv = fast_caller(full) if replay.ENABLED and full is not None else None
+        self._replayed_conv_out = fast_caller(out) if replay.ENABLED and out is not None else None
         self._no_output: dict[int, Tensor] = {}  # per device index (CPU: -1): an out-only call's empty fields
 
     # Training composed in C++ over this backend's operators (ops.py) where the extension is built: the
