@@ -42,7 +42,7 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 def fast_caller(op: torch._ops.OpOverload):
     """``op``'s calls through ``fused_resnet._C.call`` (csrc/fast_call.cpp): plain tensors, numbers, dtypes
     and lists of them converted without torch.ops' argument parsing (its __torch_function__ checks and
-    generic converters: ~30K instructions for a 23-argument call), the operator still called through the
+    generic converters: ~36K instructions for a 23-argument call), the operator still called through the
     dispatcher. Any other call (a tensor subclass, a torch function mode, keywords) goes to ``op`` itself.
     ``op`` where the extension is not built."""
     call = getattr(_C, "call", None) if has_ops() else None
